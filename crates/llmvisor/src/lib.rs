@@ -2,6 +2,18 @@
 //! servers.
 //!
 //! The library does the work; the `llmvisor` binary is a thin layer over it.
-//! Data flows config → supervisor (spawn / ports / readiness) → router → cli.
+//! Data flows config → supervisor (spawn / ports / readiness / child) → router → cli.
 
+pub mod child;
 pub mod config;
+pub mod logs;
+pub mod ports;
+pub mod procfs;
+pub mod readiness;
+pub mod reaper;
+pub mod spawn;
+pub mod supervisor;
+pub mod upstream;
+
+pub use config::Config;
+pub use supervisor::{AcquireError, Lease, ModelStatus, Phase, Supervisor};

@@ -9,6 +9,41 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod diagnostic;
+mod expand;
+mod parse;
+mod tree;
+mod units;
+
+#[cfg(test)]
+mod tests;
+
+pub use diagnostic::{ConfigErrors, Diagnostic};
+pub use expand::{expand, process_env, ExpandError, ExpandedCommand, KNOWN_MACROS};
+pub use parse::{
+    load, parse, parse_with_env, DEFAULTS_KEYS, GROUP_KEYS, MODEL_KEYS, TOP_LEVEL_KEYS,
+};
+pub use units::{parse_duration, parse_size, DURATION_FORMS, SIZE_FORMS};
+
+/// `listen` when the config does not set it.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// `port_range` when the config does not set it.
+pub const DEFAULT_PORT_RANGE: (u16, u16) = (10500, 10999);
+/// `queue_timeout` when the config does not set it.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// `body_limit` when the config does not set it (32 MiB).
+pub const DEFAULT_BODY_LIMIT: usize = 32 << 20;
+/// `shutdown_grace` when the config does not set it.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// A model's `ttl` when neither it nor `[defaults]` sets one.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(10 * 60);
+/// A model's `startup_timeout` when neither it nor `[defaults]` sets one.
+pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
+/// A model's `stop_timeout` when neither it nor `[defaults]` sets one.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A model's `health_path` when neither it nor `[defaults]` sets one.
+pub const DEFAULT_HEALTH_PATH: &str = "/health";
+
 /// A whole, validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -34,6 +69,30 @@ pub struct Config {
     pub groups: BTreeMap<String, GroupConfig>,
     /// Sorted by id.
     pub models: Vec<ModelConfig>,
+}
+
+impl Config {
+    /// The model with this id or alias.
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.model_index(name).map(|i| &self.models[i])
+    }
+
+    /// The index in `models` of the model with this id or alias.
+    pub fn model_index(&self, name: &str) -> Option<usize> {
+        self.models
+            .binary_search_by(|m| m.id.as_str().cmp(name))
+            .ok()
+            .or_else(|| {
+                self.models
+                    .iter()
+                    .position(|m| m.aliases.iter().any(|a| a == name))
+            })
+    }
+
+    /// The model ids, sorted (for "unknown model; known: ..." messages).
+    pub fn model_names(&self) -> Vec<&str> {
+        self.models.iter().map(|m| m.id.as_str()).collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +124,29 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// A model with every optional setting at its default (for tests and programmatic configs).
+    pub fn new(id: impl Into<String>, cmd: Vec<String>) -> Self {
+        ModelConfig {
+            id: id.into(),
+            aliases: Vec::new(),
+            cmd,
+            env: BTreeMap::new(),
+            cwd: None,
+            port: None,
+            ttl: Some(DEFAULT_TTL),
+            startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            stop_timeout: DEFAULT_STOP_TIMEOUT,
+            health_path: DEFAULT_HEALTH_PATH.to_string(),
+            memory: None,
+            pinned: false,
+        }
+    }
+
+    /// True when `name` is this model's id or one of its aliases.
+    pub fn answers_to(&self, name: &str) -> bool {
+        self.id == name || self.aliases.iter().any(|a| a == name)
+    }
+
     /// True when any template uses `${SOCKET}`: the server is then reached over a unix socket
     /// and given no port.
     pub fn uses_socket(&self) -> bool {

@@ -1,0 +1,111 @@
+//! Reading process facts from `/proc`: state, parent, group, start time.
+//!
+//! A process that died but was not reaped is a zombie (`Z`): it still has a pid and a group but
+//! runs nothing, so every "is it alive" question here treats it as dead.
+
+use std::fs;
+
+/// The fields of `/proc/PID/stat` llmvisor uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    pub pid: u32,
+    /// One letter: R, S, D, Z, T, …
+    pub state: char,
+    pub ppid: u32,
+    pub pgrp: u32,
+    /// Start time in clock ticks after boot: with the pid, it names one process for all time
+    /// (pids are recycled, start times of one pid are not).
+    pub start_time: u64,
+}
+
+impl ProcStat {
+    pub fn is_zombie(&self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
+}
+
+/// Reads `/proc/PID/stat`; `None` if there is no such process.
+pub fn stat(pid: u32) -> Option<ProcStat> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text)
+}
+
+fn parse_stat(text: &str) -> Option<ProcStat> {
+    // The command name (field 2) is in parentheses and may itself contain spaces or ')'.
+    let (head, rest) = text.rsplit_once(')')?;
+    let pid = head.split_whitespace().next()?.parse().ok()?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); start_time is field 22.
+    Some(ProcStat {
+        pid,
+        state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
+        pgrp: fields.get(2)?.parse().ok()?,
+        start_time: fields.get(19)?.parse().ok()?,
+    })
+}
+
+/// True if `pid` exists and is not a zombie.
+pub fn is_alive(pid: u32) -> bool {
+    stat(pid).is_some_and(|s| !s.is_zombie())
+}
+
+/// Every pid currently in `/proc`.
+pub fn all_pids() -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Live (non-zombie) members of process group `pgid`.
+pub fn live_group_members(pgid: u32) -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter_map(stat)
+        .filter(|s| s.pgrp == pgid && !s.is_zombie())
+        .map(|s| s.pid)
+        .collect()
+}
+
+/// Direct children of this process (of all its threads).
+pub fn own_children() -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        if let Ok(text) = fs::read_to_string(task.path().join("children")) {
+            out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_name_with_spaces_and_parens() {
+        let line = "4242 (my (odd) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 987654 1000 10 18446744073709551615";
+        let s = parse_stat(line).unwrap();
+        assert_eq!(s.pid, 4242);
+        assert_eq!(s.state, 'S');
+        assert_eq!(s.ppid, 1);
+        assert_eq!(s.pgrp, 4242);
+        assert_eq!(s.start_time, 987654);
+    }
+
+    #[test]
+    fn own_process_is_alive_and_has_a_start_time() {
+        let me = std::process::id();
+        let s = stat(me).unwrap();
+        assert!(is_alive(me));
+        assert!(s.start_time > 0);
+        assert!(stat(u32::MAX - 1).is_none());
+    }
+}

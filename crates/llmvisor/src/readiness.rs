@@ -1,0 +1,73 @@
+//! Readiness: poll a starting server's health path until it answers 2xx.
+//!
+//! The interval starts at a few milliseconds and doubles up to 50 ms, so a server that is ready
+//! quickly is seen quickly, and a 30-second load costs a few hundred cheap requests. Each poll has
+//! its own timeout (a server that accepts but never answers cannot stall the wait), and the wait
+//! ends the moment the child exits: nobody waits out a timeout for a process that is already dead.
+
+use std::future::Future;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use tokio::time::{timeout, Instant};
+
+use crate::upstream::{Endpoint, UpstreamClient};
+
+const FIRST_INTERVAL: Duration = Duration::from_millis(2);
+const MAX_INTERVAL: Duration = Duration::from_millis(50);
+const POLL_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug)]
+pub enum NotReady {
+    /// The child exited before it became ready.
+    Exited(ExitStatus),
+    /// `deadline` passed first.
+    TimedOut,
+}
+
+/// Waits until `GET {endpoint}{health_path}` answers 2xx, the child exits (`exited` resolves), or
+/// `deadline` passes. 503 ("loading") and refused connections mean "not yet".
+pub async fn wait_ready(
+    client: &UpstreamClient,
+    endpoint: &Endpoint,
+    health_path: &str,
+    deadline: Instant,
+    exited: impl Future<Output = ExitStatus>,
+) -> Result<(), NotReady> {
+    let poll_loop = async {
+        let mut interval = FIRST_INTERVAL;
+        loop {
+            if probe(client, endpoint, health_path).await {
+                return;
+            }
+            tokio::time::sleep(interval).await;
+            interval = (interval * 2).min(MAX_INTERVAL);
+        }
+    };
+    tokio::select! {
+        biased;
+        status = exited => Err(NotReady::Exited(status)),
+        _ = tokio::time::sleep_until(deadline) => Err(NotReady::TimedOut),
+        () = poll_loop => Ok(()),
+    }
+}
+
+/// One health request: true on 2xx.
+pub async fn probe(client: &UpstreamClient, endpoint: &Endpoint, health_path: &str) -> bool {
+    let Ok(uri) = endpoint.uri(health_path) else {
+        return false;
+    };
+    let req = match http::Request::get(uri).body(axum::body::Body::empty()) {
+        Ok(r) => r,
+        Err(_) => return false,
+    };
+    let answer = async {
+        let resp = client.request(req).await.ok()?;
+        let ok = resp.status().is_success();
+        // Read the (small) body so the connection goes back to the pool.
+        resp.into_body().collect().await.ok()?;
+        Some(ok)
+    };
+    matches!(timeout(POLL_TIMEOUT, answer).await, Ok(Some(true)))
+}

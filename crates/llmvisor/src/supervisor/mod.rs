@@ -1,0 +1,333 @@
+//! The supervisor: one owner per model, leases, and the shutdown of everything it started.
+//!
+//! ```text
+//! Supervisor ──id/alias──▶ ModelCell ◀──── Lease (Drop → release)
+//!                               │ messages
+//!                               ▼
+//!                          model actor ──tasks──▶ start (ports, spawn, readiness) / stop
+//! ```
+//!
+//! Each model has one actor task that alone changes its lifecycle; models never share a lock, so
+//! different models start in parallel and a ready model is handed out without waiting on anyone.
+//!
+//! Shutdown protocol: [`Supervisor::shutdown`] retires every actor at once; each fails its
+//! waiters, stops its server (SIGTERM to the group, `stop_timeout`, SIGKILL) and replies; the call
+//! returns when all have. Dropping the last `Supervisor` clone without that SIGKILLs every
+//! remaining group synchronously, and the end of the spawner thread makes the kernel kill any
+//! child still alive (parent-death signal) — also when the whole process is SIGKILLed.
+
+mod error;
+mod lease;
+mod model;
+mod start;
+mod status;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::task::JoinHandle;
+
+pub use error::AcquireError;
+pub use lease::Lease;
+pub use model::ModelCell;
+pub use status::{ModelStatus, Phase};
+
+use crate::config::{Config, ModelConfig};
+use crate::logs::LogSink;
+use crate::ports::PortAllocator;
+use crate::reaper::{self, Registry};
+use crate::spawn::Spawner;
+use crate::upstream::{self, UpstreamClient};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("cannot use state directory {}: {source} (fix: create it and make it writable, or pass --state-dir)", path.display())]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the spawner thread: {0}")]
+    Spawner(#[source] std::io::Error),
+}
+
+/// What every model's actor and tasks share.
+pub(crate) struct Context {
+    pub spawner: Spawner,
+    pub ports: PortAllocator,
+    pub client: UpstreamClient,
+    pub registry: Registry,
+    pub state_dir: PathBuf,
+}
+
+impl Context {
+    pub fn socket_path(&self, model: &str) -> PathBuf {
+        self.state_dir.join("sockets").join(format!("{model}.sock"))
+    }
+}
+
+/// The handle apps and the daemon use. Cheap to clone.
+#[derive(Clone)]
+pub struct Supervisor {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    ctx: Arc<Context>,
+    models: RwLock<Models>,
+    actors: Mutex<Vec<JoinHandle<()>>>,
+    reaper: JoinHandle<()>,
+    instance_id: String,
+}
+
+#[derive(Default)]
+struct Models {
+    /// Ids and aliases → cell.
+    by_name: HashMap<String, Arc<ModelCell>>,
+    /// Configured models in id order.
+    ordered: Vec<(Arc<ModelConfig>, Arc<ModelCell>)>,
+}
+
+impl Models {
+    fn insert(&mut self, cfg: Arc<ModelConfig>, cell: Arc<ModelCell>) {
+        self.by_name.insert(cfg.id.clone(), cell.clone());
+        for alias in &cfg.aliases {
+            self.by_name.insert(alias.clone(), cell.clone());
+        }
+        self.ordered.push((cfg, cell));
+        self.ordered.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.ordered.iter().map(|(c, _)| c.id.clone()).collect()
+    }
+}
+
+impl Supervisor {
+    /// Creates the supervisor for `config`. Must be called inside a tokio runtime. Starts no
+    /// server (preloading is the caller's choice).
+    pub fn new(config: &Config) -> Result<Self, SupervisorError> {
+        let state_dir = config.state_dir.clone();
+        for dir in [
+            state_dir.clone(),
+            state_dir.join("logs"),
+            state_dir.join("sockets"),
+        ] {
+            create_private_dir(&dir).map_err(|source| SupervisorError::StateDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let instance_id = new_instance_id();
+        let spawner = Spawner::start(&instance_id).map_err(SupervisorError::Spawner)?;
+        let ports = PortAllocator::new(config.port_range);
+        ports.set_reserved(config.models.iter().filter_map(|m| m.port));
+        let registry = Registry::default();
+        let reaper = reaper::start(registry.clone());
+        let ctx = Arc::new(Context {
+            spawner,
+            ports,
+            client: upstream::client(),
+            registry,
+            state_dir,
+        });
+        let mut models = Models::default();
+        let mut actors = Vec::new();
+        for m in &config.models {
+            let cfg = Arc::new(m.clone());
+            let (cell, task) = model::spawn_model(cfg.clone(), ctx.clone());
+            models.insert(cfg, cell);
+            actors.push(task);
+        }
+        Ok(Self {
+            shared: Arc::new(Shared {
+                ctx,
+                models: RwLock::new(models),
+                actors: Mutex::new(actors),
+                reaper,
+                instance_id,
+            }),
+        })
+    }
+
+    /// The id of this llmvisor instance, carried by its children as `LLMVISOR_INSTANCE`.
+    pub fn instance_id(&self) -> &str {
+        &self.shared.instance_id
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.shared.ctx.state_dir
+    }
+
+    /// The cell of a model by id or alias.
+    pub fn model(&self, name: &str) -> Result<Arc<ModelCell>, AcquireError> {
+        let models = self.shared.models.read().unwrap();
+        models
+            .by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AcquireError::UnknownModel {
+                name: name.to_owned(),
+                known: models.ids(),
+            })
+    }
+
+    /// The configured model ids, in order.
+    pub fn model_ids(&self) -> Vec<String> {
+        self.shared.models.read().unwrap().ids()
+    }
+
+    /// A lease on `name` (id or alias): at once if it is ready, else after starting it or joining
+    /// the start already under way.
+    pub async fn acquire(&self, name: &str) -> Result<Lease, AcquireError> {
+        self.model(name)?.acquire(false).await
+    }
+
+    /// An operator's load: starts the model (skipping any backoff) and waits until it is ready.
+    /// Holds no lease afterwards, so the model's TTL starts at once.
+    pub async fn load(&self, name: &str) -> Result<ModelStatus, AcquireError> {
+        let cell = self.model(name)?;
+        let lease = cell.acquire(true).await?;
+        drop(lease);
+        Ok(cell.status())
+    }
+
+    /// Stops a model: once its leases have ended, or at once with `force` (leases then see
+    /// their server go). Returns when it is stopped.
+    pub async fn unload(&self, name: &str, force: bool) -> Result<ModelStatus, AcquireError> {
+        let cell = self.model(name)?;
+        let (reply, done) = tokio::sync::oneshot::channel();
+        if cell
+            .send(model::Command::Unload { force, reply })
+            .is_ok()
+        {
+            let _ = done.await;
+        }
+        Ok(cell.status())
+    }
+
+    /// Status of every model, in id order.
+    pub fn status(&self) -> Vec<ModelStatus> {
+        let models = self.shared.models.read().unwrap();
+        models.ordered.iter().map(|(_, c)| c.status()).collect()
+    }
+
+    /// A model's server output.
+    pub fn logs(&self, name: &str) -> Result<Arc<LogSink>, AcquireError> {
+        Ok(self.model(name)?.logs.clone())
+    }
+
+    /// Applies a new configuration: unchanged models are left alone, changed ones restart once
+    /// their leases end (or just take the new settings if stopped), removed ones stop, new ones
+    /// appear. Returns (added, changed, removed) ids.
+    pub async fn reconfigure(&self, config: &Config) -> ReloadSummary {
+        let mut summary = ReloadSummary::default();
+        let mut retired = Vec::new();
+        {
+            let mut models = self.shared.models.write().unwrap();
+            let mut next = Models::default();
+            let old: HashMap<String, (Arc<ModelConfig>, Arc<ModelCell>)> = models
+                .ordered
+                .drain(..)
+                .map(|(c, cell)| (c.id.clone(), (c, cell)))
+                .collect();
+            let mut old = old;
+            let mut actors = self.shared.actors.lock().unwrap();
+            for m in &config.models {
+                let cfg = Arc::new(m.clone());
+                match old.remove(&m.id) {
+                    Some((prev, cell)) => {
+                        if *prev != *cfg {
+                            summary.changed.push(m.id.clone());
+                            let _ = cell.send(model::Command::Reconfigure(cfg.clone()));
+                        }
+                        next.insert(cfg, cell);
+                    }
+                    None => {
+                        summary.added.push(m.id.clone());
+                        let (cell, task) = model::spawn_model(cfg.clone(), self.shared.ctx.clone());
+                        actors.push(task);
+                        next.insert(cfg, cell);
+                    }
+                }
+            }
+            for (id, (_, cell)) in old {
+                summary.removed.push(id);
+                retired.push(cell);
+            }
+            self.shared
+                .ctx
+                .ports
+                .set_reserved(config.models.iter().filter_map(|m| m.port));
+            *models = next;
+        }
+        summary.removed.sort();
+        futures_util::future::join_all(retired.iter().map(|c| retire(c))).await;
+        summary
+    }
+
+    /// Stops every server, all in parallel, and waits for them. Acquires fail afterwards.
+    pub async fn shutdown(&self) {
+        let cells: Vec<Arc<ModelCell>> = {
+            let models = self.shared.models.read().unwrap();
+            models.ordered.iter().map(|(_, c)| c.clone()).collect()
+        };
+        futures_util::future::join_all(cells.iter().map(|c| retire(c))).await;
+    }
+}
+
+async fn retire(cell: &ModelCell) {
+    let (reply, done) = tokio::sync::oneshot::channel();
+    if cell.send(model::Command::Retire { reply }).is_ok() {
+        let _ = done.await;
+    }
+}
+
+/// What a reconfiguration did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Synchronous last resort: whatever was not stopped by `shutdown` dies now.
+        self.ctx.registry.kill_all();
+        for task in self.actors.lock().unwrap().drain(..) {
+            task.abort();
+        }
+        self.reaper.abort();
+    }
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    // Fail now, not at the first start, if we cannot write here.
+    let probe = dir.join(format!(".write-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(&probe)
+}
+
+/// A unique id for this llmvisor instance: pid plus randomness (pids are recycled).
+fn new_instance_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    format!("lv-{}-{:016x}", std::process::id(), h.finish())
+}

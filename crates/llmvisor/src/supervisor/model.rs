@@ -1,0 +1,688 @@
+//! One model: its shared cell (read by everyone, briefly locked) and the actor task that alone
+//! decides its lifecycle.
+//!
+//! The fast path — a ready model — never talks to the actor: [`ModelCell::acquire`] takes the
+//! cell's mutex, sees `Ready`, counts a lease and returns. The mutex guards a few words and is
+//! never held across an `.await`, so a ready model never waits on anyone. Everything else
+//! (starting, joining a start, stopping, TTL, crashes) is a message to the actor, which runs the
+//! slow work in tasks and keeps answering messages meanwhile.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use super::error::AcquireError;
+use super::lease::Lease;
+use super::start::{start_server, Running, StartFailure};
+use super::status::{ModelStatus, Phase};
+use super::Context;
+use crate::config::ModelConfig;
+use crate::logs::LogSink;
+use crate::spawn::describe_exit;
+
+/// Lines of server output attached to a start failure.
+pub const ERROR_TAIL_LINES: usize = 20;
+/// Backoff after the first failed start; doubles per consecutive failure up to the cap.
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+const BACKOFF_CAP: Duration = Duration::from_secs(60);
+
+/// The part of a model everyone can see.
+pub struct ModelCell {
+    pub id: Arc<str>,
+    pub logs: Arc<LogSink>,
+    state: Mutex<CellState>,
+    commands: mpsc::UnboundedSender<Command>,
+    /// Bumped on every phase change, so waiters (CLI progress, tests) can await transitions.
+    changed: watch::Sender<u64>,
+}
+
+struct CellState {
+    phase: Phase,
+    /// Leases of the current run.
+    leases: usize,
+    /// Incremented per start; a lease counts only against the run it was given for.
+    run: u64,
+    endpoint: Option<crate::upstream::Endpoint>,
+    /// Becomes true when the current run's server is gone; leases watch it.
+    down: Option<watch::Receiver<bool>>,
+    pid: Option<u32>,
+    aliases: Vec<String>,
+    restarts: u32,
+    starts: u32,
+    last_exit: Option<String>,
+    ready_ms: Option<u64>,
+    error: Option<String>,
+    last_used: Instant,
+}
+
+pub(crate) enum Command {
+    /// `explicit`: an operator's load, which skips a running backoff.
+    Acquire {
+        explicit: bool,
+        reply: oneshot::Sender<Result<Lease, AcquireError>>,
+    },
+    /// The lease count of run `run` dropped to zero.
+    Idle { run: u64 },
+    Unload {
+        force: bool,
+        reply: oneshot::Sender<()>,
+    },
+    Reconfigure(Arc<ModelConfig>),
+    /// Stop for good (shutdown or the model was removed); the actor exits afterwards.
+    Retire { reply: oneshot::Sender<()> },
+}
+
+impl ModelCell {
+    /// Acquires a lease, starting the server if needed.
+    pub async fn acquire(self: &Arc<Self>, explicit: bool) -> Result<Lease, AcquireError> {
+        if let Some(lease) = self.try_acquire_ready() {
+            return Ok(lease);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Acquire { explicit, reply })
+            .map_err(|reason| self.unavailable(reason))?;
+        rx.await
+            .map_err(|_| self.unavailable("llmvisor is shutting down"))?
+    }
+
+    /// The fast path: a lease on a ready model, or `None`.
+    pub fn try_acquire_ready(self: &Arc<Self>) -> Option<Lease> {
+        let mut st = self.state.lock().unwrap();
+        if st.phase != Phase::Ready {
+            return None;
+        }
+        Some(self.grant(&mut st))
+    }
+
+    /// Counts a lease against the current run. Caller holds the lock and has checked `Ready`.
+    fn grant(self: &Arc<Self>, st: &mut CellState) -> Lease {
+        st.leases += 1;
+        st.last_used = Instant::now();
+        Lease::new(
+            self.clone(),
+            st.run,
+            st.endpoint.clone().expect("a ready model has an endpoint"),
+            st.down.clone().expect("a ready model has a run"),
+        )
+    }
+
+    /// Called by a lease's drop.
+    pub(crate) fn release(&self, run: u64) {
+        let mut st = self.state.lock().unwrap();
+        if st.run != run || st.leases == 0 {
+            return; // a lease of an earlier run, already written off
+        }
+        st.leases -= 1;
+        st.last_used = Instant::now();
+        if st.leases == 0 {
+            let _ = self.commands.send(Command::Idle { run });
+        }
+    }
+
+    pub(crate) fn send(&self, cmd: Command) -> Result<(), &'static str> {
+        self.commands
+            .send(cmd)
+            .map_err(|_| "llmvisor is shutting down")
+    }
+
+    fn unavailable(&self, reason: &str) -> AcquireError {
+        AcquireError::Unavailable {
+            model: self.id.to_string(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    pub fn status(&self) -> ModelStatus {
+        let st = self.state.lock().unwrap();
+        ModelStatus {
+            id: self.id.to_string(),
+            aliases: st.aliases.clone(),
+            state: st.phase,
+            pid: st.pid,
+            port: st.endpoint.as_ref().and_then(|e| e.port()),
+            url: st.endpoint.as_ref().map(|e| e.base_url()),
+            leases: st.leases,
+            restarts: st.restarts,
+            last_exit: st.last_exit.clone(),
+            ready_ms: st.ready_ms,
+            error: st.error.clone(),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.state.lock().unwrap().phase
+    }
+
+    pub fn last_used(&self) -> Instant {
+        self.state.lock().unwrap().last_used
+    }
+
+    /// A receiver that changes whenever the phase does.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Waits until `pred(phase)` holds.
+    pub async fn wait_for_phase(&self, pred: impl Fn(Phase) -> bool) {
+        let mut rx = self.subscribe();
+        loop {
+            if pred(self.phase()) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Creates a model's cell and its actor task.
+pub(crate) fn spawn_model(
+    cfg: Arc<ModelConfig>,
+    ctx: Arc<Context>,
+) -> (Arc<ModelCell>, tokio::task::JoinHandle<()>) {
+    let (commands, rx) = mpsc::unbounded_channel();
+    let log_path = ctx.state_dir.join("logs").join(format!("{}.log", cfg.id));
+    let cell = Arc::new(ModelCell {
+        id: cfg.id.as_str().into(),
+        logs: Arc::new(LogSink::new(Some(log_path))),
+        state: Mutex::new(CellState {
+            phase: Phase::Stopped,
+            leases: 0,
+            run: 0,
+            endpoint: None,
+            down: None,
+            pid: None,
+            aliases: cfg.aliases.clone(),
+            restarts: 0,
+            starts: 0,
+            last_exit: None,
+            ready_ms: None,
+            error: None,
+            last_used: Instant::now(),
+        }),
+        commands,
+        changed: watch::channel(0).0,
+    });
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let actor = Actor {
+        cell: cell.clone(),
+        cfg,
+        ctx,
+        commands: rx,
+        events,
+        events_tx,
+        waiters: Vec::new(),
+        unload_waiters: Vec::new(),
+        running: None,
+        cancel_start: None,
+        draining: false,
+        restart_after_stop: false,
+        retiring: None,
+        ttl_deadline: None,
+        failures: 0,
+        backoff_until: None,
+        last_failure: None,
+        exit: false,
+    };
+    let task = tokio::spawn(actor.run());
+    (cell, task)
+}
+
+enum Next {
+    Command(Command),
+    Event(Event),
+    Crashed(std::process::ExitStatus),
+    Ttl,
+}
+
+/// Results of the slow work the actor hands to tasks.
+enum Event {
+    Started(Result<Running, StartFailure>),
+    Stopped(std::process::ExitStatus),
+}
+
+struct Actor {
+    cell: Arc<ModelCell>,
+    cfg: Arc<ModelConfig>,
+    ctx: Arc<Context>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedReceiver<Event>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    /// Acquirers waiting for the start in progress (or the next one).
+    waiters: Vec<oneshot::Sender<Result<Lease, AcquireError>>>,
+    unload_waiters: Vec<oneshot::Sender<()>>,
+    /// The server of the current run, while it runs.
+    running: Option<Running>,
+    /// Present while a start is in progress; sending (or dropping) cancels it.
+    cancel_start: Option<oneshot::Sender<()>>,
+    /// A stop is wanted once the leases end (unload, reconfigure, retire).
+    draining: bool,
+    /// After the stop, start again (reconfigured while running).
+    restart_after_stop: bool,
+    retiring: Option<oneshot::Sender<()>>,
+    ttl_deadline: Option<Instant>,
+    failures: u32,
+    backoff_until: Option<Instant>,
+    last_failure: Option<AcquireError>,
+    /// Set once retired: the actor loop ends.
+    exit: bool,
+}
+
+impl Actor {
+    async fn run(mut self) {
+        while !self.exit {
+            let ttl = self.ttl_deadline;
+            let watch_crash = self.stopping_task_absent();
+            let process = self.running.as_ref().map(|r| r.process.clone());
+            let crashed = async move {
+                match process {
+                    Some(p) => p.exited().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let next = tokio::select! {
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => Next::Command(cmd),
+                    None => break,
+                },
+                Some(event) = self.events.recv() => Next::Event(event),
+                status = crashed, if watch_crash => Next::Crashed(status),
+                _ = sleep_until_opt(ttl), if ttl.is_some() => Next::Ttl,
+            };
+            match next {
+                Next::Command(cmd) => self.on_command(cmd),
+                Next::Event(Event::Started(result)) => self.on_started(result),
+                Next::Event(Event::Stopped(status)) => self.on_stopped(status),
+                Next::Crashed(status) => self.on_crash(status),
+                Next::Ttl => self.on_ttl(),
+            }
+        }
+    }
+
+    /// While a stop task runs it owns the exit; the actor must not treat it as a crash.
+    fn stopping_task_absent(&self) -> bool {
+        self.cell.phase() != Phase::Stopping || self.draining
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Acquire { explicit, reply } => self.on_acquire(explicit, reply),
+            Command::Idle { run } => self.on_idle(run),
+            Command::Unload { force, reply } => {
+                self.unload_waiters.push(reply);
+                self.request_stop(force);
+            }
+            Command::Reconfigure(cfg) => {
+                if *cfg == *self.cfg {
+                    return;
+                }
+                self.cell.state.lock().unwrap().aliases = cfg.aliases.clone();
+                self.cfg = cfg;
+                match self.cell.phase() {
+                    Phase::Ready | Phase::Starting => {
+                        self.restart_after_stop = true;
+                        self.request_stop(false);
+                    }
+                    _ => {}
+                }
+            }
+            Command::Retire { reply } => {
+                self.retiring = Some(reply);
+                self.fail_waiters("the model was removed or llmvisor is shutting down");
+                self.request_stop(true);
+            }
+        }
+    }
+
+    fn on_acquire(&mut self, explicit: bool, reply: oneshot::Sender<Result<Lease, AcquireError>>) {
+        if self.retiring.is_some() {
+            let _ = reply.send(Err(self.cell.unavailable("llmvisor is shutting down")));
+            return;
+        }
+        let phase = {
+            let mut st = self.cell.state.lock().unwrap();
+            if st.phase == Phase::Ready {
+                let lease = self.cell.grant(&mut st);
+                drop(st);
+                let _ = reply.send(Ok(lease));
+                return;
+            }
+            st.phase
+        };
+        match phase {
+            Phase::Starting | Phase::Stopping => self.waiters.push(reply),
+            Phase::Stopped | Phase::Failed => {
+                if let (Some(until), false) = (self.backoff_until, explicit) {
+                    let now = Instant::now();
+                    if now < until {
+                        let _ = reply.send(Err(self.backoff_error(until - now)));
+                        return;
+                    }
+                }
+                self.waiters.push(reply);
+                self.begin_start();
+            }
+            Phase::Ready => unreachable!("handled above"),
+        }
+    }
+
+    fn backoff_error(&self, retry_after: Duration) -> AcquireError {
+        match self.last_failure.clone() {
+            Some(AcquireError::StartFailed {
+                model,
+                reason,
+                log_tail,
+                ..
+            }) => AcquireError::StartFailed {
+                model,
+                reason: format!(
+                    "{reason} (failed {} times in a row; next try in {}s)",
+                    self.failures,
+                    retry_after.as_secs_f64().ceil()
+                ),
+                log_tail,
+                retry_after: Some(retry_after),
+            },
+            Some(AcquireError::StartTimeout {
+                model,
+                after,
+                log_tail,
+            }) => AcquireError::StartFailed {
+                model,
+                reason: format!("it did not become ready within {after:?} last time"),
+                log_tail,
+                retry_after: Some(retry_after),
+            },
+            _ => AcquireError::StartFailed {
+                model: self.cfg.id.clone(),
+                reason: "backing off after failed starts".into(),
+                log_tail: Vec::new(),
+                retry_after: Some(retry_after),
+            },
+        }
+    }
+
+    /// Stopped/Failed → Starting. The admission decision of a memory budget belongs here: before
+    /// the start, decide whether other idle models must be evicted first, or the start must queue.
+    fn begin_start(&mut self) {
+        self.ttl_deadline = None;
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        self.cancel_start = Some(cancel_tx);
+        {
+            let mut st = self.cell.state.lock().unwrap();
+            if st.starts > 0 {
+                st.restarts += 1;
+            }
+            st.starts += 1;
+            st.error = None;
+        }
+        self.set_phase(Phase::Starting);
+        let cfg = self.cfg.clone();
+        let ctx = self.ctx.clone();
+        let logs = self.cell.logs.clone();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = start_server(&cfg, &ctx, logs, cancel_rx).await;
+            let _ = events.send(Event::Started(result));
+        });
+    }
+
+    fn on_started(&mut self, result: Result<Running, StartFailure>) {
+        self.cancel_start = None;
+        match result {
+            Ok(running) => {
+                self.failures = 0;
+                self.backoff_until = None;
+                self.last_failure = None;
+                let waiters = std::mem::take(&mut self.waiters);
+                {
+                    let mut st = self.cell.state.lock().unwrap();
+                    st.run += 1;
+                    st.phase = Phase::Ready;
+                    st.endpoint = Some(running.endpoint.clone());
+                    st.down = Some(running.down_rx.clone());
+                    st.pid = Some(running.process.pid());
+                    st.ready_ms = Some(running.ready_after.as_millis() as u64);
+                    st.leases = 0;
+                }
+                tracing::info!(model = %self.cfg.id, pid = running.process.pid(), url = %running.endpoint.base_url(), ready_ms = running.ready_after.as_millis() as u64, "ready");
+                self.running = Some(running);
+                self.notify();
+                let mut granted = 0;
+                for w in waiters {
+                    let lease = {
+                        let mut st = self.cell.state.lock().unwrap();
+                        self.cell.grant(&mut st)
+                    };
+                    // A waiter that gave up drops its lease right here, which is fine.
+                    if w.send(Ok(lease)).is_ok() {
+                        granted += 1;
+                    }
+                }
+                if self.draining || self.retiring.is_some() {
+                    self.request_stop(self.retiring.is_some());
+                } else if granted == 0 {
+                    // Nobody holds it: the idle clock starts now.
+                    self.arm_ttl();
+                }
+            }
+            Err(failure) => {
+                let error = failure.into_error(&self.cfg.id);
+                let cancelled = matches!(error, AcquireError::Unavailable { .. });
+                {
+                    let mut st = self.cell.state.lock().unwrap();
+                    st.pid = None;
+                    st.endpoint = None;
+                    st.last_exit = failure_exit(&error).or(st.last_exit.take());
+                    st.error = (!cancelled).then(|| error.to_string());
+                }
+                if !cancelled {
+                    self.failures += 1;
+                    let backoff = BACKOFF_BASE
+                        .saturating_mul(1 << (self.failures - 1).min(16))
+                        .min(BACKOFF_CAP);
+                    self.backoff_until = Some(Instant::now() + backoff);
+                    self.last_failure = Some(error.clone());
+                    tracing::warn!(model = %self.cfg.id, "start failed: {error}; backing off {backoff:?}");
+                }
+                for w in std::mem::take(&mut self.waiters) {
+                    let _ = w.send(Err(error.clone()));
+                }
+                self.after_stop(if cancelled { Phase::Stopped } else { Phase::Failed });
+            }
+        }
+    }
+
+    fn on_idle(&mut self, run: u64) {
+        let (current, leases, phase) = {
+            let st = self.cell.state.lock().unwrap();
+            (st.run, st.leases, st.phase)
+        };
+        if current != run || leases != 0 {
+            return; // stale, or someone took a lease since
+        }
+        if self.draining && self.running.is_some() {
+            self.begin_stop();
+        } else if phase == Phase::Ready {
+            self.arm_ttl();
+        }
+    }
+
+    fn arm_ttl(&mut self) {
+        self.ttl_deadline = self.cfg.ttl.map(|ttl| Instant::now() + ttl);
+    }
+
+    fn on_ttl(&mut self) {
+        self.ttl_deadline = None;
+        let mut st = self.cell.state.lock().unwrap();
+        if st.phase == Phase::Ready && st.leases == 0 {
+            // Under the lock: no acquire can slip in between the check and the phase change.
+            st.phase = Phase::Stopping;
+            drop(st);
+            tracing::info!(model = %self.cfg.id, "idle for {:?}; stopping", self.cfg.ttl.unwrap_or_default());
+            self.notify();
+            self.spawn_stop();
+        }
+    }
+
+    /// Wants the server stopped: now if `force` or idle, else once its leases end.
+    fn request_stop(&mut self, force: bool) {
+        match self.cell.phase() {
+            Phase::Stopped | Phase::Failed => {
+                if self.retiring.is_some() {
+                    self.after_stop(self.cell.phase());
+                } else {
+                    self.finish_unloads();
+                }
+            }
+            Phase::Starting => {
+                if force {
+                    // Cancel the start; its task stops the child and reports back.
+                    self.cancel_start = None;
+                } else {
+                    self.draining = true;
+                }
+            }
+            Phase::Ready => {
+                self.draining = true;
+                let mut st = self.cell.state.lock().unwrap();
+                let idle = st.leases == 0;
+                if force || idle {
+                    drop(st);
+                    self.begin_stop();
+                } else {
+                    // Visible as "stopping" at once, so no new request takes a lease.
+                    st.phase = Phase::Stopping;
+                    drop(st);
+                    self.notify();
+                }
+            }
+            Phase::Stopping => {
+                if force && self.running.is_some() && self.draining {
+                    self.begin_stop();
+                }
+            }
+        }
+    }
+
+    /// Ready/draining → the stop task. Existing leases learn their server is going.
+    fn begin_stop(&mut self) {
+        self.draining = false;
+        self.ttl_deadline = None;
+        self.set_phase(Phase::Stopping);
+        self.spawn_stop();
+    }
+
+    fn spawn_stop(&mut self) {
+        let Some(running) = self.running.as_ref() else {
+            return;
+        };
+        {
+            let mut st = self.cell.state.lock().unwrap();
+            st.leases = 0;
+        }
+        let process = running.process.clone();
+        let grace = self.cfg.stop_timeout;
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let status = process.stop(grace).await;
+            let _ = events.send(Event::Stopped(status));
+        });
+    }
+
+    fn on_stopped(&mut self, status: std::process::ExitStatus) {
+        if let Some(r) = self.running.take() {
+            let _ = r.down_tx.send(true);
+        }
+        self.cell.state.lock().unwrap().last_exit = Some(describe_exit(status));
+        tracing::info!(model = %self.cfg.id, "stopped ({})", describe_exit(status));
+        self.after_stop(Phase::Stopped);
+    }
+
+    fn on_crash(&mut self, status: std::process::ExitStatus) {
+        let Some(running) = self.running.take() else {
+            return;
+        };
+        let _ = running.down_tx.send(true);
+        let how = describe_exit(status);
+        tracing::warn!(model = %self.cfg.id, pid = running.process.pid(), "server exited unexpectedly ({how})");
+        {
+            let mut st = self.cell.state.lock().unwrap();
+            st.last_exit = Some(how.clone());
+            st.error = Some(format!("server exited unexpectedly ({how})"));
+        }
+        // Whatever it left in its group goes too.
+        let process = running.process.clone();
+        tokio::spawn(async move { process.kill_group_and_wait().await });
+        self.draining = false;
+        self.after_stop(Phase::Stopped);
+    }
+
+    /// The server is gone: settle the phase, answer unloads, and start again if anyone waits.
+    fn after_stop(&mut self, phase: Phase) {
+        {
+            let mut st = self.cell.state.lock().unwrap();
+            st.phase = phase;
+            st.pid = None;
+            st.endpoint = None;
+            st.down = None;
+            st.leases = 0;
+            st.run += 1;
+        }
+        self.ttl_deadline = None;
+        self.draining = false;
+        self.notify();
+        self.finish_unloads();
+        if let Some(reply) = self.retiring.take() {
+            self.fail_waiters("the model was removed or llmvisor is shutting down");
+            let _ = reply.send(());
+            self.exit = true;
+            return;
+        }
+        if self.restart_after_stop || !self.waiters.is_empty() {
+            self.restart_after_stop = false;
+            self.begin_start();
+        }
+    }
+
+    fn finish_unloads(&mut self) {
+        for w in self.unload_waiters.drain(..) {
+            let _ = w.send(());
+        }
+    }
+
+    fn fail_waiters(&mut self, reason: &str) {
+        for w in std::mem::take(&mut self.waiters) {
+            let _ = w.send(Err(self.cell.unavailable(reason)));
+        }
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        self.cell.state.lock().unwrap().phase = phase;
+        self.notify();
+    }
+
+    fn notify(&self) {
+        self.cell.changed.send_modify(|n| *n += 1);
+    }
+}
+
+fn failure_exit(error: &AcquireError) -> Option<String> {
+    match error {
+        AcquireError::StartFailed { reason, .. } => reason
+            .strip_prefix("the server exited during startup (")
+            .and_then(|r| r.strip_suffix(')'))
+            .map(str::to_owned),
+        _ => None,
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,228 @@
+//! One start of one model's server: address, spawn, readiness — with retries on port races.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+use super::error::AcquireError;
+use super::model::ERROR_TAIL_LINES;
+use super::Context;
+use crate::child::ChildProcess;
+use crate::config::{MacroValues, ModelConfig};
+fn expand(t: &str, v: &MacroValues, _e: &dyn Fn(&str) -> Option<String>) -> Result<String, String> { Ok(t.replace("${PORT}", &v.port.map(|p| p.to_string()).unwrap_or_default()).replace("${MODEL_ID}", v.model_id)) } // TEMP-SHIM
+use crate::logs::LogSink;
+use crate::ports::{bind_probe, PortClaim};
+use crate::readiness::{wait_ready, NotReady};
+use crate::spawn::{describe_exit, SpawnSpec};
+use crate::upstream::Endpoint;
+
+/// Tries per start when the child loses its port to another process between probe and bind.
+const PORT_TRIES: usize = 3;
+
+/// A server that became ready.
+pub struct Running {
+    pub process: Arc<ChildProcess>,
+    pub endpoint: Endpoint,
+    pub ready_after: Duration,
+    /// Set to true when this server is gone; leases hold receivers.
+    pub down_tx: watch::Sender<bool>,
+    pub down_rx: watch::Receiver<bool>,
+    /// Held for the life of the server: nobody else gets this port meanwhile.
+    pub _port: Option<PortClaim>,
+}
+
+#[derive(Debug)]
+pub enum StartFailure {
+    /// Could not even run it (bad config at runtime, exec failure, no port).
+    Setup(String),
+    Exited {
+        how: String,
+        tail: Vec<String>,
+    },
+    TimedOut {
+        after: Duration,
+        tail: Vec<String>,
+    },
+    Cancelled,
+}
+
+impl StartFailure {
+    pub fn into_error(self, model: &str) -> AcquireError {
+        let model = model.to_owned();
+        match self {
+            StartFailure::Setup(reason) => AcquireError::StartFailed {
+                model,
+                reason,
+                log_tail: Vec::new(),
+                retry_after: None,
+            },
+            StartFailure::Exited { how, tail } => AcquireError::StartFailed {
+                model,
+                reason: format!("the server exited during startup ({how})"),
+                log_tail: tail,
+                retry_after: None,
+            },
+            StartFailure::TimedOut { after, tail } => AcquireError::StartTimeout {
+                model,
+                after,
+                log_tail: tail,
+            },
+            StartFailure::Cancelled => AcquireError::Unavailable {
+                model,
+                reason: "its start was cancelled (unloaded or shutting down)".into(),
+            },
+        }
+    }
+}
+
+/// Where this start's server will listen.
+enum Address {
+    Port(PortClaim),
+    Socket(PathBuf),
+}
+
+/// Starts `cfg`'s server and waits until it is ready, the start fails, or `cancel` fires (a
+/// message or the sender being dropped). Never leaves a process behind on failure.
+pub async fn start_server(
+    cfg: &ModelConfig,
+    ctx: &Context,
+    logs: Arc<LogSink>,
+    mut cancel: oneshot::Receiver<()>,
+) -> Result<Running, StartFailure> {
+    let began = Instant::now();
+    let deadline = began + cfg.startup_timeout;
+    let mut avoid: Vec<u16> = Vec::new();
+    for attempt in 1..=PORT_TRIES {
+        let address = claim_address(cfg, ctx, &avoid)?;
+        let (port, socket) = match &address {
+            Address::Port(c) => (Some(c.port()), None),
+            Address::Socket(p) => (None, Some(p.as_path())),
+        };
+        let spec = expand_spec(cfg, port, socket)?;
+        logs.push(format!(
+            "llmvisor: starting {} (attempt {attempt}): {} {}",
+            cfg.id,
+            spec.program,
+            spec.args.join(" ")
+        ));
+        let child = ctx
+            .spawner
+            .spawn(spec)
+            .await
+            .map_err(|e| StartFailure::Setup(e.to_string()))?;
+        let process = Arc::new(ChildProcess::launch(
+            child,
+            logs.clone(),
+            ctx.registry.clone(),
+        ));
+        let endpoint = match &address {
+            Address::Port(c) => Endpoint::Tcp(([127, 0, 0, 1], c.port()).into()),
+            Address::Socket(p) => Endpoint::Unix(p.as_path().into()),
+        };
+        let ready = tokio::select! {
+            r = wait_ready(&ctx.client, &endpoint, &cfg.health_path, deadline, process.exited()) => r,
+            _ = &mut cancel => {
+                process.stop(cfg.stop_timeout).await;
+                return Err(StartFailure::Cancelled);
+            }
+        };
+        match ready {
+            Ok(()) => {
+                let (down_tx, down_rx) = watch::channel(false);
+                return Ok(Running {
+                    process,
+                    endpoint,
+                    ready_after: began.elapsed(),
+                    down_tx,
+                    down_rx,
+                    _port: match address {
+                        Address::Port(c) => Some(c),
+                        Address::Socket(_) => None,
+                    },
+                });
+            }
+            Err(NotReady::TimedOut) => {
+                process.stop(cfg.stop_timeout).await;
+                return Err(StartFailure::TimedOut {
+                    after: cfg.startup_timeout,
+                    tail: logs.tail(ERROR_TAIL_LINES),
+                });
+            }
+            Err(NotReady::Exited(status)) => {
+                process.kill_group_and_wait().await;
+                // Lost a race for the port? Someone else holds it now; try another one.
+                let port_taken = cfg.port.is_none() && port.is_some_and(|p| !bind_probe(p));
+                if port_taken && attempt < PORT_TRIES {
+                    let p = port.expect("checked above");
+                    tracing::info!(model = %cfg.id, port = p, "port was taken during startup; retrying on another");
+                    logs.push(format!(
+                        "llmvisor: port {p} was taken by another process; retrying on another port"
+                    ));
+                    avoid.push(p);
+                    continue;
+                }
+                return Err(StartFailure::Exited {
+                    how: describe_exit(status),
+                    tail: logs.tail(ERROR_TAIL_LINES),
+                });
+            }
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+fn claim_address(
+    cfg: &ModelConfig,
+    ctx: &Context,
+    avoid: &[u16],
+) -> Result<Address, StartFailure> {
+    if cfg.uses_socket() {
+        let path = ctx.socket_path(&cfg.id);
+        // A stale socket from an earlier run would make the server's bind fail.
+        let _ = std::fs::remove_file(&path);
+        return Ok(Address::Socket(path));
+    }
+    let claim = match cfg.port {
+        Some(p) => ctx.ports.claim_fixed(p),
+        None => ctx.ports.claim(avoid),
+    };
+    claim
+        .map(Address::Port)
+        .map_err(|e| StartFailure::Setup(e.to_string()))
+}
+
+fn expand_spec(
+    cfg: &ModelConfig,
+    port: Option<u16>,
+    socket: Option<&std::path::Path>,
+) -> Result<SpawnSpec, StartFailure> {
+    let values = MacroValues {
+        port,
+        socket,
+        model_id: &cfg.id,
+    };
+    let env_lookup = |name: &str| std::env::var(name).ok();
+    let expand_one = |t: &String| {
+        expand(t, &values, &env_lookup).map_err(|e| StartFailure::Setup(e.to_string()))
+    };
+    let mut argv = cfg.cmd.iter().map(expand_one);
+    let program = argv
+        .next()
+        .ok_or_else(|| StartFailure::Setup("cmd is empty".into()))??;
+    let args = argv.collect::<Result<Vec<_>, _>>()?;
+    let env = cfg
+        .env
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), expand_one(v)?)))
+        .collect::<Result<_, StartFailure>>()?;
+    let cwd = cfg.cwd.as_ref().map(expand_one).transpose()?.map(PathBuf::from);
+    Ok(SpawnSpec {
+        program,
+        args,
+        env,
+        cwd,
+    })
+}

@@ -1,0 +1,52 @@
+//! The status snapshot of one model: the fields of `GET /api/models` in SPEC.md.
+
+use serde::Serialize;
+
+/// Lifecycle phase of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Stopped,
+    Starting,
+    Ready,
+    Stopping,
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Stopped => "stopped",
+            Phase::Starting => "starting",
+            Phase::Ready => "ready",
+            Phase::Stopping => "stopping",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelStatus {
+    pub id: String,
+    pub aliases: Vec<String>,
+    pub state: Phase,
+    pub pid: Option<u32>,
+    pub port: Option<u16>,
+    /// Base URL of the running server (`http://127.0.0.1:PORT`, or `unix:/path` for a socket).
+    pub url: Option<String>,
+    /// Active leases, in-flight requests included.
+    pub leases: usize,
+    /// How many times the server was started after its first start.
+    pub restarts: u32,
+    /// How the last server process ended ("exit code 1", "signal 9 (SIGKILL)").
+    pub last_exit: Option<String>,
+    /// Milliseconds its last successful start took.
+    pub ready_ms: Option<u64>,
+    pub error: Option<String>,
+}

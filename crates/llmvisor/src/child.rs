@@ -93,7 +93,10 @@ impl ChildProcess {
         let status = match status {
             Some(s) => s,
             None => {
-                tracing::info!(pid = self.pid, "did not exit within {grace:?} of SIGTERM; sending SIGKILL");
+                tracing::info!(
+                    pid = self.pid,
+                    "did not exit within {grace:?} of SIGTERM; sending SIGKILL"
+                );
                 signal_group(self.pid, Signal::KILL);
                 self.exited().await
             }

@@ -63,7 +63,10 @@ impl LogSink {
     /// The last `n` lines, oldest first.
     pub fn tail(&self, n: usize) -> Vec<String> {
         let ring = self.ring.lock().unwrap();
-        ring.iter().skip(ring.len().saturating_sub(n)).cloned().collect()
+        ring.iter()
+            .skip(ring.len().saturating_sub(n))
+            .cloned()
+            .collect()
     }
 
     /// The lines in memory, and a receiver for every line after them (no gap, no overlap).
@@ -106,7 +109,8 @@ impl LogFile {
     fn append(&mut self, line: &str) {
         if self.len >= FILE_CAP_BYTES {
             let rotated = self.path.with_extension("log.1");
-            let reopened = std::fs::rename(&self.path, &rotated).and_then(|_| open_append(&self.path));
+            let reopened =
+                std::fs::rename(&self.path, &rotated).and_then(|_| open_append(&self.path));
             match reopened {
                 Ok(f) => {
                     self.file = f;
@@ -143,7 +147,13 @@ mod tests {
             sink.push(format!("line {i}"));
         }
         let tail = sink.tail(2);
-        assert_eq!(tail, vec![format!("line {}", RING_LINES + 3), format!("line {}", RING_LINES + 4)]);
+        assert_eq!(
+            tail,
+            vec![
+                format!("line {}", RING_LINES + 3),
+                format!("line {}", RING_LINES + 4)
+            ]
+        );
         assert_eq!(sink.tail(usize::MAX).len(), RING_LINES);
     }
 
@@ -161,7 +171,10 @@ mod tests {
         assert!(rotated >= FILE_CAP_BYTES);
         assert!(current < FILE_CAP_BYTES && current > 0);
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[tokio::test]
@@ -169,6 +182,14 @@ mod tests {
         let sink = LogSink::new(None);
         let input: &[u8] = b"one\r\ntwo\n\xff\xfe three\nlast-without-newline";
         sink.capture(input).await;
-        assert_eq!(sink.tail(10), vec!["one", "two", "\u{fffd}\u{fffd} three", "last-without-newline"]);
+        assert_eq!(
+            sink.tail(10),
+            vec![
+                "one",
+                "two",
+                "\u{fffd}\u{fffd} three",
+                "last-without-newline"
+            ]
+        );
     }
 }

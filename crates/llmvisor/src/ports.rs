@@ -96,8 +96,7 @@ impl PortAllocator {
         for i in 0..span {
             let port = (u32::from(start - lo) + i) % span + u32::from(lo);
             let port = port as u16;
-            if state.claimed.contains(&port) || reserved.contains(&port) || avoid.contains(&port)
-            {
+            if state.claimed.contains(&port) || reserved.contains(&port) || avoid.contains(&port) {
                 continue;
             }
             if !bind_probe(port) {
@@ -142,15 +141,10 @@ mod tests {
     fn free_range(n: u16) -> (u16, u16) {
         // Find n consecutive bindable ports well away from common ones.
         let mut lo = 21000;
-        'outer: loop {
-            for p in lo..lo + n {
-                if !bind_probe(p) {
-                    lo = p + 1;
-                    continue 'outer;
-                }
-            }
-            return (lo, lo + n - 1);
+        while let Some(busy) = (lo..lo + n).find(|p| !bind_probe(*p)) {
+            lo = busy + 1;
         }
+        (lo, lo + n - 1)
     }
 
     #[test]
@@ -184,7 +178,10 @@ mod tests {
         let (lo, _) = free_range(1);
         let alloc = PortAllocator::new((lo, lo));
         let claim = alloc.claim_fixed(lo).unwrap();
-        assert_eq!(alloc.claim_fixed(lo).unwrap_err(), PortError::FixedClaimed(lo));
+        assert_eq!(
+            alloc.claim_fixed(lo).unwrap_err(),
+            PortError::FixedClaimed(lo)
+        );
         drop(claim);
         let busy = TcpListener::bind((Ipv4Addr::LOCALHOST, lo)).unwrap();
         assert_eq!(alloc.claim_fixed(lo).unwrap_err(), PortError::FixedBusy(lo));

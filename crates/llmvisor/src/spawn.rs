@@ -111,7 +111,9 @@ fn spawn_here(spec: &SpawnSpec, instance: &str, parent: Pid) -> Result<Child, Sp
             // If llmvisor died between fork and prctl the signal will never come: our parent is
             // already someone else. Refuse to run rather than become an orphan.
             if rustix::process::getppid() != Some(parent) {
-                return Err(io::Error::other("llmvisor exited while starting this child"));
+                return Err(io::Error::other(
+                    "llmvisor exited while starting this child",
+                ));
             }
             Ok(())
         });

@@ -21,7 +21,8 @@ async fn finish(sup: Supervisor, scratch: &Scratch) {
 
 async fn concurrent_acquires_spawn_once(n: usize) {
     let s = Scratch::new();
-    let sup = Supervisor::new(&s.config(vec![s.model("a", &["--startup-delay", "300ms"])])).unwrap();
+    let sup =
+        Supervisor::new(&s.config(vec![s.model("a", &["--startup-delay", "300ms"])])).unwrap();
     let tasks: Vec<_> = (0..n)
         .map(|_| {
             let sup = sup.clone();
@@ -79,7 +80,10 @@ async fn different_models_start_in_parallel() {
     assert_eq!(s.pids("b.pids").len(), 1);
     // Serial loads would take >= 2 s; parallel ones about 1 s. The margin absorbs a slow machine.
     assert!(wall >= Duration::from_secs(1), "{wall:?}");
-    assert!(wall < Duration::from_millis(1800), "loads did not overlap: {wall:?}");
+    assert!(
+        wall < Duration::from_millis(1800),
+        "loads did not overlap: {wall:?}"
+    );
     drop((a, b));
     finish(sup, &s).await;
 }
@@ -108,8 +112,15 @@ async fn ready_model_never_waits_for_another_models_load() {
         slowest = slowest.max(t.elapsed());
         drop(lease);
     }
-    assert_eq!(sup.model("b").unwrap().phase(), Phase::Starting, "b must still be loading");
-    assert!(slowest < Duration::from_millis(5), "slowest acquire of a took {slowest:?}");
+    assert_eq!(
+        sup.model("b").unwrap().phase(),
+        Phase::Starting,
+        "b must still be loading"
+    );
+    assert!(
+        slowest < Duration::from_millis(5),
+        "slowest acquire of a took {slowest:?}"
+    );
     loading.await.unwrap().unwrap();
     finish(sup, &s).await;
 }
@@ -123,12 +134,23 @@ async fn crashed_server_is_noticed_and_restarted_on_next_acquire() {
     // One request makes it crash.
     let url = format!("{}/v1/completions", lease.url());
     let out = std::process::Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-d", "{}", &url])
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-d",
+            "{}",
+            &url,
+        ])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
     // The lease learns that its server is gone without anyone sending a request.
-    tokio::time::timeout(GONE_WITHIN, lease.server_gone()).await.unwrap();
+    tokio::time::timeout(GONE_WITHIN, lease.server_gone())
+        .await
+        .unwrap();
     assert!(!lease.is_up());
     let cell = sup.model("a").unwrap();
     cell.wait_for_phase(|p| p == Phase::Stopped).await;
@@ -157,7 +179,10 @@ async fn startup_crash_loop_backs_off_with_a_clear_error() {
             ..
         } => {
             assert!(reason.contains("exit code 7"), "{reason}");
-            assert!(log_tail.iter().any(|l| l.contains("exiting at startup")), "{log_tail:?}");
+            assert!(
+                log_tail.iter().any(|l| l.contains("exiting at startup")),
+                "{log_tail:?}"
+            );
             assert!(retry_after.is_none());
         }
         other => panic!("unexpected error: {other}"),
@@ -251,7 +276,9 @@ async fn unload_waits_for_leases_unless_forced() {
     // Forced: the lease learns its server is gone.
     let lease = sup.acquire("a").await.unwrap();
     sup.unload("a", true).await.unwrap();
-    tokio::time::timeout(GONE_WITHIN, lease.server_gone()).await.unwrap();
+    tokio::time::timeout(GONE_WITHIN, lease.server_gone())
+        .await
+        .unwrap();
     assert_eq!(cell.status().leases, 0);
     drop(lease);
     assert_eq!(cell.status().leases, 0);
@@ -290,7 +317,11 @@ async fn a_new_acquire_cancels_the_ttl() {
     tokio::time::sleep(Duration::from_millis(250)).await;
     let lease = sup.acquire("a").await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(cell.phase(), Phase::Ready, "the TTL of the first lease must not fire");
+    assert_eq!(
+        cell.phase(),
+        Phase::Ready,
+        "the TTL of the first lease must not fire"
+    );
     drop(lease);
     assert_eq!(s.pids("a.pids").len(), 1);
     finish(sup, &s).await;
@@ -299,7 +330,17 @@ async fn a_new_acquire_cancels_the_ttl() {
 #[tokio::test]
 async fn children_carry_the_instance_marker_and_their_output_is_captured() {
     let s = Scratch::new();
-    let mut m = s.model("a", &["--print-env", "LLMVISOR_INSTANCE", "--print-env", "GREETING", "--log-lines", "3"]);
+    let mut m = s.model(
+        "a",
+        &[
+            "--print-env",
+            "LLMVISOR_INSTANCE",
+            "--print-env",
+            "GREETING",
+            "--log-lines",
+            "3",
+        ],
+    );
     m.env.insert("GREETING".into(), "hello-${MODEL_ID}".into());
     let sup = Supervisor::new(&s.config(vec![m])).unwrap();
     let lease = sup.acquire("a").await.unwrap();
@@ -316,12 +357,22 @@ async fn children_carry_the_instance_marker_and_their_output_is_captured() {
             lines.push(l);
         }
     }
-    assert!(lines.iter().any(|l| l == "env GREETING=hello-a"), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l == "env GREETING=hello-a"),
+        "{lines:?}"
+    );
     let file = std::fs::read_to_string(s.state_dir().join("logs/a.log")).unwrap();
     assert!(file.contains(&expected_marker));
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(s.state_dir()).unwrap().permissions().mode();
-    assert_eq!(mode & 0o077, 0, "state dir must not be group/world accessible");
+    let mode = std::fs::metadata(s.state_dir())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "state dir must not be group/world accessible"
+    );
     drop(lease);
     finish(sup, &s).await;
 }
@@ -378,7 +429,9 @@ async fn dropping_the_supervisor_kills_its_children() {
 #[tokio::test]
 async fn waiters_that_give_up_do_not_cancel_the_start_for_others() {
     let s = Scratch::new();
-    let sup = Arc::new(Supervisor::new(&s.config(vec![s.model("a", &["--startup-delay", "500ms"])])).unwrap());
+    let sup = Arc::new(
+        Supervisor::new(&s.config(vec![s.model("a", &["--startup-delay", "500ms"])])).unwrap(),
+    );
     // The first caller gives up early (a client that disconnected)...
     let impatient = tokio::time::timeout(Duration::from_millis(100), sup.acquire("a")).await;
     assert!(impatient.is_err());

@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use std::ops::Range;
 use std::path::PathBuf;
 
+use super::diagnostic::closest;
 use super::{MacroValues, ModelConfig};
 
 /// The known macros, for help messages.
@@ -190,9 +191,8 @@ fn classify(inner: &str) -> Result<Macro<'_>, (String, String)> {
             ),
         ));
     }
-    let upper = inner.trim().to_ascii_uppercase();
-    let hint = if ["PORT", "SOCKET", "MODEL_ID"].contains(&upper.as_str()) {
-        format!("did you mean `${{{upper}}}`? {known}")
+    let hint = if let Some(m) = closest(inner.trim(), ["PORT", "SOCKET", "MODEL_ID"]) {
+        format!("did you mean `${{{m}}}`? {known}")
     } else if is_env_name(inner) {
         format!("to use an environment variable, write `${{env.{inner}}}`; {known}")
     } else if let Some(var) = inner

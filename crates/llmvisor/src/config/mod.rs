@@ -79,14 +79,11 @@ impl Config {
 
     /// The index in `models` of the model with this id or alias.
     pub fn model_index(&self, name: &str) -> Option<usize> {
-        self.models
-            .binary_search_by(|m| m.id.as_str().cmp(name))
-            .ok()
-            .or_else(|| {
-                self.models
-                    .iter()
-                    .position(|m| m.aliases.iter().any(|a| a == name))
-            })
+        self.models.iter().position(|m| m.id == name).or_else(|| {
+            self.models
+                .iter()
+                .position(|m| m.aliases.iter().any(|a| a == name))
+        })
     }
 
     /// The model ids, sorted (for "unknown model; known: ..." messages).

@@ -495,9 +495,9 @@ impl Parser<'_> {
                          (keys after a header belong to that table). "
                     )
                 }
-                Scope::Model(id) if matches!(f.value.kind, Kind::Table(_)) => format!(
-                    "if `{id}.{key}` is one model id, quote it: [models.\"{id}.{key}\"]. "
-                ),
+                Scope::Model(id) if matches!(f.value.kind, Kind::Table(_)) => {
+                    format!("if `{id}.{key}` is one model id, quote it: [models.\"{id}.{key}\"]. ")
+                }
                 _ => String::new(),
             }
         };
@@ -574,7 +574,10 @@ impl Parser<'_> {
     fn listen(&mut self, n: &Node) -> Option<Sp<SocketAddr>> {
         let s = self.string("listen", n)?;
         match s.parse::<SocketAddr>() {
-            Ok(addr) => Some(Sp { v: addr, at: n.at() }),
+            Ok(addr) => Some(Sp {
+                v: addr,
+                at: n.at(),
+            }),
             Err(_) => {
                 let help = match s.strip_prefix("localhost:") {
                     Some(port) => format!("write an IP address: \"127.0.0.1:{port}\""),
@@ -627,7 +630,8 @@ impl Parser<'_> {
     }
 
     fn default_state_dir(&self) -> Option<PathBuf> {
-        let xdg = (self.env)("XDG_STATE_HOME").filter(|x| !x.is_empty() && Path::new(x).is_absolute());
+        let xdg =
+            (self.env)("XDG_STATE_HOME").filter(|x| !x.is_empty() && Path::new(x).is_absolute());
         if let Some(x) = xdg {
             return Some(PathBuf::from(x).join("llmvisor"));
         }
@@ -689,7 +693,11 @@ impl Parser<'_> {
 
     fn groups(&mut self, n: &Node) -> Vec<RawGroup> {
         let Kind::Table(fields) = &n.kind else {
-            self.type_err("`groups`", n, "a table of groups ([groups.NAME])");
+            self.err_help(
+                n.at(),
+                format!("`groups` must be a table of groups, found {}", n.describe()),
+                "write one [groups.NAME] header per group, with members = [...] below it",
+            );
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -735,7 +743,7 @@ impl Parser<'_> {
     fn models(&mut self, n: &Node) -> Vec<RawModel> {
         let fields = match &n.kind {
             Kind::Table(fields) => fields,
-            Kind::TableArray(_) => {
+            Kind::TableArray => {
                 self.err_help(
                     n.at(),
                     "`models` must be a table of models keyed by id, found an array of tables",
@@ -759,7 +767,11 @@ impl Parser<'_> {
             } else {
                 self.err_help(
                     m.key_at(),
-                    format!("model `{}` must be a table, found {}", m.key, m.value.describe()),
+                    format!(
+                        "model `{}` must be a table, found {}",
+                        m.key,
+                        m.value.describe()
+                    ),
                     format!("write [models.\"{}\"] and its keys below it", m.key),
                 );
                 Settings {
@@ -833,7 +845,9 @@ impl Parser<'_> {
                         } else {
                             self.err_help(
                                 v.at(),
-                                format!("`health_path` must be a path starting with `/`, found {h:?}"),
+                                format!(
+                                    "`health_path` must be a path starting with `/`, found {h:?}"
+                                ),
                                 "e.g. health_path = \"/health\"",
                             );
                         }
@@ -874,7 +888,13 @@ impl Parser<'_> {
                         return None;
                     }
                 }
-                Some((Sp { v: argv, at: n.at() }, marks))
+                Some((
+                    Sp {
+                        v: argv,
+                        at: n.at(),
+                    },
+                    marks,
+                ))
             }
             Kind::Array(items) => {
                 if items.is_empty() {
@@ -916,7 +936,13 @@ impl Parser<'_> {
                     );
                     return None;
                 }
-                ok.then_some((Sp { v: argv, at: n.at() }, marks))
+                ok.then_some((
+                    Sp {
+                        v: argv,
+                        at: n.at(),
+                    },
+                    marks,
+                ))
             }
             _ => {
                 self.err_help(
@@ -1011,7 +1037,10 @@ impl Parser<'_> {
                     ),
                     Some((owner, false)) => self.err_help(
                         a.at,
-                        format!("alias `{}` of model `{}` is already the id of model `{owner}`", a.v, m.id),
+                        format!(
+                            "alias `{}` of model `{}` is already the id of model `{owner}`",
+                            a.v, m.id
+                        ),
                         "ids and aliases must be unique across all models",
                     ),
                     Some((owner, true)) if *owner == m.id => {
@@ -1019,7 +1048,10 @@ impl Parser<'_> {
                     }
                     Some((owner, true)) => self.err_help(
                         a.at,
-                        format!("alias `{}` of model `{}` is already an alias of model `{owner}`", a.v, m.id),
+                        format!(
+                            "alias `{}` of model `{}` is already an alias of model `{owner}`",
+                            a.v, m.id
+                        ),
                         "ids and aliases must be unique across all models",
                     ),
                     None => {
@@ -1221,7 +1253,10 @@ impl Parser<'_> {
             } else if let (Some(_), Some(port)) = (first_socket, &s.port) {
                 self.err_help(
                     port.at,
-                    format!("model `{}` has a fixed `port`, but its cmd uses ${{SOCKET}}", m.id),
+                    format!(
+                        "model `{}` has a fixed `port`, but its cmd uses ${{SOCKET}}",
+                        m.id
+                    ),
                     "a model reached over a unix socket is given no port: remove `port`, \
                      or use ${PORT} instead of ${SOCKET}",
                 );
@@ -1255,7 +1290,10 @@ impl Parser<'_> {
             if port.v == l.v.port() {
                 self.err_help(
                     port.at,
-                    format!("port {} of model `{}` is llmvisor's own `listen` port", port.v, m.id),
+                    format!(
+                        "port {} of model `{}` is llmvisor's own `listen` port",
+                        port.v, m.id
+                    ),
                     "choose another port for the model",
                 );
             }
@@ -1330,7 +1368,9 @@ impl Parser<'_> {
 fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 

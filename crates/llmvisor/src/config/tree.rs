@@ -22,7 +22,8 @@ pub(crate) enum Kind {
     Datetime,
     Array(Vec<Node>),
     Table(Vec<Field>),
-    TableArray(Vec<Node>),
+    /// `[[name]]` (never valid in a config; its tables are not kept).
+    TableArray,
 }
 
 #[derive(Debug, Clone)]
@@ -47,7 +48,7 @@ impl Node {
             Kind::Datetime => "a date-time",
             Kind::Array(_) => "an array",
             Kind::Table(_) => "a table",
-            Kind::TableArray(_) => "an array of tables",
+            Kind::TableArray => "an array of tables",
         }
     }
 }
@@ -106,14 +107,10 @@ fn from_item(item: &Item, fallback: Range<usize>) -> Node {
     match item {
         Item::Value(v) => from_value(v, fallback),
         Item::Table(t) => from_table(t, fallback),
-        Item::ArrayOfTables(a) => {
-            let span = a.span().unwrap_or(fallback);
-            let tables = a.iter().map(|t| from_table(t, span.clone())).collect();
-            Node {
-                span,
-                kind: Kind::TableArray(tables),
-            }
-        }
+        Item::ArrayOfTables(a) => Node {
+            span: a.span().unwrap_or(fallback),
+            kind: Kind::TableArray,
+        },
         // Never produced by the parser.
         Item::None => Node {
             span: fallback,

@@ -92,6 +92,12 @@ pub(crate) fn size(s: &str) -> Result<u64, String> {
         "mib" => 1 << 20,
         "gib" => 1 << 30,
         "tib" => 1 << 40,
+        "k" | "m" | "g" | "t" => {
+            let u = unit.to_ascii_uppercase();
+            return Err(format!(
+                "unit `{unit}` is ambiguous: write {u}B (powers of 1000) or {u}iB (powers of 1024)"
+            ));
+        }
         _ => return Err(format!("unknown unit `{unit}`")),
     };
     if scale == 1 {
@@ -132,9 +138,7 @@ fn decimal_scaled(num: &str, scale: u128) -> Result<u128, String> {
         let frac = &frac[..frac.len().min(20)];
         let f: u128 = frac.parse().map_err(|_| too_large())?;
         let denom = 10u128.pow(frac.len() as u32);
-        value = value
-            .checked_add(f * scale / denom)
-            .ok_or_else(too_large)?;
+        value = value.checked_add(f * scale / denom).ok_or_else(too_large)?;
     }
     Ok(value)
 }

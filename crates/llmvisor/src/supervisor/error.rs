@@ -19,7 +19,10 @@ pub enum AcquireError {
         retry_after: Option<Duration>,
     },
 
-    #[error("model `{model}` did not become ready within {after:?} (its server was stopped){}", tail_suffix(log_tail))]
+    #[error(
+        "model `{model}` did not become ready within {after:?} (its server was stopped){}",
+        tail_suffix(log_tail)
+    )]
     StartTimeout {
         model: String,
         after: Duration,

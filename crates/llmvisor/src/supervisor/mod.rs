@@ -198,10 +198,7 @@ impl Supervisor {
     pub async fn unload(&self, name: &str, force: bool) -> Result<ModelStatus, AcquireError> {
         let cell = self.model(name)?;
         let (reply, done) = tokio::sync::oneshot::channel();
-        if cell
-            .send(model::Command::Unload { force, reply })
-            .is_ok()
-        {
+        if cell.send(model::Command::Unload { force, reply }).is_ok() {
             let _ = done.await;
         }
         Ok(cell.status())

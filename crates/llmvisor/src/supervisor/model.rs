@@ -64,14 +64,18 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<Lease, AcquireError>>,
     },
     /// The lease count of run `run` dropped to zero.
-    Idle { run: u64 },
+    Idle {
+        run: u64,
+    },
     Unload {
         force: bool,
         reply: oneshot::Sender<()>,
     },
     Reconfigure(Arc<ModelConfig>),
     /// Stop for good (shutdown or the model was removed); the actor exits afterwards.
-    Retire { reply: oneshot::Sender<()> },
+    Retire {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 impl ModelCell {
@@ -491,7 +495,11 @@ impl Actor {
                 for w in std::mem::take(&mut self.waiters) {
                     let _ = w.send(Err(error.clone()));
                 }
-                self.after_stop(if cancelled { Phase::Stopped } else { Phase::Failed });
+                self.after_stop(if cancelled {
+                    Phase::Stopped
+                } else {
+                    Phase::Failed
+                });
             }
         }
     }

@@ -11,8 +11,7 @@ use super::error::AcquireError;
 use super::model::ERROR_TAIL_LINES;
 use super::Context;
 use crate::child::ChildProcess;
-use crate::config::{MacroValues, ModelConfig};
-fn expand(t: &str, v: &MacroValues, _e: &dyn Fn(&str) -> Option<String>) -> Result<String, String> { Ok(t.replace("${PORT}", &v.port.map(|p| p.to_string()).unwrap_or_default()).replace("${MODEL_ID}", v.model_id)) } // TEMP-SHIM
+use crate::config::{process_env, MacroValues, ModelConfig};
 use crate::logs::LogSink;
 use crate::ports::{bind_probe, PortClaim};
 use crate::readiness::{wait_ready, NotReady};
@@ -174,11 +173,7 @@ pub async fn start_server(
     unreachable!("the last attempt returns")
 }
 
-fn claim_address(
-    cfg: &ModelConfig,
-    ctx: &Context,
-    avoid: &[u16],
-) -> Result<Address, StartFailure> {
+fn claim_address(cfg: &ModelConfig, ctx: &Context, avoid: &[u16]) -> Result<Address, StartFailure> {
     if cfg.uses_socket() {
         let path = ctx.socket_path(&cfg.id);
         // A stale socket from an earlier run would make the server's bind fail.
@@ -204,25 +199,17 @@ fn expand_spec(
         socket,
         model_id: &cfg.id,
     };
-    let env_lookup = |name: &str| std::env::var(name).ok();
-    let expand_one = |t: &String| {
-        expand(t, &values, &env_lookup).map_err(|e| StartFailure::Setup(e.to_string()))
-    };
-    let mut argv = cfg.cmd.iter().map(expand_one);
+    let expanded = cfg
+        .expand(&values, &process_env)
+        .map_err(|e| StartFailure::Setup(e.to_string()))?;
+    let mut argv = expanded.argv.into_iter();
     let program = argv
         .next()
-        .ok_or_else(|| StartFailure::Setup("cmd is empty".into()))??;
-    let args = argv.collect::<Result<Vec<_>, _>>()?;
-    let env = cfg
-        .env
-        .iter()
-        .map(|(k, v)| Ok((k.clone(), expand_one(v)?)))
-        .collect::<Result<_, StartFailure>>()?;
-    let cwd = cfg.cwd.as_ref().map(expand_one).transpose()?.map(PathBuf::from);
+        .ok_or_else(|| StartFailure::Setup("cmd is empty".into()))?;
     Ok(SpawnSpec {
         program,
-        args,
-        env,
-        cwd,
+        args: argv.collect(),
+        env: expanded.env,
+        cwd: expanded.cwd.map(PathBuf::from),
     })
 }

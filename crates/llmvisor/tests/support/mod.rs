@@ -31,20 +31,39 @@ pub fn fake_llm() -> PathBuf {
 
 /// One test's scratch space: a state dir and pid files the fake servers append to.
 pub struct Scratch {
-    pub dir: tempfile::TempDir,
+    root: PathBuf,
+    _owned: Option<tempfile::TempDir>,
     pub ports: (u16, u16),
 }
 
 impl Scratch {
     pub fn new() -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix("llmvisor-test")
+            .tempdir()
+            .unwrap();
         Self {
-            dir: tempfile::Builder::new().prefix("llmvisor-test").tempdir().unwrap(),
+            root: tmp.path().to_owned(),
+            _owned: Some(tmp),
             ports: port_range(),
         }
     }
 
+    /// A scratch in an existing directory (owned by another process of the test).
+    pub fn at(root: PathBuf) -> Self {
+        Self {
+            root,
+            _owned: None,
+            ports: port_range(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.root.join(name)
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -63,7 +82,7 @@ impl Scratch {
     /// Every pid in every `*.pids` file of this scratch dir.
     pub fn all_pids(&self) -> Vec<u32> {
         let mut out = Vec::new();
-        for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+        for e in std::fs::read_dir(&self.root).unwrap().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.ends_with(".pids") {
                 out.extend(self.pids(&name));
@@ -153,7 +172,11 @@ fn port_range() -> (u16, u16) {
 pub async fn assert_gone(pids: &[u32], within: Duration) {
     let deadline = std::time::Instant::now() + within;
     loop {
-        let alive: Vec<u32> = pids.iter().copied().filter(|p| procfs::is_alive(*p)).collect();
+        let alive: Vec<u32> = pids
+            .iter()
+            .copied()
+            .filter(|p| procfs::is_alive(*p))
+            .collect();
         if alive.is_empty() {
             break;
         }

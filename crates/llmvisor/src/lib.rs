@@ -6,7 +6,10 @@
 
 pub mod child;
 pub mod config;
+pub mod daemon;
+pub mod ids;
 pub mod logs;
+pub mod metrics;
 pub mod ports;
 pub mod procfs;
 pub mod readiness;

@@ -318,13 +318,5 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 
 /// A unique id for this llmvisor instance: pid plus randomness (pids are recycled).
 fn new_instance_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    format!("lv-{}-{:016x}", std::process::id(), h.finish())
+    format!("lv-{}-{}", std::process::id(), crate::ids::random_hex(8))
 }

@@ -7,6 +7,7 @@
 //! (starting, joining a start, stopping, TTL, crashes) is a message to the actor, which runs the
 //! slow work in tasks and keeps answering messages meanwhile.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use super::status::{ModelStatus, Phase};
 use super::Context;
 use crate::config::ModelConfig;
 use crate::logs::LogSink;
+use crate::metrics::{Histogram, START_BOUNDS};
 use crate::spawn::describe_exit;
 
 /// Lines of server output attached to a start failure.
@@ -32,10 +34,19 @@ const BACKOFF_CAP: Duration = Duration::from_secs(60);
 pub struct ModelCell {
     pub id: Arc<str>,
     pub logs: Arc<LogSink>,
+    pub stats: ModelStats,
     state: Mutex<CellState>,
     commands: mpsc::UnboundedSender<Command>,
     /// Bumped on every phase change, so waiters (CLI progress, tests) can await transitions.
     changed: watch::Sender<u64>,
+}
+
+/// Counters for `/metrics`.
+pub struct ModelStats {
+    pub starts: AtomicU64,
+    pub start_failures: AtomicU64,
+    /// Time from the start request to ready, per successful start.
+    pub start_time: Histogram,
 }
 
 struct CellState {
@@ -192,6 +203,11 @@ pub(crate) fn spawn_model(
     let cell = Arc::new(ModelCell {
         id: cfg.id.as_str().into(),
         logs: Arc::new(LogSink::new(Some(log_path))),
+        stats: ModelStats {
+            starts: AtomicU64::new(0),
+            start_failures: AtomicU64::new(0),
+            start_time: Histogram::new(START_BOUNDS),
+        },
         state: Mutex::new(CellState {
             phase: Phase::Stopped,
             leases: 0,
@@ -423,6 +439,7 @@ impl Actor {
             st.starts += 1;
             st.error = None;
         }
+        self.cell.stats.starts.fetch_add(1, Ordering::Relaxed);
         self.set_phase(Phase::Starting);
         let cfg = self.cfg.clone();
         let ctx = self.ctx.clone();
@@ -438,6 +455,7 @@ impl Actor {
         self.cancel_start = None;
         match result {
             Ok(running) => {
+                self.cell.stats.start_time.observe(running.ready_after);
                 self.failures = 0;
                 self.backoff_until = None;
                 self.last_failure = None;
@@ -484,6 +502,10 @@ impl Actor {
                     st.error = (!cancelled).then(|| error.to_string());
                 }
                 if !cancelled {
+                    self.cell
+                        .stats
+                        .start_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     self.failures += 1;
                     let backoff = BACKOFF_BASE
                         .saturating_mul(1 << (self.failures - 1).min(16))

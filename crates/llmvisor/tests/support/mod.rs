@@ -2,6 +2,8 @@
 //! every test can prove it left no process and no zombie behind.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

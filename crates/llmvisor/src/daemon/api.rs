@@ -1,0 +1,261 @@
+//! Management routes (`/api/*`), the model list, health and metrics.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use http::{header, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::leases::ttl_from_secs;
+use super::state::AppState;
+use crate::metrics::label;
+use crate::supervisor::Phase;
+
+type St = State<Arc<AppState>>;
+
+pub async fn healthz() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+/// `GET /v1/models`: OpenAI's list; aliases are not listed separately.
+pub async fn v1_models(State(st): St) -> Response {
+    let data: Vec<_> = st
+        .sup
+        .model_ids()
+        .into_iter()
+        .map(|id| json!({"id": id, "object": "model", "owned_by": "llmvisor", "created": 0}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+pub async fn models(State(st): St) -> Response {
+    Json(st.sup.status()).into_response()
+}
+
+pub async fn model(State(st): St, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let cell = st.sup.model(&id)?;
+    Ok(Json(cell.status()).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct LoadQuery {
+    wait: Option<bool>,
+}
+
+pub async fn load(
+    State(st): St,
+    Path(id): Path<String>,
+    Query(q): Query<LoadQuery>,
+) -> Result<Response, ApiError> {
+    let cell = st.sup.model(&id)?;
+    if q.wait == Some(false) {
+        let sup = st.sup.clone();
+        let name = id.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sup.load(&name).await {
+                tracing::warn!(model = %name, "load failed: {e}");
+            }
+        });
+        return Ok((StatusCode::ACCEPTED, Json(cell.status())).into_response());
+    }
+    let status = st.sup.load(&id).await?;
+    Ok(Json(status).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct UnloadQuery {
+    force: Option<bool>,
+}
+
+pub async fn unload(
+    State(st): St,
+    Path(id): Path<String>,
+    Query(q): Query<UnloadQuery>,
+) -> Result<Response, ApiError> {
+    let status = st.sup.unload(&id, q.force.unwrap_or(false)).await?;
+    Ok(Json(status).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct LogsQuery {
+    follow: Option<bool>,
+}
+
+pub async fn logs(
+    State(st): St,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, ApiError> {
+    let sink = st.sup.logs(&id)?;
+    let (lines, rx) = sink.follow();
+    let mut text = String::new();
+    for l in &lines {
+        text.push_str(l);
+        text.push('\n');
+    }
+    let plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    if q.follow != Some(true) {
+        return Ok((plain, text).into_response());
+    }
+    let first =
+        futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(text)) });
+    // Ends when the client disconnects (the body is dropped); a log sink itself never closes.
+    let rest = futures_util::stream::unfold(rx, |mut rx| async move {
+        use tokio::sync::broadcast::error::RecvError;
+        let chunk = match rx.recv().await {
+            Ok(line) => format!("{line}\n"),
+            Err(RecvError::Lagged(n)) => {
+                format!("llmvisor: … {n} lines skipped (reader too slow)\n")
+            }
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok(Bytes::from(chunk)), rx))
+    });
+    let stream = futures_util::StreamExt::chain(first, rest);
+    Ok((plain, Body::from_stream(stream)).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct LeaseRequest {
+    model: String,
+    ttl_s: Option<f64>,
+}
+
+pub async fn create_lease(State(st): St, body: Bytes) -> Result<Response, ApiError> {
+    let req: LeaseRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("expected {{\"model\": ID, \"ttl_s\": SECONDS}}: {e}"),
+        )
+    })?;
+    let ttl = ttl_from_secs(req.ttl_s).map_err(|m| ApiError::bad_request("invalid_ttl", m))?;
+    let lease = st.sup.acquire(&req.model).await?;
+    Ok(Json(st.leases.insert(lease, ttl)).into_response())
+}
+
+#[derive(Deserialize, Default)]
+pub struct RenewRequest {
+    ttl_s: Option<f64>,
+}
+
+pub async fn renew_lease(
+    State(st): St,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: RenewRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RenewRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_json",
+                format!("expected {{\"ttl_s\": SECONDS}}: {e}"),
+            )
+        })?
+    };
+    let ttl = ttl_from_secs(req.ttl_s).map_err(|m| ApiError::bad_request("invalid_ttl", m))?;
+    let info = st.leases.renew(&id, ttl).ok_or_else(|| {
+        ApiError::not_found(format!("no lease `{id}` (it expired or was released)"))
+    })?;
+    Ok(Json(info).into_response())
+}
+
+pub async fn release_lease(State(st): St, Path(id): Path<String>) -> Result<Response, ApiError> {
+    if st.leases.release(&id) {
+        Ok(Json(json!({"id": id, "released": true})).into_response())
+    } else {
+        Err(ApiError::not_found(format!(
+            "no lease `{id}` (it expired or was released)"
+        )))
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(st): St) -> Response {
+    let mut out = String::with_capacity(4096);
+    let statuses = st.sup.status();
+    out.push_str("# HELP llmvisor_model_state Current lifecycle state of each model (1 = in this state).\n# TYPE llmvisor_model_state gauge\n");
+    for m in &statuses {
+        for phase in [
+            Phase::Stopped,
+            Phase::Starting,
+            Phase::Ready,
+            Phase::Stopping,
+            Phase::Failed,
+        ] {
+            let v = u8::from(m.state == phase);
+            let _ = writeln!(
+                out,
+                "llmvisor_model_state{{model=\"{}\",state=\"{phase}\"}} {v}",
+                label(&m.id)
+            );
+        }
+    }
+    out.push_str("# HELP llmvisor_model_leases Active leases per model.\n# TYPE llmvisor_model_leases gauge\n");
+    for m in &statuses {
+        let _ = writeln!(
+            out,
+            "llmvisor_model_leases{{model=\"{}\"}} {}",
+            label(&m.id),
+            m.leases
+        );
+    }
+    let cells: Vec<_> = statuses
+        .iter()
+        .filter_map(|m| st.sup.model(&m.id).ok())
+        .collect();
+    out.push_str("# HELP llmvisor_model_starts_total Server starts per model.\n# TYPE llmvisor_model_starts_total counter\n");
+    for c in &cells {
+        let _ = writeln!(
+            out,
+            "llmvisor_model_starts_total{{model=\"{}\"}} {}",
+            label(&c.id),
+            c.stats.starts.load(Ordering::Relaxed)
+        );
+    }
+    out.push_str("# HELP llmvisor_model_start_failures_total Failed server starts per model.\n# TYPE llmvisor_model_start_failures_total counter\n");
+    for c in &cells {
+        let _ = writeln!(
+            out,
+            "llmvisor_model_start_failures_total{{model=\"{}\"}} {}",
+            label(&c.id),
+            c.stats.start_failures.load(Ordering::Relaxed)
+        );
+    }
+    out.push_str("# HELP llmvisor_model_start_seconds Time from start request to ready.\n# TYPE llmvisor_model_start_seconds histogram\n");
+    for c in &cells {
+        c.stats.start_time.render(
+            &mut out,
+            "llmvisor_model_start_seconds",
+            &format!("model=\"{}\"", label(&c.id)),
+        );
+    }
+    out.push_str("# HELP llmvisor_http_requests_total HTTP responses by status.\n# TYPE llmvisor_http_requests_total counter\n");
+    for (status, n) in st.metrics.statuses() {
+        let _ = writeln!(
+            out,
+            "llmvisor_http_requests_total{{status=\"{status}\"}} {n}"
+        );
+    }
+    out.push_str("# HELP llmvisor_http_in_flight Proxied requests whose response has not finished.\n# TYPE llmvisor_http_in_flight gauge\n");
+    let _ = writeln!(
+        out,
+        "llmvisor_http_in_flight {}",
+        st.metrics.in_flight.load(Ordering::Relaxed)
+    );
+    out.push_str("# HELP llmvisor_http_leases HTTP leases held for clients.\n# TYPE llmvisor_http_leases gauge\n");
+    let _ = writeln!(out, "llmvisor_http_leases {}", st.leases.count());
+    out.push_str("# HELP llmvisor_proxy_overhead_seconds Time spent in llmvisor per proxied request (model start and server work excluded).\n# TYPE llmvisor_proxy_overhead_seconds histogram\n");
+    st.metrics
+        .proxy_overhead
+        .render(&mut out, "llmvisor_proxy_overhead_seconds", "");
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

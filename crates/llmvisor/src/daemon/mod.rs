@@ -1,0 +1,253 @@
+//! `llmvisor serve`: the OpenAI-compatible router over the supervisor.
+//!
+//! [`run`] serves a listener until a shutdown future resolves and is what tests use with a
+//! `127.0.0.1:0` listener; [`serve_forever`] is the binary's entry: config, signals, preload.
+//!
+//! Shutdown protocol (SIGINT/SIGTERM, or the `shutdown` future of [`run`]):
+//! 1. stop accepting connections;
+//! 2. let in-flight requests finish, up to `shutdown_grace`; then drop the rest;
+//! 3. end HTTP leases and stop every server (`Supervisor::shutdown`: in parallel, each with
+//!    SIGTERM to its group, `stop_timeout`, SIGKILL);
+//! 4. return (the binary exits 0).
+
+mod api;
+mod auth;
+mod error;
+mod leases;
+mod proxy;
+mod state;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, delete, get, post};
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+pub use error::ApiError;
+pub use state::AppState;
+
+use crate::config::{self, Config, ConfigErrors};
+use crate::supervisor::{Supervisor, SupervisorError};
+
+/// A slow client gets this long to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("refusing to listen on {0} without api_keys: anyone on the network could use your models (fix: set api_keys in the config, or allow_insecure = true if you really mean it)")]
+    Insecure(SocketAddr),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+/// The router with every route of SPEC.md.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(api::healthz))
+        .route("/metrics", get(api::metrics))
+        .route("/v1/models", get(api::v1_models))
+        .route("/v1/{*rest}", post(proxy::v1))
+        .route("/upstream/{model}", any(proxy::upstream_root))
+        .route("/upstream/{model}/{*path}", any(proxy::upstream))
+        .route("/api/models", get(api::models))
+        .route("/api/models/{id}", get(api::model))
+        .route("/api/models/{id}/load", post(api::load))
+        .route("/api/models/{id}/unload", post(api::unload))
+        .route("/api/models/{id}/logs", get(api::logs))
+        .route("/api/leases", post(api::create_lease))
+        .route("/api/leases/{id}/renew", post(api::renew_lease))
+        .route("/api/leases/{id}", delete(api::release_lease))
+        .fallback(|| async {
+            ApiError::not_found("no such route (see GET /v1/models and /api/models)")
+        })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Every request: API keys first, then counts its status.
+async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let cfg = st.config();
+    let scope = auth::scope_of(req.uri().path());
+    let resp = if auth::allowed(scope, req.headers(), &cfg.api_keys, &cfg.admin_keys) {
+        drop(cfg);
+        next.run(req).await
+    } else {
+        ApiError::unauthorized().into_response()
+    };
+    st.metrics.count_status(resp.status().as_u16());
+    resp
+}
+
+/// Serves `listener` until `shutdown` resolves, then drains and stops every server (see the
+/// module doc).
+pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
+    let app = router(state.clone());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    let grace = state.config().shutdown_grace;
+    tracing::info!("shutting down: waiting up to {grace:?} for in-flight requests");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish within {grace:?}; stopping anyway");
+    }
+    state.leases.clear();
+    state.sup.shutdown().await;
+    tracing::info!("all servers stopped");
+}
+
+/// Loads `config_path`, applies the command-line overrides and checks the listen address.
+pub fn load_config(
+    config_path: &Path,
+    listen: Option<SocketAddr>,
+    state_dir: Option<PathBuf>,
+) -> Result<Config, DaemonError> {
+    let mut cfg = config::load(config_path)?;
+    if let Some(addr) = listen {
+        cfg.listen = addr;
+    }
+    if let Some(dir) = state_dir {
+        cfg.state_dir = dir;
+    }
+    if !cfg.listen.ip().is_loopback() && cfg.api_keys.is_empty() && !cfg.allow_insecure {
+        return Err(DaemonError::Insecure(cfg.listen));
+    }
+    Ok(cfg)
+}
+
+/// The daemon: runs until SIGINT/SIGTERM, reloading the config on SIGHUP.
+pub async fn serve_forever(
+    config_path: &Path,
+    listen: Option<SocketAddr>,
+    state_dir: Option<PathBuf>,
+) -> Result<(), DaemonError> {
+    let cfg = load_config(config_path, listen, state_dir.clone())?;
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().unwrap_or(cfg.listen);
+    let sup = Supervisor::new(&cfg)?;
+    tracing::info!(
+        instance = sup.instance_id(),
+        state_dir = %cfg.state_dir.display(),
+        models = cfg.models.len(),
+        "llmvisor listening on http://{addr}"
+    );
+    let preload = cfg.preload.clone();
+    let state = AppState::new(sup, cfg);
+    for id in preload {
+        let sup = state.sup.clone();
+        tokio::spawn(async move {
+            match sup.load(&id).await {
+                Ok(_) => tracing::info!(model = %id, "preloaded"),
+                Err(e) => tracing::warn!(model = %id, "preload failed: {e}"),
+            }
+        });
+    }
+    // SIGHUP reloads while serving; SIGINT/SIGTERM end `run`.
+    let reload_state = state.clone();
+    let path = config_path.to_owned();
+    let reloader = tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            reload(&reload_state, &path, listen, state_dir.clone()).await;
+        }
+    });
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    };
+    run(listener, state, shutdown).await;
+    reloader.abort();
+    Ok(())
+}
+
+/// Applies the config file again. A file that fails validation changes nothing.
+pub async fn reload(
+    state: &AppState,
+    path: &Path,
+    listen: Option<SocketAddr>,
+    state_dir: Option<PathBuf>,
+) {
+    let new = match load_config(path, listen, state_dir) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("config reload rejected; keeping the running config:\n{e}");
+            return;
+        }
+    };
+    let old = state.config();
+    for (what, changed) in [
+        ("listen", old.listen != new.listen),
+        ("state_dir", old.state_dir != new.state_dir),
+        ("port_range", old.port_range != new.port_range),
+    ] {
+        if changed {
+            tracing::warn!("{what} changed; it takes effect only after a restart of llmvisor");
+        }
+    }
+    let summary = state.sup.reconfigure(&new).await;
+    tracing::info!(
+        added = ?summary.added,
+        changed = ?summary.changed,
+        removed = ?summary.removed,
+        "config reloaded"
+    );
+    state.set_config(new);
+}

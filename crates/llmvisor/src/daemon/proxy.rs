@@ -1,0 +1,365 @@
+//! Forwarding requests to a model's server and streaming the answer back as it arrives.
+//!
+//! The lease taken for a request lives inside the response body ([`LeasedBody`]): it ends when
+//! the last byte has been handed to the client, or when the client goes away and hyper drops the
+//! body — which also drops the upstream connection, so llama-server stops generating.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, StatusCode};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use super::state::{AppState, InFlight};
+use crate::supervisor::Lease;
+
+/// A client gets this long to send its request body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `POST /v1/...`: routed by the body's `model`.
+pub async fn v1(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    let began = Instant::now();
+    let (parts, body) = req.into_parts();
+    let limit = st.config().body_limit;
+    let body = match read_body(body, &parts.headers, limit).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let model = match routed_model(&body) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_owned();
+    forward(st, &model, parts, Body::from(body), &path, began).await
+}
+
+/// `ANY /upstream/{model}/{*path}`: passthrough, request body streamed.
+pub async fn upstream(
+    State(st): State<Arc<AppState>>,
+    Path((model, path)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    let began = Instant::now();
+    let (parts, body) = req.into_parts();
+    let mut target = format!("/{path}");
+    if let Some(q) = parts.uri.query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    forward(st, &model, parts, body, &target, began).await
+}
+
+/// `ANY /upstream/{model}` (no path): the server's root.
+pub async fn upstream_root(
+    state: State<Arc<AppState>>,
+    Path(model): Path<String>,
+    req: Request,
+) -> Response {
+    upstream(state, Path((model, String::new())), req).await
+}
+
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await;
+    match read {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "body_timeout",
+            format!("the request body did not arrive within {BODY_READ_TIMEOUT:?}"),
+        )),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ApiError::too_large(limit))
+        }
+        Ok(Err(e)) => Err(ApiError::bad_request(
+            "body_read_failed",
+            format!("could not read the request body: {e}"),
+        )),
+    }
+}
+
+/// The `model` of a JSON request body, without parsing the rest into values.
+fn routed_model(body: &[u8]) -> Result<String, ApiError> {
+    #[derive(Deserialize)]
+    struct Routed {
+        model: Option<serde_json::Value>,
+    }
+    let routed: Routed = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("the request body is not a JSON object: {e}"),
+        )
+    })?;
+    match routed.model {
+        Some(serde_json::Value::String(m)) if !m.is_empty() => Ok(m),
+        Some(serde_json::Value::String(_)) | None | Some(serde_json::Value::Null) => Err(
+            ApiError::bad_request("missing_model", "the request body has no \"model\": name one of the models listed at GET /v1/models"),
+        ),
+        Some(_) => Err(ApiError::bad_request(
+            "invalid_model",
+            "\"model\" must be a string",
+        )),
+    }
+}
+
+async fn forward(
+    st: Arc<AppState>,
+    model: &str,
+    parts: http::request::Parts,
+    body: Body,
+    path_and_query: &str,
+    began: Instant,
+) -> Response {
+    let in_flight = InFlight::new(st.clone());
+    let acquire_began = Instant::now();
+    let lease = match st.sup.acquire(model).await {
+        Ok(l) => l,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let acquire_took = acquire_began.elapsed();
+    let uri = match lease.endpoint().uri(path_and_query) {
+        Ok(u) => u,
+        Err(e) => return ApiError::bad_request("invalid_path", e.to_string()).into_response(),
+    };
+    let mut req = http::Request::new(body);
+    *req.method_mut() = parts.method;
+    *req.uri_mut() = uri;
+    let strip_auth = !st.config().api_keys.is_empty();
+    copy_headers(&parts.headers, req.headers_mut(), strip_auth);
+    let sent = Instant::now();
+    let before_upstream = sent.duration_since(began).saturating_sub(acquire_took);
+    let resp = match st.client.request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            let died = !lease.is_up();
+            let what = if died {
+                format!(
+                    "the server of model `{}` died during the request",
+                    lease.model()
+                )
+            } else {
+                format!(
+                    "the server of model `{}` did not answer: {e}",
+                    lease.model()
+                )
+            };
+            return ApiError::bad_gateway(what).into_response();
+        }
+    };
+    let answered = Instant::now();
+    let (mut head, upstream_body) = resp.into_parts();
+    let is_sse = head
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    strip_hop_by_hop(&mut head.headers);
+    let body = LeasedBody {
+        inner: upstream_body,
+        lease: Some(lease),
+        sse: is_sse,
+        state: BodyState::Streaming,
+        _in_flight: in_flight,
+    };
+    st.metrics
+        .proxy_overhead
+        .observe(before_upstream + answered.elapsed());
+    Response::from_parts(head, Body::new(body))
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn is_hop_by_hop(name: &HeaderName, listed: &[String]) -> bool {
+    HOP_BY_HOP.contains(&name.as_str()) || listed.iter().any(|l| l == name.as_str())
+}
+
+/// Names listed in `Connection:` are hop-by-hop too.
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .collect()
+}
+
+fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, strip_auth: bool) {
+    let listed = connection_listed(from);
+    for (name, value) in from {
+        if is_hop_by_hop(name, &listed)
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || (strip_auth && name == header::AUTHORIZATION)
+        {
+            continue;
+        }
+        to.append(name.clone(), value.clone());
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed = connection_listed(headers);
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n, &listed))
+        .cloned()
+        .collect();
+    for n in names {
+        headers.remove(n);
+    }
+}
+
+enum BodyState {
+    Streaming,
+    /// The upstream failed mid-stream; an SSE error event has been sent; end next.
+    Ending,
+    Done,
+}
+
+/// The upstream's response body, holding the request's lease until it ends or is dropped.
+struct LeasedBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+    sse: bool,
+    state: BodyState,
+    _in_flight: InFlight,
+}
+
+impl HttpBody for LeasedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        match this.state {
+            BodyState::Done => return Poll::Ready(None),
+            BodyState::Ending => {
+                this.state = BodyState::Done;
+                this.lease = None;
+                return Poll::Ready(None);
+            }
+            BodyState::Streaming => {}
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(None) => {
+                this.state = BodyState::Done;
+                this.lease = None; // finished: the lease ends now, not when hyper drops us
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let model = this
+                    .lease
+                    .as_ref()
+                    .map(|l| l.model().to_owned())
+                    .unwrap_or_default();
+                tracing::warn!(model, "upstream failed mid-response: {e}");
+                if this.sse {
+                    // Tell the client in-band instead of cutting the stream silently.
+                    this.state = BodyState::Ending;
+                    let err = ApiError::bad_gateway(format!(
+                        "the server of model `{model}` failed during the response: {e}"
+                    ));
+                    let event = format!("data: {}\n\n", err.body());
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from(event)))))
+                } else {
+                    this.state = BodyState::Done;
+                    this.lease = None;
+                    Poll::Ready(Some(Err(Box::new(e))))
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, BodyState::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            BodyState::Streaming => self.inner.size_hint(),
+            _ => SizeHint::with_exact(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_is_read_from_the_body() {
+        assert_eq!(
+            routed_model(br#"{"model":"a","messages":[]}"#).unwrap(),
+            "a"
+        );
+        assert_eq!(routed_model(b"{}").unwrap_err().code, "missing_model");
+        assert_eq!(
+            routed_model(br#"{"model":""}"#).unwrap_err().code,
+            "missing_model"
+        );
+        assert_eq!(
+            routed_model(br#"{"model":3}"#).unwrap_err().code,
+            "invalid_model"
+        );
+        assert_eq!(routed_model(b"{nope").unwrap_err().code, "invalid_json");
+        assert_eq!(routed_model(b"[1,2]").unwrap_err().code, "invalid_json");
+        assert_eq!(routed_model(b"").unwrap_err().code, "invalid_json");
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_not_forwarded() {
+        let mut from = HeaderMap::new();
+        from.insert("connection", "keep-alive, x-private".parse().unwrap());
+        from.insert("x-private", "1".parse().unwrap());
+        from.insert("transfer-encoding", "chunked".parse().unwrap());
+        from.insert("host", "example".parse().unwrap());
+        from.insert("authorization", "Bearer k".parse().unwrap());
+        from.insert("x-keep", "yes".parse().unwrap());
+        let mut to = HeaderMap::new();
+        copy_headers(&from, &mut to, true);
+        assert_eq!(to.len(), 1, "{to:?}");
+        assert_eq!(to["x-keep"], "yes");
+        let mut to = HeaderMap::new();
+        copy_headers(&from, &mut to, false);
+        assert!(to.contains_key("authorization"));
+    }
+}

@@ -1,0 +1,94 @@
+//! What every request handler shares.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use super::leases::HttpLeases;
+use crate::config::Config;
+use crate::metrics::{Histogram, OVERHEAD_BOUNDS};
+use crate::supervisor::Supervisor;
+use crate::upstream::{self, UpstreamClient};
+
+pub struct AppState {
+    pub sup: Supervisor,
+    config: RwLock<Arc<Config>>,
+    pub client: UpstreamClient,
+    pub metrics: DaemonMetrics,
+    pub leases: HttpLeases,
+}
+
+impl AppState {
+    pub fn new(sup: Supervisor, config: Config) -> Arc<Self> {
+        Arc::new(Self {
+            sup,
+            config: RwLock::new(Arc::new(config)),
+            client: upstream::client(),
+            metrics: DaemonMetrics::default(),
+            leases: HttpLeases::default(),
+        })
+    }
+
+    /// The configuration in force (replaced as a whole by a reload).
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap().clone()
+    }
+
+    pub fn set_config(&self, config: Config) {
+        *self.config.write().unwrap() = Arc::new(config);
+    }
+}
+
+pub struct DaemonMetrics {
+    /// Responses by status code (index = code - 100).
+    by_status: Vec<AtomicU64>,
+    pub in_flight: AtomicI64,
+    /// Time spent in llmvisor per proxied request, excluding the model's start and the server's
+    /// own work.
+    pub proxy_overhead: Histogram,
+}
+
+impl Default for DaemonMetrics {
+    fn default() -> Self {
+        Self {
+            by_status: (100..600).map(|_| AtomicU64::new(0)).collect(),
+            in_flight: AtomicI64::new(0),
+            proxy_overhead: Histogram::new(OVERHEAD_BOUNDS),
+        }
+    }
+}
+
+impl DaemonMetrics {
+    pub fn count_status(&self, status: u16) {
+        if let Some(c) = self.by_status.get(usize::from(status.saturating_sub(100))) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (status, count) for every status seen.
+    pub fn statuses(&self) -> Vec<(u16, u64)> {
+        self.by_status
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let n = c.load(Ordering::Relaxed);
+                (n > 0).then_some((i as u16 + 100, n))
+            })
+            .collect()
+    }
+}
+
+/// Counts one proxied request as in flight until dropped (with its response body).
+pub struct InFlight(Arc<AppState>);
+
+impl InFlight {
+    pub fn new(st: Arc<AppState>) -> Self {
+        st.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(st)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}

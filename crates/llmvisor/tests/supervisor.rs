@@ -133,20 +133,8 @@ async fn crashed_server_is_noticed_and_restarted_on_next_acquire() {
     let first_pid = sup.status()[0].pid.unwrap();
     // One request makes it crash.
     let url = format!("{}/v1/completions", lease.url());
-    let out = std::process::Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-d",
-            "{}",
-            &url,
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let r = support::http::request("POST", &url, &[], "{}").await;
+    assert_eq!(r.status, 200);
     // The lease learns that its server is gone without anyone sending a request.
     tokio::time::timeout(GONE_WITHIN, lease.server_gone())
         .await

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One command from a fresh machine to a served model: builds llmvisor, builds/fetches a real
+# llama-server and a small real model (Gemma 3 270M) into ~/.cache/llmvisor, writes a starter
+# config (once; edit it freely afterwards) and runs `llmvisor serve` on 127.0.0.1:8080.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "run: building llmvisor (release)…" >&2
+cargo build --release -p llmvisor >&2
+setup_out=$(scripts/setup-llama.sh)
+eval "$setup_out"
+
+config_dir=${LLMVISOR_CONFIG_DIR:-${XDG_CONFIG_HOME:-$HOME/.config}/llmvisor}
+config=$config_dir/llmvisor.toml
+mkdir -p "$config_dir"
+if [ ! -f "$config" ]; then
+  cat >"$config" <<TOML
+# llmvisor starter config (written by scripts/run.sh). Reload after editing: kill -HUP <pid>.
+listen = "127.0.0.1:8080"
+
+[defaults]
+ttl = "10m"              # stop a server after 10 idle minutes
+startup_timeout = "120s"
+
+# Two "models" from one GGUF file with different context sizes: each is its own llama-server.
+[models."gemma-3-270m"]
+cmd = ["$LLAMA_SERVER", "-m", "$LLAMA_MODEL", "--host", "127.0.0.1", "--port", "\${PORT}", "-c", "2048", "-t", "2"]
+aliases = ["gemma"]
+
+[models."gemma-3-270m-8k"]
+# Reached over a unix socket: no port at all, so no port can ever conflict.
+cmd = ["$LLAMA_SERVER", "-m", "$LLAMA_MODEL", "--host", "\${SOCKET}", "-c", "8192", "-t", "2"]
+TOML
+  echo "run: wrote $config" >&2
+else
+  echo "run: using existing $config" >&2
+fi
+
+cat >&2 <<EOT
+
+llmvisor is starting on http://127.0.0.1:8080 — models load on first use.
+
+  curl -s http://127.0.0.1:8080/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{"model": "gemma", "messages": [{"role": "user", "content": "Say hello in five words."}]}'
+
+  $LLAMA_VENV/bin/python - <<'PY'
+from openai import OpenAI
+client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused")
+for chunk in client.chat.completions.create(
+        model="gemma", stream=True,
+        messages=[{"role": "user", "content": "Say hello in five words."}]):
+    print(chunk.choices[0].delta.content or "", end="", flush=True)
+print()
+PY
+
+  target/release/llmvisor ps        # what runs, from another terminal
+  Ctrl-C stops llmvisor and every server it started.
+
+EOT
+exec target/release/llmvisor serve --config "$config"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every test of llmvisor: unit tests, the supervisor and daemon tests against the fake
+# server, and the end-to-end tests on a real llama-server with a real model.
+#
+# The real llama-server and model are built/fetched once into ~/.cache/llmvisor by
+# scripts/setup-llama.sh (about 6-10 minutes the first time on 2 cores, seconds afterwards).
+# LLMVISOR_SKIP_LLAMA=1 skips that step; the end-to-end tests then skip themselves (never in CI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${LLMVISOR_SKIP_LLAMA:-0}" != 1 ]; then
+  # Prints LLAMA_SERVER=…, LLAMA_MODEL=…, LLAMA_VENV=… on stdout.
+  setup_out=$(scripts/setup-llama.sh)
+  eval "$setup_out"
+  export LLAMA_SERVER LLAMA_MODEL LLAMA_VENV
+fi
+
+cargo test --workspace "$@"

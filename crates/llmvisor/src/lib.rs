@@ -5,6 +5,7 @@
 //! Data flows config → supervisor (spawn / ports / readiness / child) → router → cli.
 
 pub mod child;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod ids;

@@ -268,11 +268,7 @@ async fn a_server_dying_mid_stream_ends_the_stream_with_an_error_event() {
         .unwrap()
         .to_bytes();
     let rest = String::from_utf8_lossy(&rest);
-    let last = rest
-        .lines()
-        .filter(|l| l.starts_with("data: "))
-        .last()
-        .unwrap();
+    let last = rest.lines().rfind(|l| l.starts_with("data: ")).unwrap();
     let event: serde_json::Value =
         serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(event["error"]["code"], "upstream_failed", "{rest}");

@@ -22,6 +22,9 @@
 #                            cached build (default: always the cached build, so
 #                            tests are reproducible)
 #   LLMVISOR_BUILD_JOBS      parallel build jobs (default: nproc)
+#   LLMVISOR_LLAMA_NATIVE    ON (default: -march=native, retried with OFF if that
+#                            build fails) or OFF (portable build, e.g. for a cache
+#                            shared between different CPUs); only read when building
 #
 # Cache layout:
 #   $CACHE/llama.cpp-11434/bin/llama-server   (+ its shared libs, RPATH=$ORIGIN)
@@ -92,8 +95,12 @@ BG_PID=
 TMP_DIRS=()
 cleanup() {
     local rc=$?
+    trap '' INT TERM
     if [[ -n $BG_PID ]] && kill -0 "$BG_PID" 2>/dev/null; then
-        kill "$BG_PID" 2>/dev/null || true
+        # The child runs in its own process group (see run_logged): stop all of
+        # it (cmake --build blocks SIGTERM itself, but exits once make is gone).
+        log "interrupted; stopping pid $BG_PID and its process group"
+        kill -TERM -- "-$BG_PID" 2>/dev/null || kill -TERM "$BG_PID" 2>/dev/null || true
         wait "$BG_PID" 2>/dev/null || true
     fi
     local d
@@ -121,17 +128,20 @@ show_log_tail() { # show_log_tail FILE WHAT
 
 # run_logged LOGFILE CMD...: run CMD with output appended to LOGFILE; prints a
 # heartbeat (with make's [ NN%] progress if any) every 60 s so long builds don't
-# look hung.
+# look hung. CMD gets its own process group (set -m) so that an interrupted run
+# can stop the whole build tree, not just the top process.
 run_logged() {
     local logfile=$1; shift
     printf '\n### %s: %s\n' "$(date -Is)" "$*" >>"$logfile"
-    "$@" >>"$logfile" 2>&1 &
+    set -m
+    "$@" </dev/null >>"$logfile" 2>&1 &
     BG_PID=$!
+    set +m
     local start=$SECONDS next=$((SECONDS + 60)) pct
     while kill -0 "$BG_PID" 2>/dev/null; do
         sleep 1
         if ((SECONDS >= next)); then
-            pct=$(grep -o '^\[ *[0-9]*%\]' "$logfile" 2>/dev/null | tail -n 1 | tr -d '[ ]' || true)
+            pct=$(sed -n 's/^\[ *\([0-9]*%\)\].*/\1/p' "$logfile" 2>/dev/null | tail -n 1 || true)
             log "  ... still running ($((SECONDS - start))s${pct:+, $pct})"
             next=$((SECONDS + 60))
         fi
@@ -224,16 +234,18 @@ fi
 APT_UPDATED=0
 # apt_install PKG...: install Debian packages (as root, via sudo, or tell the user).
 apt_install() {
-    local -a pfx=()
-    if ((EUID != 0)); then
-        if command -v sudo >/dev/null 2>&1; then
-            pfx=(sudo)
-        else
-            die "missing: $*; please install them (e.g. 'apt-get install $*' as root) and rerun"
-        fi
-    fi
     command -v apt-get >/dev/null 2>&1 \
         || die "missing: $* and apt-get is not available; please install them and rerun"
+    local -a pfx=()
+    if ((EUID != 0)); then
+        command -v sudo >/dev/null 2>&1 \
+            || die "missing: $*; please install them (e.g. 'apt-get install $*' as root) and rerun"
+        # Ask for the password (if any) in the foreground; the logged runs below
+        # have no terminal, so they use sudo -n.
+        log "not root: using sudo for apt-get install $*"
+        sudo -v || die "sudo failed; please install $* (e.g. 'sudo apt-get install $*') and rerun"
+        pfx=(sudo -n)
+    fi
     if ((APT_UPDATED == 0)); then
         log "apt-get update (log: $APT_LOG)"
         run_logged "$APT_LOG" "${pfx[@]}" apt-get update || { show_log_tail "$APT_LOG" "apt-get update"; exit 1; }
@@ -359,7 +371,7 @@ build_llama_server() {
         -DLLAMA_BUILD_NUMBER="$LLAMA_BUILD_NUMBER"
         -DGGML_NATIVE="$native"
         # keep the binary relocatable: it finds its libs next to itself
-        '-DCMAKE_INSTALL_RPATH=$ORIGIN'
+        "-DCMAKE_INSTALL_RPATH=\$ORIGIN" # literal $ORIGIN, for the dynamic loader
         -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON
         -DCMAKE_INSTALL_RPATH_USE_LINK_PATH=OFF
     )
@@ -408,10 +420,11 @@ ensure_llama() {
         || die "unexpected sdist layout: no llama.cpp/tools/server under $tmp/$LLAMA_SDIST_TOPDIR"
 
     : >"$BUILD_LOG"
-    local start=$SECONDS native=ON
-    log "building llama-server (takes ~6-10 min on 2 cores; log: $BUILD_LOG)"
+    local start=$SECONDS native=${LLMVISOR_LLAMA_NATIVE:-ON}
+    log "building llama-server (GGML_NATIVE=$native; takes ~5-10 min on 2 cores; log: $BUILD_LOG)"
     build=$tmp/build
-    if ! build_llama_server "$src" "$build" ON; then
+    if ! build_llama_server "$src" "$build" "$native"; then
+        [[ $native == ON ]] || { show_log_tail "$BUILD_LOG" "building llama-server"; exit 1; }
         log "native build failed; retrying with -DGGML_NATIVE=OFF"
         rm -rf -- "$build"
         native=OFF
@@ -441,7 +454,7 @@ ensure_llama() {
         printf 'built: %s on %s (%s)\n' "$(date -Is)" "$(uname -srm)" "$( (c++ --version || g++ --version) 2>/dev/null | head -n 1)"
         printf 'GGML_NATIVE: %s\n' "$native"
         printf 'cmake flags:\n'; sed 's/^/  /' "$build.flags"
-        printf 'llama-server --version:\n'; sed 's/^/  /' <<<"$version"
+        printf 'llama-server --version:\n'; printf '  %s\n' "${version//$'\n'/$'\n'  }"
     } >"$stage/BUILD-INFO"
     chmod 755 "$stage"
 

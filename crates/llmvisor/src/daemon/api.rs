@@ -238,6 +238,41 @@ pub async fn metrics(State(st): St) -> Response {
             &format!("model=\"{}\"", label(&c.id)),
         );
     }
+    out.push_str("# HELP llmvisor_model_evictions_total Times a model was stopped to make room for another.\n# TYPE llmvisor_model_evictions_total counter\n");
+    for c in &cells {
+        let _ = writeln!(
+            out,
+            "llmvisor_model_evictions_total{{model=\"{}\"}} {}",
+            label(&c.id),
+            c.stats.evictions.load(Ordering::Relaxed)
+        );
+    }
+    out.push_str("# HELP llmvisor_model_queued Requests waiting for room to start the model.\n# TYPE llmvisor_model_queued gauge\n");
+    for m in &statuses {
+        let _ = writeln!(
+            out,
+            "llmvisor_model_queued{{model=\"{}\"}} {}",
+            label(&m.id),
+            m.queued
+        );
+    }
+    out.push_str("# HELP llmvisor_model_memory_bytes Memory the budget counts for the model.\n# TYPE llmvisor_model_memory_bytes gauge\n");
+    for m in &statuses {
+        let _ = writeln!(
+            out,
+            "llmvisor_model_memory_bytes{{model=\"{}\"}} {}",
+            label(&m.id),
+            m.memory.unwrap_or(0)
+        );
+    }
+    out.push_str("# HELP llmvisor_model_queue_wait_seconds Time a start waited for room.\n# TYPE llmvisor_model_queue_wait_seconds histogram\n");
+    for c in &cells {
+        c.stats.queue_wait.render(
+            &mut out,
+            "llmvisor_model_queue_wait_seconds",
+            &format!("model=\"{}\"", label(&c.id)),
+        );
+    }
     out.push_str("# HELP llmvisor_http_requests_total HTTP responses by status.\n# TYPE llmvisor_http_requests_total counter\n");
     for (status, n) in st.metrics.statuses() {
         let _ = writeln!(

@@ -128,6 +128,15 @@ impl From<AcquireError> for ApiError {
                 "start_timeout",
                 message,
             ),
+            AcquireError::NoRoom { retry_after, .. } => Self {
+                retry_after,
+                ..Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "no_room",
+                    message,
+                )
+            },
             AcquireError::Unavailable { .. } => Self::unavailable(message),
         }
     }

@@ -188,17 +188,8 @@ pub async fn serve_forever(
         models = cfg.models.len(),
         "llmvisor listening on http://{addr}"
     );
-    let preload = cfg.preload.clone();
     let state = AppState::new(sup, cfg);
-    for id in preload {
-        let sup = state.sup.clone();
-        tokio::spawn(async move {
-            match sup.load(&id).await {
-                Ok(_) => tracing::info!(model = %id, "preloaded"),
-                Err(e) => tracing::warn!(model = %id, "preload failed: {e}"),
-            }
-        });
-    }
+    preload(&state);
     // SIGHUP reloads while serving; SIGINT/SIGTERM end `run`.
     let reload_state = state.clone();
     let path = config_path.to_owned();
@@ -216,6 +207,19 @@ pub async fn serve_forever(
     run(listener, state, shutdown).await;
     reloader.abort();
     Ok(())
+}
+
+/// Starts the config's `preload` models in the background (failures are logged).
+pub fn preload(state: &AppState) {
+    for id in state.config().preload.clone() {
+        let sup = state.sup.clone();
+        tokio::spawn(async move {
+            match sup.load(&id).await {
+                Ok(_) => tracing::info!(model = %id, "preloaded"),
+                Err(e) => tracing::warn!(model = %id, "preload failed: {e}"),
+            }
+        });
+    }
 }
 
 /// Applies the config file again. A file that fails validation changes nothing.

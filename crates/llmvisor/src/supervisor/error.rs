@@ -29,6 +29,15 @@ pub enum AcquireError {
         log_tail: Vec<String>,
     },
 
+    /// No room under `max_loaded` / `memory_budget` / an exclusive group (now, or ever).
+    #[error("model `{model}` was not started: {reason}")]
+    NoRoom {
+        model: String,
+        reason: String,
+        /// None when it can never fit.
+        retry_after: Option<Duration>,
+    },
+
     /// The model was unloaded, removed by a reload, or the supervisor is shutting down while the
     /// caller waited.
     #[error("model `{model}` is unavailable: {reason}")]

@@ -16,8 +16,10 @@
 //! remaining group synchronously, and the end of the spawner thread makes the kernel kill any
 //! child still alive (parent-death signal) — also when the whole process is SIGKILLed.
 
+mod admission;
 mod error;
 mod lease;
+mod memory;
 mod model;
 mod start;
 mod status;
@@ -39,6 +41,9 @@ use crate::ports::PortAllocator;
 use crate::reaper::{self, Registry};
 use crate::spawn::Spawner;
 use crate::upstream::{self, UpstreamClient};
+pub use admission::human_bytes;
+use admission::{Admission, Limits, Msg as AdmissionMsg};
+pub use memory::Memory;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
@@ -54,6 +59,7 @@ pub enum SupervisorError {
 
 /// What every model's actor and tasks share.
 pub(crate) struct Context {
+    pub admission: Admission,
     pub spawner: Spawner,
     pub ports: PortAllocator,
     pub client: UpstreamClient,
@@ -126,6 +132,7 @@ impl Supervisor {
         let registry = Registry::default();
         let reaper = reaper::start(registry.clone());
         let ctx = Arc::new(Context {
+            admission: Admission::start(Limits::from_config(config)),
             spawner,
             ports,
             client: upstream::client(),
@@ -140,6 +147,10 @@ impl Supervisor {
             models.insert(cfg, cell);
             actors.push(task);
         }
+        ctx.admission.send(AdmissionMsg::Reset {
+            cells: models.ordered.iter().map(|(_, c)| c.clone()).collect(),
+            limits: Limits::from_config(config),
+        });
         Ok(Self {
             shared: Arc::new(Shared {
                 ctx,
@@ -257,6 +268,10 @@ impl Supervisor {
                 .ctx
                 .ports
                 .set_reserved(config.models.iter().filter_map(|m| m.port));
+            self.shared.ctx.admission.send(AdmissionMsg::Reset {
+                cells: next.ordered.iter().map(|(_, c)| c.clone()).collect(),
+                limits: Limits::from_config(config),
+            });
             *models = next;
         }
         summary.removed.sort();

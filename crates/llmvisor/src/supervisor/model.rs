@@ -14,8 +14,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::admission::{AdmitError, Msg as AdmissionMsg};
 use super::error::AcquireError;
 use super::lease::Lease;
+use super::memory::{measure_group, Memory};
 use super::start::{start_server, Running, StartFailure};
 use super::status::{ModelStatus, Phase};
 use super::Context;
@@ -24,6 +26,8 @@ use crate::logs::LogSink;
 use crate::metrics::{Histogram, START_BOUNDS};
 use crate::spawn::describe_exit;
 
+/// Requests that may wait for one model's start while it waits for room.
+const MAX_WAITERS: usize = 4096;
 /// Lines of server output attached to a start failure.
 pub const ERROR_TAIL_LINES: usize = 20;
 /// Backoff after the first failed start; doubles per consecutive failure up to the cap.
@@ -47,6 +51,10 @@ pub struct ModelStats {
     pub start_failures: AtomicU64,
     /// Time from the start request to ready, per successful start.
     pub start_time: Histogram,
+    /// Times this model was stopped to make room for another.
+    pub evictions: AtomicU64,
+    /// Time a start waited for room (admission), per start.
+    pub queue_wait: Histogram,
 }
 
 struct CellState {
@@ -66,6 +74,14 @@ struct CellState {
     ready_ms: Option<u64>,
     error: Option<String>,
     last_used: Instant,
+    /// Counted against the limits: from admission until the process has exited.
+    admitted: bool,
+    /// Waiting in the admission queue for room.
+    queued: bool,
+    /// Acquirers waiting for this model's start.
+    waiting: usize,
+    memory: Memory,
+    pinned: bool,
 }
 
 pub(crate) enum Command {
@@ -87,6 +103,10 @@ pub(crate) enum Command {
     Retire {
         reply: oneshot::Sender<()>,
     },
+    /// From admission: stop to make room — now if idle, else once the leases end.
+    Evict,
+    /// From admission: the start that wanted the room gave up; keep serving if still running.
+    CancelEvict,
 }
 
 impl ModelCell {
@@ -163,7 +183,31 @@ impl ModelCell {
             last_exit: st.last_exit.clone(),
             ready_ms: st.ready_ms,
             error: st.error.clone(),
+            memory: st.memory.bytes,
+            memory_source: st.memory.source,
+            queued: if st.queued { st.waiting } else { 0 },
+            pinned: st.pinned,
         }
+    }
+
+    pub fn memory(&self) -> Memory {
+        self.state.lock().unwrap().memory
+    }
+
+    pub fn pinned(&self) -> bool {
+        self.state.lock().unwrap().pinned
+    }
+
+    pub(crate) fn admitted(&self) -> bool {
+        self.state.lock().unwrap().admitted
+    }
+
+    pub(crate) fn set_admitted(&self, admitted: bool) {
+        self.state.lock().unwrap().admitted = admitted;
+    }
+
+    pub(crate) fn set_queued(&self, queued: bool) {
+        self.state.lock().unwrap().queued = queued;
     }
 
     pub fn phase(&self) -> Phase {
@@ -207,6 +251,8 @@ pub(crate) fn spawn_model(
             starts: AtomicU64::new(0),
             start_failures: AtomicU64::new(0),
             start_time: Histogram::new(START_BOUNDS),
+            evictions: AtomicU64::new(0),
+            queue_wait: Histogram::new(START_BOUNDS),
         },
         state: Mutex::new(CellState {
             phase: Phase::Stopped,
@@ -222,6 +268,11 @@ pub(crate) fn spawn_model(
             ready_ms: None,
             error: None,
             last_used: Instant::now(),
+            admitted: false,
+            queued: false,
+            waiting: 0,
+            memory: Memory::for_config(&cfg),
+            pinned: cfg.pinned,
         }),
         commands,
         changed: watch::channel(0).0,
@@ -246,6 +297,9 @@ pub(crate) fn spawn_model(
         backoff_until: None,
         last_failure: None,
         exit: false,
+        awaiting_admission: None,
+        withdrawn_by_unload: false,
+        evicting: false,
     };
     let task = tokio::spawn(actor.run());
     (cell, task)
@@ -260,6 +314,7 @@ enum Next {
 
 /// Results of the slow work the actor hands to tasks.
 enum Event {
+    Admitted(Result<(), AdmitError>),
     Started(Result<Running, StartFailure>),
     Stopped(std::process::ExitStatus),
 }
@@ -289,6 +344,12 @@ struct Actor {
     last_failure: Option<AcquireError>,
     /// Set once retired: the actor loop ends.
     exit: bool,
+    /// Waiting for admission (room under the limits) before the real start.
+    awaiting_admission: Option<Instant>,
+    /// Withdrawn from admission by an unload: its waiters are answered, not restarted for.
+    withdrawn_by_unload: bool,
+    /// Draining because admission chose this model to make room.
+    evicting: bool,
 }
 
 impl Actor {
@@ -314,6 +375,7 @@ impl Actor {
             };
             match next {
                 Next::Command(cmd) => self.on_command(cmd),
+                Next::Event(Event::Admitted(result)) => self.on_admitted(result),
                 Next::Event(Event::Started(result)) => self.on_started(result),
                 Next::Event(Event::Stopped(status)) => self.on_stopped(status),
                 Next::Crashed(status) => self.on_crash(status),
@@ -349,6 +411,22 @@ impl Actor {
                     _ => {}
                 }
             }
+            Command::Evict => self.on_evict(),
+            Command::CancelEvict => {
+                if self.evicting
+                    && self.draining
+                    && self.running.is_some()
+                    && self.unload_waiters.is_empty()
+                    && !self.restart_after_stop
+                {
+                    self.evicting = false;
+                    self.draining = false;
+                    self.set_phase(Phase::Ready);
+                    if self.cell.status().leases == 0 {
+                        self.arm_ttl();
+                    }
+                }
+            }
             Command::Retire { reply } => {
                 self.retiring = Some(reply);
                 self.fail_waiters("the model was removed or llmvisor is shutting down");
@@ -372,8 +450,19 @@ impl Actor {
             }
             st.phase
         };
+        if self.awaiting_admission.is_some() && self.waiters.len() >= MAX_WAITERS {
+            let _ = reply.send(Err(AcquireError::NoRoom {
+                model: self.cfg.id.clone(),
+                reason: format!("{MAX_WAITERS} requests already wait for this model to get room"),
+                retry_after: Some(Duration::from_secs(1)),
+            }));
+            return;
+        }
         match phase {
-            Phase::Starting | Phase::Stopping => self.waiters.push(reply),
+            Phase::Starting | Phase::Stopping => {
+                self.waiters.push(reply);
+                self.sync_waiting();
+            }
             Phase::Stopped | Phase::Failed => {
                 if let (Some(until), false) = (self.backoff_until, explicit) {
                     let now = Instant::now();
@@ -383,6 +472,7 @@ impl Actor {
                     }
                 }
                 self.waiters.push(reply);
+                self.sync_waiting();
                 self.begin_start();
             }
             Phase::Ready => unreachable!("handled above"),
@@ -425,12 +515,11 @@ impl Actor {
         }
     }
 
-    /// Stopped/Failed → Starting. The admission decision of a memory budget belongs here: before
-    /// the start, decide whether other idle models must be evicted first, or the start must queue.
+    /// Stopped/Failed → Starting: first admission (is there room under `max_loaded`,
+    /// `memory_budget` and exclusive groups? if not, who must be evicted or waited for), then
+    /// the real start in [`Self::launch`].
     fn begin_start(&mut self) {
         self.ttl_deadline = None;
-        let (cancel_tx, cancel_rx) = oneshot::channel();
-        self.cancel_start = Some(cancel_tx);
         {
             let mut st = self.cell.state.lock().unwrap();
             if st.starts > 0 {
@@ -441,6 +530,56 @@ impl Actor {
         }
         self.cell.stats.starts.fetch_add(1, Ordering::Relaxed);
         self.set_phase(Phase::Starting);
+        self.awaiting_admission = Some(Instant::now());
+        self.withdrawn_by_unload = false;
+        let admission = self.ctx.admission.clone();
+        let cell = self.cell.clone();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = admission.admit(cell).await;
+            let _ = events.send(Event::Admitted(result));
+        });
+    }
+
+    fn on_admitted(&mut self, result: Result<(), AdmitError>) {
+        let asked = self.awaiting_admission.take();
+        if let Some(t) = asked {
+            self.cell.stats.queue_wait.observe(t.elapsed());
+        }
+        match result {
+            Ok(()) if self.retiring.is_none() => self.launch(),
+            Ok(()) => self.after_stop(Phase::Stopped),
+            Err(AdmitError::Closed) => {
+                // Withdrawn: by an unload (answer the waiters), or to restart with new settings.
+                if self.withdrawn_by_unload || self.retiring.is_some() {
+                    self.fail_waiters("it was unloaded while waiting for room");
+                }
+                self.after_stop(Phase::Stopped);
+            }
+            Err(e) => {
+                let retry_after = match &e {
+                    AdmitError::Never(_) => None,
+                    _ => Some(Duration::from_secs(1)),
+                };
+                let error = AcquireError::NoRoom {
+                    model: self.cfg.id.clone(),
+                    reason: e.to_string(),
+                    retry_after,
+                };
+                tracing::warn!(model = %self.cfg.id, "not started: {error}");
+                for w in std::mem::take(&mut self.waiters) {
+                    let _ = w.send(Err(error.clone()));
+                }
+                self.sync_waiting();
+                self.after_stop(Phase::Stopped);
+            }
+        }
+    }
+
+    /// Admitted: spawn the server (ports, spawn, readiness) in a task.
+    fn launch(&mut self) {
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        self.cancel_start = Some(cancel_tx);
         let cfg = self.cfg.clone();
         let ctx = self.ctx.clone();
         let logs = self.cell.logs.clone();
@@ -449,6 +588,10 @@ impl Actor {
             let result = start_server(&cfg, &ctx, logs, cancel_rx).await;
             let _ = events.send(Event::Started(result));
         });
+    }
+
+    fn sync_waiting(&self) {
+        self.cell.state.lock().unwrap().waiting = self.waiters.len();
     }
 
     fn on_started(&mut self, result: Result<Running, StartFailure>) {
@@ -460,8 +603,11 @@ impl Actor {
                 self.backoff_until = None;
                 self.last_failure = None;
                 let waiters = std::mem::take(&mut self.waiters);
+                let measured = measure_group(running.process.pid());
                 {
                     let mut st = self.cell.state.lock().unwrap();
+                    st.waiting = 0;
+                    st.memory = st.memory.with_measured(measured);
                     st.run += 1;
                     st.phase = Phase::Ready;
                     st.endpoint = Some(running.endpoint.clone());
@@ -490,6 +636,8 @@ impl Actor {
                     // Nobody holds it: the idle clock starts now.
                     self.arm_ttl();
                 }
+                // Its measured size may differ from the estimate; a queued start may now evict it.
+                self.ctx.admission.send(AdmissionMsg::Changed);
             }
             Err(failure) => {
                 let error = failure.into_error(&self.cfg.id);
@@ -534,15 +682,27 @@ impl Actor {
         if current != run || leases != 0 {
             return; // stale, or someone took a lease since
         }
+        if let Some(running) = &self.running {
+            // The server's size after serving is a better figure than the one at ready.
+            let measured = measure_group(running.process.pid());
+            let mut st = self.cell.state.lock().unwrap();
+            st.memory = st.memory.with_measured(measured);
+        }
         if self.draining && self.running.is_some() {
             self.begin_stop();
         } else if phase == Phase::Ready {
             self.arm_ttl();
+            // Idle now: a start waiting for room may evict it.
+            self.ctx.admission.send(AdmissionMsg::Changed);
         }
     }
 
     fn arm_ttl(&mut self) {
-        self.ttl_deadline = self.cfg.ttl.map(|ttl| Instant::now() + ttl);
+        // Pinned models stay loaded: neither evicted nor idled out.
+        self.ttl_deadline = match self.cfg.pinned {
+            true => None,
+            false => self.cfg.ttl.map(|ttl| Instant::now() + ttl),
+        };
     }
 
     fn on_ttl(&mut self) {
@@ -558,6 +718,18 @@ impl Actor {
         }
     }
 
+    /// Admission wants the room: stop now if idle, else drain (no new leases) and stop when the
+    /// last lease ends — an answer in progress is never cut off.
+    fn on_evict(&mut self) {
+        if self.cell.phase() != Phase::Ready || self.cfg.pinned {
+            return;
+        }
+        tracing::info!(model = %self.cfg.id, "evicting to make room for another model");
+        self.cell.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        self.evicting = true;
+        self.request_stop(false);
+    }
+
     /// Wants the server stopped: now if `force` or idle, else once its leases end.
     fn request_stop(&mut self, force: bool) {
         match self.cell.phase() {
@@ -567,6 +739,13 @@ impl Actor {
                 } else {
                     self.finish_unloads();
                 }
+            }
+            Phase::Starting if self.awaiting_admission.is_some() => {
+                // Not started yet: leave the admission queue (answered with `Closed`).
+                self.withdrawn_by_unload = !self.unload_waiters.is_empty();
+                self.ctx.admission.send(AdmissionMsg::Withdraw {
+                    model: self.cell.id.clone(),
+                });
             }
             Phase::Starting => {
                 if force {
@@ -653,7 +832,7 @@ impl Actor {
 
     /// The server is gone: settle the phase, answer unloads, and start again if anyone waits.
     fn after_stop(&mut self, phase: Phase) {
-        {
+        let was_admitted = {
             let mut st = self.cell.state.lock().unwrap();
             st.phase = phase;
             st.pid = None;
@@ -661,9 +840,15 @@ impl Actor {
             st.down = None;
             st.leases = 0;
             st.run += 1;
+            std::mem::replace(&mut st.admitted, false)
+        };
+        if was_admitted {
+            // Its process has exited: the room it held is free.
+            self.ctx.admission.send(AdmissionMsg::Changed);
         }
         self.ttl_deadline = None;
         self.draining = false;
+        self.evicting = false;
         self.notify();
         self.finish_unloads();
         if let Some(reply) = self.retiring.take() {

@@ -49,4 +49,11 @@ pub struct ModelStatus {
     /// Milliseconds its last successful start took.
     pub ready_ms: Option<u64>,
     pub error: Option<String>,
+    /// Bytes the memory budget counts for it (None: unknown).
+    pub memory: Option<u64>,
+    /// Where `memory` comes from: "declared", "estimated", "measured" or "unknown".
+    pub memory_source: &'static str,
+    /// Requests waiting for room to start it.
+    pub queued: usize,
+    pub pinned: bool,
 }

@@ -4,14 +4,12 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use llmvisor::procfs;
+use support::serve::{closed_port, ServeProcess as Daemon};
 use support::{fake_llm, Scratch};
 
 const BIN: &str = env!("CARGO_BIN_EXE_llmvisor");
@@ -40,12 +38,6 @@ fn stdout(o: &Output) -> String {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A loopback port nothing listens on: bound, then closed.
-fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -197,108 +189,6 @@ fn a_bad_url_is_an_error_not_a_crash() {
 }
 
 // ---- against a live daemon -------------------------------------------------------------------
-
-/// A `llmvisor serve` child: killed by pid if the test ends without stopping it.
-struct Daemon {
-    child: Child,
-    url: String,
-    stderr_lines: mpsc::Receiver<String>,
-}
-
-impl Daemon {
-    fn start(config: &Path) -> Daemon {
-        // A port that was free a moment ago (ephemeral, so it does not meet the fake servers'
-        // port ranges).
-        let url = format!("http://127.0.0.1:{}", closed_port());
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config", config.to_str().unwrap()])
-            .args(["--listen", url.trim_start_matches("http://")])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start llmvisor serve");
-        // Keep draining stderr so the daemon never blocks on a full pipe.
-        let (tx, rx) = mpsc::channel();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut d = Daemon {
-            child,
-            url,
-            stderr_lines: rx,
-        };
-        d.wait_healthy();
-        d
-    }
-
-    fn wait_healthy(&mut self) {
-        let addr = self.url.trim_start_matches("http://").to_string();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "llmvisor serve exited with {status} before answering /healthz:\n{}",
-                    self.stderr_so_far()
-                );
-            }
-            if let Ok(mut s) = TcpStream::connect(&addr) {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let req =
-                    format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-                let mut answer = String::new();
-                if s.write_all(req.as_bytes()).is_ok()
-                    && s.read_to_string(&mut answer).is_ok()
-                    && answer.starts_with("HTTP/1.1 200")
-                {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "/healthz never answered 200");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGTERM by pid, then the exit status (failing after `within`).
-    fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
-        let pid = rustix::process::Pid::from_raw(self.pid() as i32).unwrap();
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "llmvisor did not exit within {within:?} of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stderr_so_far(&self) -> String {
-        self.stderr_lines.try_iter().collect::<Vec<_>>().join("\n")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill(); // by pid: std's Child::kill signals exactly this child
-            let _ = self.child.wait();
-        }
-    }
-}
 
 fn model_state(url: &str, id: &str) -> serde_json::Value {
     let out = llmvisor(&["ps", "--json", "--url", url]);

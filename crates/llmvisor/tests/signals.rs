@@ -1,0 +1,106 @@
+//! The daemon binary's signals: SIGHUP reloads the config, SIGTERM stops everything and exits 0.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
+use support::http::request;
+use support::serve::ServeProcess;
+use support::{assert_gone, fake_llm, Scratch};
+
+const WITHIN: Duration = Duration::from_secs(10);
+
+/// A config with fake-llm models `(id, extra args)`.
+fn write_config(s: &Scratch, models: &[(&str, &str)]) -> PathBuf {
+    let mut text = format!(
+        "state_dir = {:?}\nport_range = [{}, {}]\n",
+        s.state_dir().display().to_string(),
+        s.ports.0,
+        s.ports.1
+    );
+    for (id, extra) in models {
+        let pids = s.path(&format!("{id}.pids")).display().to_string();
+        text.push_str(&format!(
+            "[models.{id}]\ncmd = \"{} --port ${{PORT}} --pid-file {pids} {extra}\"\nstop_timeout = \"2s\"\n",
+            fake_llm().display()
+        ));
+    }
+    let path = s.path("llmvisor.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn model(url: &str, id: &str) -> serde_json::Value {
+    request("GET", &format!("{url}/api/models/{id}"), &[], "")
+        .await
+        .json()
+}
+
+async fn load(url: &str, id: &str) -> u64 {
+    let r = request("POST", &format!("{url}/api/models/{id}/load"), &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["pid"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_only_what_changed_and_rejects_a_broken_file() {
+    let s = Scratch::new();
+    let path = write_config(&s, &[("a", ""), ("b", "")]);
+    let d = ServeProcess::start(&path);
+    let (a1, b1) = (load(&d.url, "a").await, load(&d.url, "b").await);
+
+    write_config(&s, &[("a", ""), ("b", "--chunks 2"), ("c", "")]);
+    d.signal(Signal::HUP);
+    d.wait_for_log("config reloaded", WITHIN);
+    assert_eq!(
+        model(&d.url, "a").await["pid"],
+        a1,
+        "unchanged model keeps its pid"
+    );
+    let deadline = Instant::now() + WITHIN;
+    let b = loop {
+        let b = model(&d.url, "b").await;
+        if b["state"] == "ready" && b["pid"] != b1 {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "b was not restarted: {b}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(b["restarts"], 1);
+    assert_eq!(model(&d.url, "c").await["state"], "stopped");
+
+    std::fs::write(&path, "[models.a]\ncmd = []\n").unwrap();
+    d.signal(Signal::HUP);
+    d.wait_for_log("config reload rejected", WITHIN);
+    assert_eq!(model(&d.url, "a").await["pid"], a1, "old config kept");
+    assert_eq!(model(&d.url, "c").await["id"], "c");
+    let r = request(
+        "POST",
+        &format!("{}/v1/completions", d.url),
+        &[],
+        r#"{"model":"a"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let mut d = d;
+    assert_eq!(d.terminate(WITHIN).code(), Some(0));
+    s.assert_all_gone(WITHIN).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_two_ready_models_stops_both_and_exits_zero() {
+    let s = Scratch::new();
+    // One of them ignores SIGTERM: it must be SIGKILLed after its stop_timeout.
+    let path = write_config(&s, &[("a", ""), ("b", "--ignore-sigterm")]);
+    let mut d = ServeProcess::start(&path);
+    let pids = [
+        load(&d.url, "a").await as u32,
+        load(&d.url, "b").await as u32,
+    ];
+    let status = d.terminate(WITHIN);
+    assert_eq!(status.code(), Some(0), "{}", d.stderr_so_far());
+    assert_gone(&pids, Duration::from_millis(100)).await;
+    s.assert_all_gone(WITHIN).await;
+}

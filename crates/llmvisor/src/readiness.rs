@@ -1,6 +1,6 @@
 //! Readiness: poll a starting server's health path until it answers 2xx.
 //!
-//! The interval starts at a few milliseconds and doubles up to 50 ms, so a server that is ready
+//! The interval starts at a few milliseconds and doubles up to 25 ms, so a server that is ready
 //! quickly is seen quickly, and a 30-second load costs a few hundred cheap requests. Each poll has
 //! its own timeout (a server that accepts but never answers cannot stall the wait), and the wait
 //! ends the moment the child exits: nobody waits out a timeout for a process that is already dead.
@@ -15,7 +15,8 @@ use tokio::time::{timeout, Instant};
 use crate::upstream::{Endpoint, UpstreamClient};
 
 const FIRST_INTERVAL: Duration = Duration::from_millis(2);
-const MAX_INTERVAL: Duration = Duration::from_millis(50);
+/// Loopback polls are cheap; a short cap keeps the delay between "ready" and "seen ready" small.
+const MAX_INTERVAL: Duration = Duration::from_millis(25);
 const POLL_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
@@ -38,7 +39,7 @@ pub async fn wait_ready(
     let poll_loop = async {
         let mut interval = FIRST_INTERVAL;
         loop {
-            if probe(client, endpoint, health_path).await {
+            if probe(client, endpoint, health_path, POLL_TIMEOUT).await {
                 return;
             }
             tokio::time::sleep(interval).await;
@@ -53,8 +54,13 @@ pub async fn wait_ready(
     }
 }
 
-/// One health request: true on 2xx.
-pub async fn probe(client: &UpstreamClient, endpoint: &Endpoint, health_path: &str) -> bool {
+/// One health request: true on a 2xx answer within `within`.
+pub async fn probe(
+    client: &UpstreamClient,
+    endpoint: &Endpoint,
+    health_path: &str,
+    within: Duration,
+) -> bool {
     let Ok(uri) = endpoint.uri(health_path) else {
         return false;
     };
@@ -69,5 +75,5 @@ pub async fn probe(client: &UpstreamClient, endpoint: &Endpoint, health_path: &s
         resp.into_body().collect().await.ok()?;
         Some(ok)
     };
-    matches!(timeout(POLL_TIMEOUT, answer).await, Ok(Some(true)))
+    matches!(timeout(within, answer).await, Ok(Some(true)))
 }

@@ -128,7 +128,10 @@ async fn ready_model_never_waits_for_another_models_load() {
 #[tokio::test]
 async fn crashed_server_is_noticed_and_restarted_on_next_acquire() {
     let s = Scratch::new();
-    let sup = Supervisor::new(&s.config(vec![s.model("a", &["--crash-after", "1"])])).unwrap();
+    // Policy `stop`: the next acquire restarts it (automatic restarts are tested in health.rs).
+    let mut m = s.model("a", &["--crash-after", "1"]);
+    m.health.on_unhealthy = llmvisor::config::OnUnhealthy::Stop;
+    let sup = Supervisor::new(&s.config(vec![m])).unwrap();
     let lease = sup.acquire("a").await.unwrap();
     let first_pid = sup.status()[0].pid.unwrap();
     // One request makes it crash.

@@ -118,6 +118,42 @@ pub struct ModelConfig {
     /// Bytes, as declared.
     pub memory: Option<u64>,
     pub pinned: bool,
+    /// Background health probing while ready.
+    pub health: HealthCheck,
+}
+
+/// How a ready server is watched: `health_interval`, `health_failures`, `on_unhealthy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Time between probes of `health_path`; `None` = not probed.
+    pub interval: Option<Duration>,
+    /// Consecutive failed probes (errors, non-2xx, or no answer within the interval) that make
+    /// the server unhealthy.
+    pub failures: u32,
+    pub on_unhealthy: OnUnhealthy,
+}
+
+/// What happens to a server found unhealthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnhealthy {
+    /// Stop it and start it again (with backoff when it keeps failing).
+    Restart,
+    /// Stop it; the next request starts it again.
+    Stop,
+}
+
+/// Probe interval when neither the model nor `[defaults]` sets one.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_HEALTH_FAILURES: u32 = 3;
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            interval: Some(DEFAULT_HEALTH_INTERVAL),
+            failures: DEFAULT_HEALTH_FAILURES,
+            on_unhealthy: OnUnhealthy::Restart,
+        }
+    }
 }
 
 impl ModelConfig {
@@ -136,6 +172,7 @@ impl ModelConfig {
             health_path: DEFAULT_HEALTH_PATH.to_string(),
             memory: None,
             pinned: false,
+            health: HealthCheck::default(),
         }
     }
 

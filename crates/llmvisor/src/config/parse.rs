@@ -11,7 +11,8 @@ use super::expand::{scan, Macro, Piece};
 use super::tree::{self, Field, Kind, Node};
 use super::units::{self, DURATION_FORMS, SIZE_FORMS};
 use super::{
-    Config, GroupConfig, ModelConfig, DEFAULT_BODY_LIMIT, DEFAULT_HEALTH_PATH, DEFAULT_LISTEN,
+    Config, GroupConfig, HealthCheck, ModelConfig, OnUnhealthy, DEFAULT_BODY_LIMIT,
+    DEFAULT_HEALTH_FAILURES, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_PATH, DEFAULT_LISTEN,
     DEFAULT_PORT_RANGE, DEFAULT_QUEUE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, DEFAULT_STARTUP_TIMEOUT,
     DEFAULT_STOP_TIMEOUT, DEFAULT_TTL,
 };
@@ -48,6 +49,9 @@ pub const MODEL_KEYS: &[&str] = &[
     "health_path",
     "memory",
     "pinned",
+    "health_interval",
+    "health_failures",
+    "on_unhealthy",
 ];
 
 /// Keys allowed in `[defaults]`: every per-model key but `cmd`, `aliases` and `port`.
@@ -60,6 +64,9 @@ pub const DEFAULTS_KEYS: &[&str] = &[
     "health_path",
     "memory",
     "pinned",
+    "health_interval",
+    "health_failures",
+    "on_unhealthy",
 ];
 
 /// Keys allowed in a `[groups.NAME]` table.
@@ -165,6 +172,9 @@ struct Settings {
     health_path: Option<String>,
     memory: Option<Sp<u64>>,
     pinned: Option<bool>,
+    health_interval: Option<Option<Duration>>,
+    health_failures: Option<u32>,
+    on_unhealthy: Option<OnUnhealthy>,
     /// Some template of this table was malformed (its ${PORT}/${SOCKET} uses are unknown).
     template_error: bool,
 }
@@ -855,6 +865,30 @@ impl Parser<'_> {
                 }
                 "memory" => s.memory = self.size("memory", v).map(|b| Sp { v: b, at: v.at() }),
                 "pinned" => s.pinned = self.boolean("pinned", v),
+                "health_interval" => {
+                    s.health_interval = self
+                        .duration("health_interval", v)
+                        .map(|d| (!d.is_zero()).then_some(d))
+                }
+                "health_failures" => match &v.kind {
+                    Kind::Int(i) if (1..=1000).contains(i) => s.health_failures = Some(*i as u32),
+                    Kind::Int(i) => self.err_help(
+                        v.at(),
+                        format!("`health_failures` must be between 1 and 1000, found {i}"),
+                        "e.g. health_failures = 3",
+                    ),
+                    _ => self.type_err("`health_failures`", v, "an integer"),
+                },
+                "on_unhealthy" => match self.string("on_unhealthy", v) {
+                    Some("restart") => s.on_unhealthy = Some(OnUnhealthy::Restart),
+                    Some("stop") => s.on_unhealthy = Some(OnUnhealthy::Stop),
+                    Some(other) => self.err_help(
+                        v.at(),
+                        format!("`on_unhealthy` must be \"restart\" or \"stop\", found {other:?}"),
+                        "restart: stop the server and start it again; stop: stop it until the next request",
+                    ),
+                    None => {}
+                },
                 _ => self.unknown_key(f, scope),
             }
         }
@@ -1322,6 +1356,20 @@ impl Parser<'_> {
                 .unwrap_or_else(|| DEFAULT_HEALTH_PATH.to_string()),
             memory: memory.map(|b| b.v),
             pinned: s.pinned.or(d.pinned).unwrap_or(false),
+            health: HealthCheck {
+                interval: s
+                    .health_interval
+                    .or(d.health_interval)
+                    .unwrap_or(Some(DEFAULT_HEALTH_INTERVAL)),
+                failures: s
+                    .health_failures
+                    .or(d.health_failures)
+                    .unwrap_or(DEFAULT_HEALTH_FAILURES),
+                on_unhealthy: s
+                    .on_unhealthy
+                    .or(d.on_unhealthy)
+                    .unwrap_or(OnUnhealthy::Restart),
+            },
         };
         (config, fixed)
     }

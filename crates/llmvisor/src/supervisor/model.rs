@@ -21,11 +21,18 @@ use super::memory::{measure_group, Memory};
 use super::start::{start_server, Running, StartFailure};
 use super::status::{ModelStatus, Phase};
 use super::Context;
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, OnUnhealthy};
 use crate::logs::LogSink;
 use crate::metrics::{Histogram, START_BOUNDS};
+use crate::readiness::probe;
 use crate::spawn::describe_exit;
 
+/// A run that stayed up this long ends a crash streak.
+const STABLE_RUN: Duration = Duration::from_secs(30);
+/// Crashes or health failures in a row that make a crash loop.
+const CRASH_LOOP_LIMIT: u32 = 3;
+/// How long a crash-looping model stays `failed` before requests may start it again.
+const CRASH_LOOP_COOLDOWN: Duration = Duration::from_secs(60);
 /// Requests that may wait for one model's start while it waits for room.
 const MAX_WAITERS: usize = 4096;
 /// Lines of server output attached to a start failure.
@@ -300,6 +307,9 @@ pub(crate) fn spawn_model(
         awaiting_admission: None,
         withdrawn_by_unload: false,
         evicting: false,
+        crash_streak: 0,
+        restart_at: None,
+        unhealthy: None,
     };
     let task = tokio::spawn(actor.run());
     (cell, task)
@@ -310,11 +320,20 @@ enum Next {
     Event(Event),
     Crashed(std::process::ExitStatus),
     Ttl,
+    /// The backoff before an automatic restart has passed.
+    Restart,
+    /// The cool-down of a failed model has passed.
+    CooledDown,
 }
 
 /// Results of the slow work the actor hands to tasks.
 enum Event {
     Admitted(Result<(), AdmitError>),
+    /// The health monitor of run `run` gave up on the server.
+    Unhealthy {
+        run: u64,
+        reason: String,
+    },
     Started(Result<Running, StartFailure>),
     Stopped(std::process::ExitStatus),
 }
@@ -350,12 +369,22 @@ struct Actor {
     withdrawn_by_unload: bool,
     /// Draining because admission chose this model to make room.
     evicting: bool,
+    /// Crashes and health failures in a row (reset by a run that stayed up for a while).
+    crash_streak: u32,
+    /// When to start again after a crash or an unhealthy server (restart policy).
+    restart_at: Option<Instant>,
+    /// Set while stopping a server the health monitor gave up on.
+    unhealthy: Option<String>,
 }
 
 impl Actor {
     async fn run(mut self) {
         while !self.exit {
             let ttl = self.ttl_deadline;
+            let restart_at = self.restart_at;
+            let cooldown = self
+                .backoff_until
+                .filter(|_| self.cell.phase() == Phase::Failed);
             let watch_crash = self.stopping_task_absent();
             let process = self.running.as_ref().map(|r| r.process.clone());
             let crashed = async move {
@@ -372,14 +401,31 @@ impl Actor {
                 Some(event) = self.events.recv() => Next::Event(event),
                 status = crashed, if watch_crash => Next::Crashed(status),
                 _ = sleep_until_opt(ttl), if ttl.is_some() => Next::Ttl,
+                _ = sleep_until_opt(restart_at), if restart_at.is_some() => Next::Restart,
+                _ = sleep_until_opt(cooldown), if cooldown.is_some() => Next::CooledDown,
             };
             match next {
                 Next::Command(cmd) => self.on_command(cmd),
                 Next::Event(Event::Admitted(result)) => self.on_admitted(result),
                 Next::Event(Event::Started(result)) => self.on_started(result),
                 Next::Event(Event::Stopped(status)) => self.on_stopped(status),
+                Next::Event(Event::Unhealthy { run, reason }) => self.on_unhealthy(run, reason),
                 Next::Crashed(status) => self.on_crash(status),
                 Next::Ttl => self.on_ttl(),
+                Next::Restart => {
+                    self.restart_at = None;
+                    if matches!(self.cell.phase(), Phase::Stopped) && self.retiring.is_none() {
+                        tracing::info!(model = %self.cfg.id, "restarting");
+                        self.begin_start();
+                    }
+                }
+                Next::CooledDown => {
+                    self.backoff_until = None;
+                    if self.cell.phase() == Phase::Failed {
+                        tracing::info!(model = %self.cfg.id, "cool-down over; the next request starts it again");
+                        self.set_phase(Phase::Stopped);
+                    }
+                }
             }
         }
     }
@@ -520,6 +566,7 @@ impl Actor {
     /// the real start in [`Self::launch`].
     fn begin_start(&mut self) {
         self.ttl_deadline = None;
+        self.restart_at = None;
         {
             let mut st = self.cell.state.lock().unwrap();
             if st.starts > 0 {
@@ -590,6 +637,43 @@ impl Actor {
         });
     }
 
+    /// Probes the ready server's health path every `health_interval`; after `health_failures`
+    /// failures in a row (error, non-2xx, or no answer within the interval) it reports the
+    /// server unhealthy. Ends when the server goes down.
+    fn spawn_health_monitor(&self) {
+        let (Some(interval), Some(running)) = (self.cfg.health.interval, &self.running) else {
+            return;
+        };
+        let run = self.cell.state.lock().unwrap().run;
+        let client = self.ctx.client.clone();
+        let endpoint = running.endpoint.clone();
+        let path = self.cfg.health_path.clone();
+        let threshold = self.cfg.health.failures;
+        let down = running.down_rx.clone();
+        let events = self.events_tx.clone();
+        let within = interval.clamp(Duration::from_millis(100), Duration::from_secs(10));
+        tokio::spawn(async move {
+            let mut failed = 0;
+            loop {
+                let mut gone = down.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = gone.wait_for(|d| *d) => return,
+                }
+                if probe(&client, &endpoint, &path, within).await {
+                    failed = 0;
+                    continue;
+                }
+                failed += 1;
+                if failed >= threshold {
+                    let reason = format!("{failed} health checks of {path} failed in a row");
+                    let _ = events.send(Event::Unhealthy { run, reason });
+                    return;
+                }
+            }
+        });
+    }
+
     fn sync_waiting(&self) {
         self.cell.state.lock().unwrap().waiting = self.waiters.len();
     }
@@ -618,6 +702,7 @@ impl Actor {
                 }
                 tracing::info!(model = %self.cfg.id, pid = running.process.pid(), url = %running.endpoint.base_url(), ready_ms = running.ready_after.as_millis() as u64, "ready");
                 self.running = Some(running);
+                self.spawn_health_monitor();
                 self.notify();
                 let mut granted = 0;
                 for w in waiters {
@@ -803,12 +888,16 @@ impl Actor {
     }
 
     fn on_stopped(&mut self, status: std::process::ExitStatus) {
-        if let Some(r) = self.running.take() {
+        let running = self.running.take();
+        if let Some(r) = &running {
             let _ = r.down_tx.send(true);
         }
         self.cell.state.lock().unwrap().last_exit = Some(describe_exit(status));
         tracing::info!(model = %self.cfg.id, "stopped ({})", describe_exit(status));
-        self.after_stop(Phase::Stopped);
+        match (self.unhealthy.take(), running) {
+            (Some(reason), Some(r)) => self.after_failure(&r, format!("unhealthy: {reason}")),
+            _ => self.after_stop(Phase::Stopped),
+        }
     }
 
     fn on_crash(&mut self, status: std::process::ExitStatus) {
@@ -818,16 +907,71 @@ impl Actor {
         let _ = running.down_tx.send(true);
         let how = describe_exit(status);
         tracing::warn!(model = %self.cfg.id, pid = running.process.pid(), "server exited unexpectedly ({how})");
-        {
-            let mut st = self.cell.state.lock().unwrap();
-            st.last_exit = Some(how.clone());
-            st.error = Some(format!("server exited unexpectedly ({how})"));
-        }
+        self.cell.state.lock().unwrap().last_exit = Some(how.clone());
         // Whatever it left in its group goes too.
         let process = running.process.clone();
         tokio::spawn(async move { process.kill_group_and_wait().await });
         self.draining = false;
+        self.after_failure(&running, format!("server exited unexpectedly ({how})"));
+    }
+
+    /// The health monitor gave up on the current server: stop it (its leases see it go), then
+    /// the policy decides whether it comes back.
+    fn on_unhealthy(&mut self, run: u64, reason: String) {
+        let current = self.cell.state.lock().unwrap().run;
+        if run != current || self.cell.phase() != Phase::Ready || self.running.is_none() {
+            return;
+        }
+        tracing::warn!(model = %self.cfg.id, "server is unhealthy: {reason}; stopping it");
+        self.cell.state.lock().unwrap().error = Some(format!("unhealthy: {reason}"));
+        self.unhealthy = Some(reason);
+        self.begin_stop();
+    }
+
+    /// After a crash or an unhealthy stop: count the streak, then restart after a backoff (policy
+    /// `restart`), or mark the model failed for a cool-down when it keeps failing.
+    fn after_failure(&mut self, running: &Running, reason: String) {
+        if running.ready_at.elapsed() >= STABLE_RUN {
+            self.crash_streak = 0;
+        }
+        self.crash_streak += 1;
+        let tail = self.cell.logs.tail(ERROR_TAIL_LINES);
+        if self.crash_streak >= CRASH_LOOP_LIMIT {
+            let error = AcquireError::StartFailed {
+                model: self.cfg.id.clone(),
+                reason: format!(
+                    "crash loop: {} failures in a row, the last: {reason}; cooling down for {}s",
+                    self.crash_streak,
+                    CRASH_LOOP_COOLDOWN.as_secs()
+                ),
+                log_tail: tail,
+                retry_after: None,
+            };
+            tracing::error!(model = %self.cfg.id, "{error}");
+            self.cell.state.lock().unwrap().error = Some(error.to_string());
+            self.failures = self.crash_streak;
+            self.backoff_until = Some(Instant::now() + CRASH_LOOP_COOLDOWN);
+            self.last_failure = Some(error);
+            self.crash_streak = 0;
+            self.after_stop(Phase::Failed);
+            return;
+        }
+        self.cell.state.lock().unwrap().error = Some(reason);
         self.after_stop(Phase::Stopped);
+        if self.cfg.health.on_unhealthy == OnUnhealthy::Restart
+            && self.retiring.is_none()
+            && self.cell.phase() == Phase::Stopped
+        {
+            // The first failure restarts at once; repeated ones back off.
+            let backoff = match self.crash_streak {
+                1 => Duration::ZERO,
+                n => BACKOFF_BASE
+                    .saturating_mul(1 << (n - 2).min(16))
+                    .min(BACKOFF_CAP),
+            };
+            tracing::info!(model = %self.cfg.id, "restarting in {backoff:?}");
+            self.restart_at = Some(Instant::now() + backoff);
+        }
     }
 
     /// The server is gone: settle the phase, answer unloads, and start again if anyone waits.

@@ -26,6 +26,7 @@ pub struct Running {
     pub process: Arc<ChildProcess>,
     pub endpoint: Endpoint,
     pub ready_after: Duration,
+    pub ready_at: Instant,
     /// Set to true when this server is gone; leases hold receivers.
     pub down_tx: watch::Sender<bool>,
     pub down_rx: watch::Receiver<bool>,
@@ -135,6 +136,7 @@ pub async fn start_server(
                     process,
                     endpoint,
                     ready_after: began.elapsed(),
+                    ready_at: Instant::now(),
                     down_tx,
                     down_rx,
                     _port: match address {

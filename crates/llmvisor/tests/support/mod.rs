@@ -117,6 +117,7 @@ impl Scratch {
             health_path: "/health".into(),
             memory: None,
             pinned: false,
+            health: Default::default(),
         }
     }
 

@@ -517,34 +517,70 @@ async fn reload_keeps_unchanged_restarts_changed_stops_removed_and_rejects_bad_f
     let cfg = llmvisor::config::load(&path).unwrap();
     let d = TestDaemon::start(cfg).await;
     for m in ["a", "b", "c"] {
-        assert_eq!(d.post(&format!("/api/models/{m}/load"), "").await.status, 200);
+        assert_eq!(
+            d.post(&format!("/api/models/{m}/load"), "").await.status,
+            200
+        );
     }
     let pid = |m: serde_json::Value| m["pid"].as_u64().unwrap();
-    let (a1, b1, c1) = (pid(d.model("a").await), pid(d.model("b").await), pid(d.model("c").await));
+    let (a1, b1, c1) = (
+        pid(d.model("a").await),
+        pid(d.model("b").await),
+        pid(d.model("c").await),
+    );
     // b holds a lease across the reload: its restart waits for it.
-    let lease = d.post("/api/leases", r#"{"model":"b","ttl_s":60}"#).await.json();
+    let lease = d
+        .post("/api/leases", r#"{"model":"b","ttl_s":60}"#)
+        .await
+        .json();
 
     write_config(&s, &[("a", ""), ("b", "--chunks 3"), ("d", "")]);
     llmvisor::daemon::reload(&d.state, &path, None, None).await;
 
-    assert_eq!(pid(d.model("a").await), a1, "unchanged model keeps its server");
-    assert_eq!(d.get("/api/models/c").await.status, 404, "removed model is gone");
+    assert_eq!(
+        pid(d.model("a").await),
+        a1,
+        "unchanged model keeps its server"
+    );
+    assert_eq!(
+        d.get("/api/models/c").await.status,
+        404,
+        "removed model is gone"
+    );
     assert_gone(&[c1 as u32], WITHIN).await;
-    assert_eq!(d.model("d").await["state"], "stopped", "added model appears");
+    assert_eq!(
+        d.model("d").await["state"],
+        "stopped",
+        "added model appears"
+    );
     let b = d.model("b").await;
-    assert_eq!((b["state"].as_str(), b["pid"].as_u64()), (Some("stopping"), Some(b1)), "changed model drains first");
+    assert_eq!(
+        (b["state"].as_str(), b["pid"].as_u64()),
+        (Some("stopping"), Some(b1)),
+        "changed model drains first"
+    );
     let id = lease["id"].as_str().unwrap();
     request("DELETE", &format!("{}/api/leases/{id}", d.url), &[], "").await;
-    let b = wait_model(&d, "b", |m| m["state"] == "ready" && m["pid"].as_u64() != Some(b1)).await;
+    let b = wait_model(&d, "b", |m| {
+        m["state"] == "ready" && m["pid"].as_u64() != Some(b1)
+    })
+    .await;
     assert_eq!(b["restarts"], 1);
     let r = d.post("/v1/completions", r#"{"model":"b"}"#).await;
-    assert_eq!(r.json()["choices"][0]["text"], "tok0 tok1 tok2 ", "new settings in force");
+    assert_eq!(
+        r.json()["choices"][0]["text"],
+        "tok0 tok1 tok2 ",
+        "new settings in force"
+    );
 
     // A broken file changes nothing.
     std::fs::write(&path, "[models.a]\ncmd = []\nbogus = 1\n").unwrap();
     llmvisor::daemon::reload(&d.state, &path, None, None).await;
     assert_eq!(pid(d.model("a").await), a1);
     assert_eq!(d.get("/api/models/d").await.status, 200);
-    assert_eq!(d.post("/v1/completions", r#"{"model":"a"}"#).await.status, 200);
+    assert_eq!(
+        d.post("/v1/completions", r#"{"model":"a"}"#).await.status,
+        200
+    );
     finish(d, &s).await;
 }

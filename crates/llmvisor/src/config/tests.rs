@@ -971,3 +971,31 @@ fn sizes() {
     let c = ok(&format!("{M}memory = 123456\n"));
     assert_eq!(c.models[0].memory, Some(123456));
 }
+
+#[test]
+fn health_keys_inherit_and_validate() {
+    let cfg = ok(r#"
+[defaults]
+health_failures = 5
+
+[models.a]
+cmd = "srv --port ${PORT}"
+health_interval = "0"
+on_unhealthy = "stop"
+
+[models.b]
+cmd = "srv --port ${PORT}"
+"#);
+    let a = cfg.model("a").unwrap();
+    assert_eq!(a.health.interval, None, "0 disables probing");
+    assert_eq!(a.health.failures, 5);
+    assert_eq!(a.health.on_unhealthy, super::OnUnhealthy::Stop);
+    let b = cfg.model("b").unwrap();
+    assert_eq!(b.health.interval, Some(super::DEFAULT_HEALTH_INTERVAL));
+    assert_eq!(b.health.on_unhealthy, super::OnUnhealthy::Restart);
+
+    let d = one("[models.a]\ncmd = \"srv --port ${PORT}\"\non_unhealthy = \"reboot\"\n", 3, 16);
+    assert!(d.message.contains("\"restart\" or \"stop\""), "{}", d.message);
+    let d = one("[models.a]\ncmd = \"srv --port ${PORT}\"\nhealth_failures = 0\n", 3, 19);
+    assert!(d.message.contains("between 1 and 1000"), "{}", d.message);
+}

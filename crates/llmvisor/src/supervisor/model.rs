@@ -27,6 +27,8 @@ use crate::metrics::{Histogram, START_BOUNDS};
 use crate::readiness::probe;
 use crate::spawn::describe_exit;
 
+/// How often an idle server's memory is measured again.
+const MEASURE_INTERVAL: Duration = Duration::from_secs(10);
 /// A run that stayed up this long ends a crash streak.
 const STABLE_RUN: Duration = Duration::from_secs(30);
 /// Crashes or health failures in a row that make a crash loop.
@@ -310,6 +312,7 @@ pub(crate) fn spawn_model(
         crash_streak: 0,
         restart_at: None,
         unhealthy: None,
+        measured_at: None,
     };
     let task = tokio::spawn(actor.run());
     (cell, task)
@@ -375,6 +378,8 @@ struct Actor {
     restart_at: Option<Instant>,
     /// Set while stopping a server the health monitor gave up on.
     unhealthy: Option<String>,
+    /// When the server's memory was last measured.
+    measured_at: Option<Instant>,
 }
 
 impl Actor {
@@ -688,6 +693,7 @@ impl Actor {
                 self.last_failure = None;
                 let waiters = std::mem::take(&mut self.waiters);
                 let measured = measure_group(running.process.pid());
+                self.measured_at = Some(Instant::now());
                 {
                     let mut st = self.cell.state.lock().unwrap();
                     st.waiting = 0;
@@ -768,10 +774,14 @@ impl Actor {
             return; // stale, or someone took a lease since
         }
         if let Some(running) = &self.running {
-            // The server's size after serving is a better figure than the one at ready.
-            let measured = measure_group(running.process.pid());
-            let mut st = self.cell.state.lock().unwrap();
-            st.memory = st.memory.with_measured(measured);
+            // The server's size after serving is a better figure than the one at ready; measuring
+            // scans /proc, so at most once per interval, not on every idle moment.
+            if self.measured_at.is_none_or(|t| t.elapsed() >= MEASURE_INTERVAL) {
+                self.measured_at = Some(Instant::now());
+                let measured = measure_group(running.process.pid());
+                let mut st = self.cell.state.lock().unwrap();
+                st.memory = st.memory.with_measured(measured);
+            }
         }
         if self.draining && self.running.is_some() {
             self.begin_stop();

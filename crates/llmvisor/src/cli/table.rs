@@ -18,6 +18,8 @@ pub struct ModelInfo {
     pub last_exit: Option<String>,
     pub ready_ms: Option<u64>,
     pub error: Option<String>,
+    /// Bytes the memory budget counts (declared, estimated or measured).
+    pub memory: Option<u64>,
 }
 
 /// Longest ERROR cell, in characters.
@@ -29,7 +31,7 @@ const MAX_ERROR_CHARS: usize = 100;
 pub fn render(models: &[ModelInfo]) -> String {
     let with_error = models.iter().any(|m| error_cell(m).is_some());
     let mut header = vec![
-        "MODEL", "STATE", "PID", "PORT", "LEASES", "RESTARTS", "READY",
+        "MODEL", "STATE", "PID", "PORT", "LEASES", "RESTARTS", "READY", "MEMORY",
     ];
     if with_error {
         header.push("ERROR");
@@ -48,6 +50,8 @@ pub fn render(models: &[ModelInfo]) -> String {
             m.leases.to_string(),
             m.restarts.to_string(),
             m.ready_ms.map_or_else(|| "-".to_string(), format_ms),
+            m.memory
+                .map_or_else(|| "-".to_string(), crate::supervisor::human_bytes),
         ];
         if with_error {
             row.push(error_cell(m).unwrap_or_else(|| "-".to_string()));
@@ -140,14 +144,15 @@ mod tests {
         gemma.leases = 2;
         gemma.restarts = 1;
         gemma.ready_ms = Some(1340);
+        gemma.memory = Some(470 * 1024 * 1024);
         let qwen = model("qwen", "stopped");
         let table = render(&[gemma, qwen]);
         assert_eq!(
             table,
             "\
-MODEL         STATE    PID    PORT   LEASES  RESTARTS  READY
-gemma-3-270m  ready    12345  10500  2       1         1.3s
-qwen          stopped  -      -      0       0         -
+MODEL         STATE    PID    PORT   LEASES  RESTARTS  READY  MEMORY
+gemma-3-270m  ready    12345  10500  2       1         1.3s   470.0 MiB
+qwen          stopped  -      -      0       0         -      -
 "
         );
     }
@@ -160,9 +165,9 @@ qwen          stopped  -      -      0       0         -
         assert_eq!(
             table,
             "\
-MODEL  STATE    PID  PORT  LEASES  RESTARTS  READY  ERROR
-ok     stopped  -    -     0       0         -      -
-bad    failed   -    -     0       0         -      server exited during start (exit code 1)…
+MODEL  STATE    PID  PORT  LEASES  RESTARTS  READY  MEMORY  ERROR
+ok     stopped  -    -     0       0         -      -       -
+bad    failed   -    -     0       0         -      -       server exited during start (exit code 1)…
 "
         );
         assert!(!render(&[model("ok", "stopped")]).contains("ERROR"));
@@ -181,15 +186,21 @@ bad    failed   -    -     0       0         -      server exited during start (
     fn wide_characters_count_once() {
         let table = render(&[model("é", "ready"), model("ab", "ready")]);
         let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(lines[1], "é      ready  -    -     0       0         -");
-        assert_eq!(lines[2], "ab     ready  -    -     0       0         -");
+        assert_eq!(
+            lines[1],
+            "é      ready  -    -     0       0         -      -"
+        );
+        assert_eq!(
+            lines[2],
+            "ab     ready  -    -     0       0         -      -"
+        );
     }
 
     #[test]
     fn an_empty_list_is_just_the_header() {
         assert_eq!(
             render(&[]),
-            "MODEL  STATE  PID  PORT  LEASES  RESTARTS  READY\n"
+            "MODEL  STATE  PID  PORT  LEASES  RESTARTS  READY  MEMORY\n"
         );
     }
 

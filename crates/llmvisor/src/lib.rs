@@ -11,12 +11,15 @@ pub mod daemon;
 pub mod ids;
 pub mod logs;
 pub mod metrics;
+pub mod owner;
 pub mod ports;
 pub mod procfs;
 pub mod readiness;
 pub mod reaper;
 pub mod spawn;
+pub mod store;
 pub mod supervisor;
+pub mod sweep;
 pub mod upstream;
 
 pub use config::Config;

@@ -88,6 +88,35 @@ pub fn own_children() -> Vec<u32> {
     out
 }
 
+/// The value of environment variable `name` in the environment `pid` was started with
+/// (`/proc/PID/environ`). `None` if there is no such process, it is a zombie or a kernel thread
+/// (empty environment), we may not read it, or the variable is not set.
+pub fn environ_var(pid: u32, name: &str) -> Option<String> {
+    let bytes = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    find_env_var(&bytes, name)
+}
+
+fn find_env_var(environ: &[u8], name: &str) -> Option<String> {
+    environ.split(|b| *b == 0).find_map(|entry| {
+        let value = entry.strip_prefix(name.as_bytes())?.strip_prefix(b"=")?;
+        String::from_utf8(value.to_vec()).ok()
+    })
+}
+
+/// The command name of `pid` (`/proc/PID/comm`), e.g. `llama-server`.
+pub fn comm(pid: u32) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(text.trim_end_matches('\n').to_owned())
+}
+
+/// The id of the running boot (`/proc/sys/kernel/random/boot_id`): pids and start times are
+/// only comparable within one boot.
+pub fn boot_id() -> Option<String> {
+    let text = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = text.trim();
+    (!id.is_empty()).then(|| id.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +139,30 @@ mod tests {
         assert!(is_alive(me));
         assert!(s.start_time > 0);
         assert!(stat(u32::MAX - 1).is_none());
+    }
+
+    #[test]
+    fn finds_a_variable_in_an_environ_block() {
+        let env = b"A=1\0LLMVISOR_INSTANCE=lv-1-ab\0LLMVISOR_INSTANCEX=no\0B=\0";
+        assert_eq!(
+            find_env_var(env, "LLMVISOR_INSTANCE").as_deref(),
+            Some("lv-1-ab")
+        );
+        assert_eq!(find_env_var(env, "B").as_deref(), Some(""));
+        assert_eq!(find_env_var(env, "LLMVISOR_INSTANC"), None);
+        assert_eq!(find_env_var(b"", "A"), None);
+    }
+
+    #[test]
+    fn reads_own_environment_comm_and_boot_id() {
+        let me = std::process::id();
+        // PATH is set for every test run; our environ is the one we were started with.
+        if let Ok(path) = std::env::var("PATH") {
+            assert_eq!(environ_var(me, "PATH"), Some(path));
+        }
+        assert!(comm(me).is_some_and(|c| !c.is_empty() && !c.ends_with('\n')));
+        let boot = boot_id().unwrap();
+        assert_eq!(boot.len(), 36, "{boot}");
+        assert_eq!(boot_id().unwrap(), boot);
     }
 }

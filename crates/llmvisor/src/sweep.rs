@@ -1,0 +1,817 @@
+//! The orphan sweep: finds servers left behind by dead llmvisor instances of a state dir and
+//! stops them — never anything it cannot prove is theirs.
+//!
+//! Run at the start of every llmvisor on a state dir and by `llmvisor gc [--dry-run]`.
+//!
+//! Candidates are processes of *dead* owners only (an owner is dead when its lock in
+//! `<state_dir>/owners/` is not held, see [`crate::owner`]); the own instance and live owners are
+//! never looked at:
+//! * a recorded child (`children` table) whose pid is alive with the recorded start time — the
+//!   pair names one process for all time within a boot. A different start time means the pid was
+//!   recycled: reported, never signalled. A record from an earlier boot is simply dropped;
+//! * any process whose environment carries `LLMVISOR_INSTANCE=<dead owner>`: grandchildren of
+//!   wrapper scripts that escaped the parent-death signal. The marker is the proof.
+//!
+//! Before any signal the sweep opens a pidfd and checks the proof *again*, so the pidfd surely
+//! names the proven process, and signals through it: a recycled pid can never be hit. A proven
+//! group leader (still leading its group per `/proc`) is stopped with its whole group; otherwise
+//! each proven process is signalled on its own. Stop = SIGTERM, up to `grace`, then SIGKILL.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::Duration;
+
+use rustix::io::Errno;
+use rustix::process::{Pid, PidfdFlags, Signal};
+use tokio::time::Instant;
+
+use crate::owner::{self, Liveness};
+use crate::procfs::{self, ProcStat};
+use crate::spawn::INSTANCE_ENV;
+use crate::store::{ChildRecord, Store};
+
+/// How long a process gets between SIGTERM and SIGKILL, unless told otherwise.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+/// How long to wait for the kernel to finish processes off after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(2);
+/// Poll interval while waiting for processes to go.
+const POLL: Duration = Duration::from_millis(20);
+
+/// How a sweep runs.
+#[derive(Debug, Clone)]
+pub struct SweepOptions {
+    /// The instance running the sweep (never touched); `None` for `llmvisor gc`.
+    pub own_instance: Option<String>,
+    /// Report what would be done; signal nothing and change nothing in the store.
+    pub dry_run: bool,
+    /// Time between SIGTERM and SIGKILL.
+    pub grace: Duration,
+}
+
+impl Default for SweepOptions {
+    fn default() -> Self {
+        Self {
+            own_instance: None,
+            dry_run: false,
+            grace: DEFAULT_GRACE,
+        }
+    }
+}
+
+/// How a process was proven to belong to a dead owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proof {
+    /// A `children` record: pid and start time match.
+    Record,
+    /// Its environment carries the owner's `LLMVISOR_INSTANCE`.
+    Marker,
+    /// A member of the process group led by this proven pid.
+    GroupOf(u32),
+}
+
+/// What a stopped (or to-be-stopped) process was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    /// The dead instance it belonged to.
+    pub owner: String,
+    /// The model, when a record tells.
+    pub model: Option<String>,
+    /// Its command name (`/proc/PID/comm`).
+    pub comm: Option<String>,
+    pub proof: Proof,
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<String> = Vec::new();
+        if self.proof != Proof::Record {
+            if let Some(comm) = &self.comm {
+                parts.push(comm.clone());
+            }
+        }
+        if let Some(model) = &self.model {
+            parts.push(format!("model {model}"));
+        }
+        match self.proof {
+            Proof::Record => parts.push(format!("owner {}, dead", self.owner)),
+            Proof::Marker => parts.push(format!("{INSTANCE_ENV} of owner {}, dead", self.owner)),
+            Proof::GroupOf(leader) => parts.push(format!(
+                "in the group of pid {leader}, owner {}, dead",
+                self.owner
+            )),
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// Why a record was removed.
+pub const RECORD_GONE: &str = "the process is gone";
+/// Why a record was removed.
+pub const RECORD_EARLIER_BOOT: &str = "it is from an earlier boot";
+/// Why a record was removed.
+pub const RECORD_PID_REUSED: &str = "its pid now belongs to another process";
+
+/// One thing the sweep found, and what it did about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// Stopped, by SIGTERM or, after the grace, by SIGKILL.
+    Stopped {
+        pid: u32,
+        subject: Subject,
+        killed_after: Option<Duration>,
+    },
+    /// Dry run: would be stopped.
+    WouldStop { pid: u32, subject: Subject },
+    /// Proven, signalled, and still there.
+    NotStopped {
+        pid: u32,
+        subject: Subject,
+        reason: String,
+    },
+    /// Not proven to be a dead owner's: not signalled.
+    LeftAlone { pid: u32, reason: String },
+    /// A `children` record of a dead owner was (or, dry run, would be) removed.
+    RecordRemoved {
+        pid: u32,
+        model: String,
+        owner: String,
+        reason: &'static str,
+        dry_run: bool,
+    },
+    /// A dead instance was (or would be) removed from the store, with its claims, ports and
+    /// leases, and its stale lock file.
+    InstanceRemoved { id: String, dry_run: bool },
+    /// Something the sweep could not do (reading the store, say).
+    Error(String),
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Stopped {
+                pid,
+                subject,
+                killed_after: None,
+            } => write!(f, "stopped pid {pid} ({subject}) with SIGTERM"),
+            Self::Stopped {
+                pid,
+                subject,
+                killed_after: Some(grace),
+            } => write!(
+                f,
+                "stopped pid {pid} ({subject}) with SIGKILL ({grace:?} after SIGTERM)"
+            ),
+            Self::WouldStop { pid, subject } => write!(f, "would stop pid {pid} ({subject})"),
+            Self::NotStopped {
+                pid,
+                subject,
+                reason,
+            } => write!(f, "could not stop pid {pid} ({subject}): {reason}"),
+            Self::LeftAlone { pid, reason } => write!(f, "left pid {pid} alone: {reason}"),
+            Self::RecordRemoved {
+                pid,
+                model,
+                owner,
+                reason,
+                dry_run,
+            } => write!(
+                f,
+                "{} the record of pid {pid} (model {model}, owner {owner}, dead): {reason}",
+                if *dry_run { "would remove" } else { "removed" }
+            ),
+            Self::InstanceRemoved { id, dry_run } => write!(
+                f,
+                "{} dead instance {id} (its records, claims, ports and lock file)",
+                if *dry_run { "would remove" } else { "removed" }
+            ),
+            Self::Error(e) => write!(f, "error: {e}"),
+        }
+    }
+}
+
+/// Everything one sweep found and did. `Display` prints one line per finding, or
+/// `nothing to clean up`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub dry_run: bool,
+    pub findings: Vec<Finding>,
+}
+
+impl SweepReport {
+    /// True when there was nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.findings.is_empty()
+    }
+
+    /// Pids that were stopped.
+    pub fn stopped(&self) -> Vec<u32> {
+        self.pids(|f| matches!(f, Finding::Stopped { .. }))
+    }
+
+    /// Pids that a dry run would stop.
+    pub fn would_stop(&self) -> Vec<u32> {
+        self.pids(|f| matches!(f, Finding::WouldStop { .. }))
+    }
+
+    /// Pids that were left alone because they could not be proven a dead owner's.
+    pub fn left_alone(&self) -> Vec<u32> {
+        self.pids(|f| matches!(f, Finding::LeftAlone { .. }))
+    }
+
+    /// True if something went wrong (a process survived, or the store failed).
+    pub fn has_errors(&self) -> bool {
+        self.findings
+            .iter()
+            .any(|f| matches!(f, Finding::NotStopped { .. } | Finding::Error(_)))
+    }
+
+    fn pids(&self, pick: impl Fn(&Finding) -> bool) -> Vec<u32> {
+        self.findings
+            .iter()
+            .filter(|f| pick(f))
+            .filter_map(|f| match f {
+                Finding::Stopped { pid, .. }
+                | Finding::WouldStop { pid, .. }
+                | Finding::NotStopped { pid, .. }
+                | Finding::LeftAlone { pid, .. }
+                | Finding::RecordRemoved { pid, .. } => Some(*pid),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl fmt::Display for SweepReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.findings.is_empty() {
+            return f.write_str("nothing to clean up");
+        }
+        for (i, finding) in self.findings.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{finding}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Sweeps `state_dir` with the default grace. `own_instance` is the caller's instance id
+/// (`None` for `llmvisor gc`). Never fails: problems are findings in the report.
+pub async fn run(
+    state_dir: &Path,
+    store: &Store,
+    own_instance: Option<&str>,
+    dry_run: bool,
+) -> SweepReport {
+    let opts = SweepOptions {
+        own_instance: own_instance.map(str::to_owned),
+        dry_run,
+        grace: DEFAULT_GRACE,
+    };
+    run_with(state_dir, store, &opts).await
+}
+
+/// A process believed to be a dead owner's, with the facts to prove it again.
+#[derive(Debug, Clone)]
+struct Candidate {
+    pid: u32,
+    start_time: u64,
+    /// For marker candidates: the marker value to find again.
+    marker: Option<String>,
+    /// For record candidates: the record's (instance, pid).
+    record: Option<(String, u32)>,
+    subject: Subject,
+}
+
+impl Candidate {
+    /// The proof, checked now against `/proc`.
+    fn holds(&self) -> bool {
+        let same = procfs::stat(self.pid)
+            .is_some_and(|s| !s.is_zombie() && s.start_time == self.start_time);
+        same && match &self.marker {
+            Some(m) => procfs::environ_var(self.pid, INSTANCE_ENV).as_deref() == Some(m),
+            None => true,
+        }
+    }
+
+    /// True once the proven process is gone (exited; a zombie counts as gone).
+    fn gone(&self) -> bool {
+        procfs::stat(self.pid).is_none_or(|s| s.is_zombie() || s.start_time != self.start_time)
+    }
+
+    /// True if it is alive and (still) leads its own process group.
+    fn leads_group(&self) -> bool {
+        procfs::stat(self.pid).is_some_and(|s| {
+            !s.is_zombie() && s.start_time == self.start_time && s.pgrp == self.pid
+        })
+    }
+}
+
+/// A candidate whose proof held after its pidfd was opened.
+struct Proven {
+    cand: Candidate,
+    fd: OwnedFd,
+}
+
+/// Sweeps `state_dir` as `opts` say. See the module docs for what is proven and how.
+pub async fn run_with(state_dir: &Path, store: &Store, opts: &SweepOptions) -> SweepReport {
+    let dry_run = opts.dry_run;
+    let mut report = SweepReport {
+        dry_run,
+        findings: Vec::new(),
+    };
+    let own = opts.own_instance.as_deref();
+
+    let rows = store.children().await.unwrap_or_else(|e| {
+        report.findings.push(Finding::Error(format!(
+            "cannot read the recorded servers: {e}"
+        )));
+        Vec::new()
+    });
+    let instances = store.instances().await.unwrap_or_else(|e| {
+        report
+            .findings
+            .push(Finding::Error(format!("cannot read the instances: {e}")));
+        Vec::new()
+    });
+
+    // Every instance this state dir knows of, and which of them are dead.
+    let mut known: BTreeSet<String> = instances
+        .iter()
+        .map(|i| i.id.clone())
+        .chain(rows.iter().map(|r| r.instance_id.clone()))
+        .chain(owner::lock_files(state_dir))
+        .collect();
+    if let Some(own) = own {
+        known.remove(own);
+    }
+    let mut dead: BTreeSet<String> = known
+        .iter()
+        .filter(|id| owner::probe(state_dir, id) != Liveness::Alive)
+        .cloned()
+        .collect();
+
+    // Records of dead owners.
+    let boot = procfs::boot_id();
+    let mut drop_rows: Vec<(String, u32)> = Vec::new();
+    let mut candidates: Vec<Candidate> = Vec::new();
+    for row in rows.iter().filter(|r| dead.contains(&r.instance_id)) {
+        let removed = |reason| Finding::RecordRemoved {
+            pid: row.pid,
+            model: row.model.clone(),
+            owner: row.instance_id.clone(),
+            reason,
+            dry_run,
+        };
+        let key = (row.instance_id.clone(), row.pid);
+        let earlier_boot = boot
+            .as_deref()
+            .is_some_and(|b| !row.boot_id.is_empty() && row.boot_id != b);
+        if earlier_boot {
+            report.findings.push(removed(RECORD_EARLIER_BOOT));
+            drop_rows.push(key);
+            continue;
+        }
+        match procfs::stat(row.pid).filter(|s| !s.is_zombie()) {
+            Some(s) if s.start_time == row.start_time => candidates.push(record_candidate(row)),
+            // Someone else's pid now — unless it carries this dead owner's marker itself, in
+            // which case the marker scan below proves it.
+            Some(_)
+                if procfs::environ_var(row.pid, INSTANCE_ENV).as_ref()
+                    == Some(&row.instance_id) =>
+            {
+                report.findings.push(removed(RECORD_PID_REUSED));
+                drop_rows.push(key);
+            }
+            Some(_) => {
+                report.findings.push(Finding::LeftAlone {
+                    pid: row.pid,
+                    reason: format!(
+                        "start time differs from the record (pid reused; the record was model {} \
+                         of owner {})",
+                        row.model, row.instance_id
+                    ),
+                });
+                report.findings.push(removed(RECORD_PID_REUSED));
+                drop_rows.push(key);
+            }
+            None => {
+                report.findings.push(removed(RECORD_GONE));
+                drop_rows.push(key);
+            }
+        }
+    }
+
+    // Processes carrying a dead owner's marker.
+    let skip = self_and_ancestors();
+    let hits = {
+        let skip = skip.clone();
+        match tokio::task::spawn_blocking(move || scan_markers(&skip)).await {
+            Ok(hits) => hits,
+            Err(e) => {
+                report.findings.push(Finding::Error(format!(
+                    "cannot scan processes for {INSTANCE_ENV}: {e}"
+                )));
+                Vec::new()
+            }
+        }
+    };
+    for (pid, stat, id) in hits {
+        if Some(id.as_str()) == own || candidates.iter().any(|c| c.pid == pid) {
+            continue;
+        }
+        if !dead.contains(&id) {
+            // A live owner's, or an instance this state dir does not know (another state dir's):
+            // not ours to judge. A lock file that appeared since the listing may still tell.
+            if known.contains(&id) || owner::probe(state_dir, &id) != Liveness::Dead {
+                continue;
+            }
+            known.insert(id.clone());
+            dead.insert(id.clone());
+        }
+        let model = rows
+            .iter()
+            .find(|r| r.instance_id == id && r.pgid == stat.pgrp)
+            .map(|r| r.model.clone());
+        candidates.push(Candidate {
+            pid,
+            start_time: stat.start_time,
+            marker: Some(id.clone()),
+            record: None,
+            subject: Subject {
+                owner: id,
+                model,
+                comm: procfs::comm(pid),
+                proof: Proof::Marker,
+            },
+        });
+    }
+
+    let own_pgrp = procfs::stat(std::process::id()).map(|s| s.pgrp);
+    if dry_run {
+        let mut listed: HashSet<u32> = HashSet::new();
+        for c in &candidates {
+            if !c.holds() {
+                continue;
+            }
+            listed.insert(c.pid);
+            report.findings.push(Finding::WouldStop {
+                pid: c.pid,
+                subject: c.subject.clone(),
+            });
+        }
+        for c in &candidates {
+            if c.leads_group() && own_pgrp != Some(c.pid) {
+                for m in procfs::live_group_members(c.pid) {
+                    if !skip.contains(&m) && listed.insert(m) {
+                        report.findings.push(Finding::WouldStop {
+                            pid: m,
+                            subject: member_subject(c, m),
+                        });
+                    }
+                }
+            }
+        }
+        for id in &dead {
+            report.findings.push(Finding::InstanceRemoved {
+                id: id.clone(),
+                dry_run,
+            });
+        }
+        return report;
+    }
+
+    // Prove again through a pidfd; collect the groups of proven leaders.
+    let mut proven: Vec<Proven> = Vec::new();
+    let mut keep_instance: HashSet<String> = HashSet::new();
+    for c in candidates {
+        match open_proven(&c) {
+            Ok(fd) => proven.push(Proven { cand: c, fd }),
+            Err(None) => {
+                if let Some(key) = c.record.clone() {
+                    report.findings.push(Finding::RecordRemoved {
+                        pid: c.pid,
+                        model: c.subject.model.clone().unwrap_or_default(),
+                        owner: c.subject.owner.clone(),
+                        reason: RECORD_GONE,
+                        dry_run,
+                    });
+                    drop_rows.push(key);
+                }
+            }
+            Err(Some(e)) => {
+                keep_instance.insert(c.subject.owner.clone());
+                report.findings.push(Finding::LeftAlone {
+                    pid: c.pid,
+                    reason: format!(
+                        "cannot open a pidfd for it ({e}), so it cannot be signalled safely"
+                    ),
+                });
+            }
+        }
+    }
+    add_group_members(&mut proven, &skip, own_pgrp);
+
+    // SIGTERM, the grace, SIGKILL for what is left.
+    signal_all(&proven, Signal::TERM, own_pgrp);
+    let deadline = Instant::now() + opts.grace;
+    while Instant::now() < deadline && !proven.iter().all(|p| p.cand.gone()) {
+        tokio::time::sleep(POLL).await;
+    }
+    let termed: HashSet<u32> = proven
+        .iter()
+        .filter(|p| p.cand.gone())
+        .map(|p| p.cand.pid)
+        .collect();
+    if termed.len() < proven.len() {
+        add_group_members(&mut proven, &skip, own_pgrp);
+        let left: Vec<&Proven> = proven.iter().filter(|p| !p.cand.gone()).collect();
+        tracing::info!(
+            pids = ?left.iter().map(|p| p.cand.pid).collect::<Vec<_>>(),
+            "still running {:?} after SIGTERM; sending SIGKILL", opts.grace
+        );
+        signal_all(&proven, Signal::KILL, own_pgrp);
+        let give_up = Instant::now() + KILL_WAIT;
+        while Instant::now() < give_up && !proven.iter().all(|p| p.cand.gone()) {
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    for p in &proven {
+        let c = &p.cand;
+        if c.gone() {
+            report.findings.push(Finding::Stopped {
+                pid: c.pid,
+                subject: c.subject.clone(),
+                killed_after: (!termed.contains(&c.pid)).then_some(opts.grace),
+            });
+            if let Some(key) = c.record.clone() {
+                drop_rows.push(key);
+            }
+        } else {
+            keep_instance.insert(c.subject.owner.clone());
+            report.findings.push(Finding::NotStopped {
+                pid: c.pid,
+                subject: c.subject.clone(),
+                reason: "still running after SIGKILL".into(),
+            });
+        }
+    }
+
+    // The store: forget what is gone.
+    for (instance, pid) in &drop_rows {
+        if let Err(e) = store.remove_child(instance, *pid).await {
+            report.findings.push(Finding::Error(format!(
+                "cannot remove the record of pid {pid}: {e}"
+            )));
+        }
+    }
+    for id in dead.iter().filter(|id| !keep_instance.contains(*id)) {
+        match store.remove_instance(id).await {
+            Ok(()) => {
+                owner::remove_if_stale(state_dir, id);
+                report.findings.push(Finding::InstanceRemoved {
+                    id: id.clone(),
+                    dry_run,
+                });
+            }
+            Err(e) => report.findings.push(Finding::Error(format!(
+                "cannot remove dead instance {id}: {e}"
+            ))),
+        }
+    }
+    report
+}
+
+fn record_candidate(row: &ChildRecord) -> Candidate {
+    Candidate {
+        pid: row.pid,
+        start_time: row.start_time,
+        marker: None,
+        record: Some((row.instance_id.clone(), row.pid)),
+        subject: Subject {
+            owner: row.instance_id.clone(),
+            model: Some(row.model.clone()),
+            comm: procfs::comm(row.pid),
+            proof: Proof::Record,
+        },
+    }
+}
+
+fn member_subject(leader: &Candidate, pid: u32) -> Subject {
+    Subject {
+        owner: leader.subject.owner.clone(),
+        model: leader.subject.model.clone(),
+        comm: procfs::comm(pid),
+        proof: Proof::GroupOf(leader.pid),
+    }
+}
+
+/// Opens a pidfd for `c` and proves it again, so the pidfd surely refers to the proven process.
+/// `Err(None)`: it is gone; `Err(Some(e))`: no pidfd could be had.
+fn open_proven(c: &Candidate) -> Result<OwnedFd, Option<Errno>> {
+    let pid = Pid::from_raw(c.pid as i32).ok_or(None)?;
+    let fd = match rustix::process::pidfd_open(pid, PidfdFlags::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::SRCH) => return Err(None),
+        Err(e) => return Err(Some(e)),
+    };
+    if c.holds() {
+        Ok(fd)
+    } else {
+        Err(None)
+    }
+}
+
+/// Adds the live members of every proven leader's group (proven as such: they are in the group
+/// while its proven leader still leads it).
+fn add_group_members(proven: &mut Vec<Proven>, skip: &HashSet<u32>, own_pgrp: Option<u32>) {
+    let mut added = Vec::new();
+    for leader in proven.iter() {
+        let l = &leader.cand;
+        if own_pgrp == Some(l.pid) || !l.leads_group() {
+            continue;
+        }
+        for m in procfs::live_group_members(l.pid) {
+            if skip.contains(&m)
+                || proven.iter().any(|p| p.cand.pid == m)
+                || added.iter().any(|p: &Proven| p.cand.pid == m)
+            {
+                continue;
+            }
+            let Some(before) = procfs::stat(m).filter(|s| !s.is_zombie()) else {
+                continue;
+            };
+            let cand = Candidate {
+                pid: m,
+                start_time: before.start_time,
+                marker: None,
+                record: None,
+                subject: member_subject(l, m),
+            };
+            let Ok(fd) = open_proven(&cand) else {
+                continue;
+            };
+            let still_member = procfs::stat(m).is_some_and(|s| s.pgrp == l.pid);
+            if still_member && l.leads_group() {
+                added.push(Proven { cand, fd });
+            }
+        }
+    }
+    proven.extend(added);
+}
+
+/// Sends `sig` to every proven process still there: a whole group at once where its proven
+/// leader still leads it, each remaining one through its pidfd.
+fn signal_all(proven: &[Proven], sig: Signal, own_pgrp: Option<u32>) {
+    let mut groups: HashSet<u32> = HashSet::new();
+    for p in proven {
+        let c = &p.cand;
+        if own_pgrp != Some(c.pid) && c.leads_group() {
+            if let Some(pgid) = Pid::from_raw(c.pid as i32) {
+                match rustix::process::kill_process_group(pgid, sig) {
+                    Ok(()) => {
+                        groups.insert(c.pid);
+                    }
+                    Err(Errno::SRCH) => {}
+                    Err(e) => tracing::warn!(pgid = c.pid, ?sig, "cannot signal group: {e}"),
+                }
+            }
+        }
+    }
+    // Where a group signal reached a process, do not signal it twice (a second SIGTERM makes
+    // some servers skip their graceful shutdown).
+    let in_signalled_group: HashMap<u32, bool> = proven
+        .iter()
+        .map(|p| {
+            let pgrp = procfs::stat(p.cand.pid).map(|s| s.pgrp);
+            (p.cand.pid, pgrp.is_some_and(|g| groups.contains(&g)))
+        })
+        .collect();
+    for p in proven {
+        if in_signalled_group[&p.cand.pid] || p.cand.gone() {
+            continue;
+        }
+        match rustix::process::pidfd_send_signal(&p.fd, sig) {
+            Ok(()) | Err(Errno::SRCH) => {}
+            Err(e) => tracing::warn!(pid = p.cand.pid, ?sig, "cannot signal through pidfd: {e}"),
+        }
+    }
+}
+
+/// Every live process whose environment carries `LLMVISOR_INSTANCE`, with its stat and the
+/// marker's value. The stat is read before and after the environment, so both belong to one
+/// process.
+fn scan_markers(skip: &HashSet<u32>) -> Vec<(u32, ProcStat, String)> {
+    let mut hits = Vec::new();
+    for pid in procfs::all_pids() {
+        if skip.contains(&pid) {
+            continue;
+        }
+        let Some(before) = procfs::stat(pid).filter(|s| !s.is_zombie()) else {
+            continue;
+        };
+        let Some(id) = procfs::environ_var(pid, INSTANCE_ENV) else {
+            continue;
+        };
+        let after = procfs::stat(pid);
+        if after.is_some_and(|a| !a.is_zombie() && a.start_time == before.start_time) {
+            hits.push((pid, before, id));
+        }
+    }
+    hits
+}
+
+/// This process and its ancestors: never candidates, whatever their environment says.
+fn self_and_ancestors() -> HashSet<u32> {
+    let mut out = HashSet::new();
+    let mut pid = std::process::id();
+    while pid > 1 && out.insert(pid) {
+        match procfs::stat(pid) {
+            Some(s) => pid = s.ppid,
+            None => break,
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject(proof: Proof) -> Subject {
+        Subject {
+            owner: "lv-99-ab12".into(),
+            model: Some("gemma".into()),
+            comm: Some("sleep".into()),
+            proof,
+        }
+    }
+
+    #[test]
+    fn report_lines_read_well() {
+        let empty = SweepReport::default();
+        assert_eq!(empty.to_string(), "nothing to clean up");
+        let report = SweepReport {
+            dry_run: false,
+            findings: vec![
+                Finding::Stopped {
+                    pid: 1234,
+                    subject: subject(Proof::Record),
+                    killed_after: None,
+                },
+                Finding::Stopped {
+                    pid: 1235,
+                    subject: subject(Proof::GroupOf(1234)),
+                    killed_after: Some(Duration::from_secs(5)),
+                },
+                Finding::LeftAlone {
+                    pid: 77,
+                    reason: "start time differs from the record (pid reused)".into(),
+                },
+            ],
+        };
+        let text = report.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "stopped pid 1234 (model gemma, owner lv-99-ab12, dead) with SIGTERM"
+        );
+        assert_eq!(
+            lines[1],
+            "stopped pid 1235 (sleep, model gemma, in the group of pid 1234, owner lv-99-ab12, \
+             dead) with SIGKILL (5s after SIGTERM)"
+        );
+        assert_eq!(
+            lines[2],
+            "left pid 77 alone: start time differs from the record (pid reused)"
+        );
+        assert_eq!(report.stopped(), vec![1234, 1235]);
+        assert_eq!(report.left_alone(), vec![77]);
+        let marker = Finding::WouldStop {
+            pid: 9,
+            subject: Subject {
+                model: None,
+                ..subject(Proof::Marker)
+            },
+        };
+        assert_eq!(
+            marker.to_string(),
+            "would stop pid 9 (sleep, LLMVISOR_INSTANCE of owner lv-99-ab12, dead)"
+        );
+    }
+
+    #[test]
+    fn the_sweeping_process_and_its_ancestors_are_never_candidates() {
+        let skip = self_and_ancestors();
+        assert!(skip.contains(&std::process::id()));
+        let parent = procfs::stat(std::process::id()).unwrap().ppid;
+        if parent > 1 {
+            assert!(skip.contains(&parent));
+        }
+        assert!(!skip.contains(&1));
+    }
+}

@@ -99,9 +99,7 @@ impl Env {
             .enable_all()
             .build()
             .expect("tokio runtime");
-        let sup = rt
-            .block_on(async { Supervisor::new(&config) })
-            .expect("supervisor");
+        let sup = rt.block_on(Supervisor::new(&config)).expect("supervisor");
         // Start the warm model once, before anything is measured.
         drop(
             rt.block_on(sup.acquire(WARM))

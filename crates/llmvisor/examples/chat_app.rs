@@ -63,7 +63,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let sup = Supervisor::new(&config).expect("supervisor");
+    let sup = Supervisor::new(&config).await.expect("supervisor");
 
     // Open every chat window; each gets its lease (or an error) back.
     let app_start = Instant::now();

@@ -47,7 +47,7 @@ async fn max_loaded_one_stops_a_before_b_starts() {
     let s = Scratch::new();
     let mut cfg = s.config(vec![s.model("a", &[]), s.model("b", &[])]);
     cfg.max_loaded = Some(1);
-    let sup = Supervisor::new(&cfg).unwrap();
+    let sup = Supervisor::new(&cfg).await.unwrap();
     let (stop, max, watcher) = watch_concurrency(&s);
     for round in 0..3 {
         let a = sup.acquire("a").await.unwrap();
@@ -191,7 +191,7 @@ async fn budget_evicts_the_least_recently_used_idle_model_never_a_pinned_one() {
         sized("z", false),
     ]);
     cfg.memory_budget = Some(3 * GIB);
-    let sup = Supervisor::new(&cfg).unwrap();
+    let sup = Supervisor::new(&cfg).await.unwrap();
     // p (pinned) is the oldest use of all; then x, then y.
     for id in ["p", "x", "y"] {
         drop(sup.acquire(id).await.unwrap());
@@ -223,7 +223,7 @@ async fn a_model_bigger_than_the_budget_fails_at_once() {
     m.memory = Some(10 * GIB);
     let mut cfg = s.config(vec![m]);
     cfg.memory_budget = Some(4 * GIB);
-    let sup = Supervisor::new(&cfg).unwrap();
+    let sup = Supervisor::new(&cfg).await.unwrap();
     let t = Instant::now();
     let err = sup.acquire("huge").await.unwrap_err();
     assert!(t.elapsed() < Duration::from_secs(1));
@@ -260,7 +260,7 @@ async fn exclusive_group_members_take_turns() {
             exclusive: true,
         },
     );
-    let sup = Supervisor::new(&cfg).unwrap();
+    let sup = Supervisor::new(&cfg).await.unwrap();
     drop(sup.acquire("a").await.unwrap());
     drop(sup.acquire("c").await.unwrap());
     drop(sup.acquire("b").await.unwrap());

@@ -17,7 +17,7 @@ async fn a_hung_server_is_restarted_and_a_crash_loop_fails_then_recovers_on_load
     let mut m = s.model("m", &["--hang-health-after", "400ms", "--log-lines", "1"]);
     m.health.interval = Some(Duration::from_millis(100));
     m.health.failures = 2;
-    let sup = Supervisor::new(&s.config(vec![m])).unwrap();
+    let sup = Supervisor::new(&s.config(vec![m])).await.unwrap();
     let cell = sup.model("m").unwrap();
     let lease = sup.acquire("m").await.unwrap();
     let ready_at = Instant::now();
@@ -87,7 +87,7 @@ async fn policy_stop_leaves_a_crashed_server_stopped_until_the_next_request() {
     let s = Scratch::new();
     let mut m = s.model("m", &["--crash-after", "1"]);
     m.health.on_unhealthy = llmvisor::config::OnUnhealthy::Stop;
-    let sup = Supervisor::new(&s.config(vec![m])).unwrap();
+    let sup = Supervisor::new(&s.config(vec![m])).await.unwrap();
     let lease = sup.acquire("m").await.unwrap();
     let r = support::http::request(
         "POST",
@@ -112,7 +112,9 @@ async fn policy_stop_leaves_a_crashed_server_stopped_until_the_next_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_restart_brings_a_crashed_server_back_by_itself() {
     let s = Scratch::new();
-    let sup = Supervisor::new(&s.config(vec![s.model("m", &["--crash-after", "1"])])).unwrap();
+    let sup = Supervisor::new(&s.config(vec![s.model("m", &["--crash-after", "1"])]))
+        .await
+        .unwrap();
     let lease = sup.acquire("m").await.unwrap();
     let first = lease.url();
     let r = support::http::request("POST", &format!("{first}/v1/completions"), &[], "{}").await;

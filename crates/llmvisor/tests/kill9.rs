@@ -74,6 +74,7 @@ fn helper_process() {
             s.model("ready", &[]),
             s.model("loading", &["--startup-delay", "60s"]),
         ]))
+        .await
         .unwrap();
         let lease = sup.acquire("ready").await.unwrap();
         let sup2 = sup.clone();

@@ -21,8 +21,9 @@ async fn finish(sup: Supervisor, scratch: &Scratch) {
 
 async fn concurrent_acquires_spawn_once(n: usize) {
     let s = Scratch::new();
-    let sup =
-        Supervisor::new(&s.config(vec![s.model("a", &["--startup-delay", "300ms"])])).unwrap();
+    let sup = Supervisor::new(&s.config(vec![s.model("a", &["--startup-delay", "300ms"])]))
+        .await
+        .unwrap();
     let tasks: Vec<_> = (0..n)
         .map(|_| {
             let sup = sup.clone();
@@ -52,7 +53,9 @@ async fn hundred_concurrent_acquires_spawn_once() {
 #[tokio::test]
 async fn rapid_sequential_acquires_spawn_once() {
     let s = Scratch::new();
-    let sup = Supervisor::new(&s.config(vec![s.model("a", &[])])).unwrap();
+    let sup = Supervisor::new(&s.config(vec![s.model("a", &[])]))
+        .await
+        .unwrap();
     let mut url = None;
     for _ in 0..10 {
         let lease = sup.acquire("a").await.unwrap();
@@ -70,6 +73,7 @@ async fn different_models_start_in_parallel() {
         s.model("a", &["--startup-delay", "1s"]),
         s.model("b", &["--startup-delay", "1s"]),
     ]))
+    .await
     .unwrap();
     let began = Instant::now();
     let (a, b) = tokio::join!(sup.acquire("a"), sup.acquire("b"));
@@ -95,6 +99,7 @@ async fn ready_model_never_waits_for_another_models_load() {
         s.model("a", &[]),
         s.model("b", &["--startup-delay", "3s"]),
     ]))
+    .await
     .unwrap();
     drop(sup.acquire("a").await.unwrap());
     let loading = {
@@ -131,7 +136,7 @@ async fn crashed_server_is_noticed_and_restarted_on_next_acquire() {
     // Policy `stop`: the next acquire restarts it (automatic restarts are tested in health.rs).
     let mut m = s.model("a", &["--crash-after", "1"]);
     m.health.on_unhealthy = llmvisor::config::OnUnhealthy::Stop;
-    let sup = Supervisor::new(&s.config(vec![m])).unwrap();
+    let sup = Supervisor::new(&s.config(vec![m])).await.unwrap();
     let lease = sup.acquire("a").await.unwrap();
     let first_pid = sup.status()[0].pid.unwrap();
     // One request makes it crash.
@@ -160,7 +165,9 @@ async fn crashed_server_is_noticed_and_restarted_on_next_acquire() {
 #[tokio::test]
 async fn startup_crash_loop_backs_off_with_a_clear_error() {
     let s = Scratch::new();
-    let sup = Supervisor::new(&s.config(vec![s.model("a", &["--exit-at-startup", "7"])])).unwrap();
+    let sup = Supervisor::new(&s.config(vec![s.model("a", &["--exit-at-startup", "7"])]))
+        .await
+        .unwrap();
     let err = sup.acquire("a").await.unwrap_err();
     match &err {
         AcquireError::StartFailed {
@@ -207,7 +214,7 @@ async fn startup_timeout_kills_the_server_and_says_so() {
     let s = Scratch::new();
     let mut m = s.model("a", &["--startup-delay", "60s"]);
     m.startup_timeout = Duration::from_millis(500);
-    let sup = Supervisor::new(&s.config(vec![m])).unwrap();
+    let sup = Supervisor::new(&s.config(vec![m])).await.unwrap();
     let err = sup.acquire("a").await.unwrap_err();
     assert!(matches!(err, AcquireError::StartTimeout { .. }), "{err}");
     assert!(err.to_string().contains("did not become ready"));
@@ -229,7 +236,7 @@ async fn child_ignoring_sigterm_and_its_grandchild_are_gone_within_stop_timeout(
         ],
     );
     m.stop_timeout = Duration::from_millis(500);
-    let sup = Supervisor::new(&s.config(vec![m])).unwrap();
+    let sup = Supervisor::new(&s.config(vec![m])).await.unwrap();
     drop(sup.acquire("a").await.unwrap());
     let child = s.pids("a.pids")[0];
     let grandchild = s.pids("grandchild.pids")[0];
@@ -250,7 +257,9 @@ async fn child_ignoring_sigterm_and_its_grandchild_are_gone_within_stop_timeout(
 #[tokio::test]
 async fn unload_waits_for_leases_unless_forced() {
     let s = Scratch::new();
-    let sup = Supervisor::new(&s.config(vec![s.model("a", &[])])).unwrap();
+    let sup = Supervisor::new(&s.config(vec![s.model("a", &[])]))
+        .await
+        .unwrap();
     let lease = sup.acquire("a").await.unwrap();
     let unload = {
         let sup = sup.clone();
@@ -281,7 +290,7 @@ async fn ttl_stops_only_after_the_last_lease_ends() {
     let s = Scratch::new();
     let mut m = s.model("a", &[]);
     m.ttl = Some(Duration::from_millis(300));
-    let sup = Supervisor::new(&s.config(vec![m])).unwrap();
+    let sup = Supervisor::new(&s.config(vec![m])).await.unwrap();
     let cell = sup.model("a").unwrap();
     let lease = sup.acquire("a").await.unwrap();
     // Several TTLs pass while the lease lives: nothing happens.
@@ -302,7 +311,7 @@ async fn a_new_acquire_cancels_the_ttl() {
     let s = Scratch::new();
     let mut m = s.model("a", &[]);
     m.ttl = Some(Duration::from_millis(400));
-    let sup = Supervisor::new(&s.config(vec![m])).unwrap();
+    let sup = Supervisor::new(&s.config(vec![m])).await.unwrap();
     let cell = sup.model("a").unwrap();
     drop(sup.acquire("a").await.unwrap());
     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -333,7 +342,7 @@ async fn children_carry_the_instance_marker_and_their_output_is_captured() {
         ],
     );
     m.env.insert("GREETING".into(), "hello-${MODEL_ID}".into());
-    let sup = Supervisor::new(&s.config(vec![m])).unwrap();
+    let sup = Supervisor::new(&s.config(vec![m])).await.unwrap();
     let lease = sup.acquire("a").await.unwrap();
     let logs = sup.logs("a").unwrap();
     let expected_marker = format!("env LLMVISOR_INSTANCE={}", sup.instance_id());
@@ -373,7 +382,9 @@ async fn unknown_model_names_the_known_ones() {
     let s = Scratch::new();
     let mut m = s.model("alpha", &[]);
     m.aliases = vec!["a".into()];
-    let sup = Supervisor::new(&s.config(vec![m, s.model("beta", &[])])).unwrap();
+    let sup = Supervisor::new(&s.config(vec![m, s.model("beta", &[])]))
+        .await
+        .unwrap();
     let err = sup.acquire("gamma").await.unwrap_err();
     assert!(matches!(err, AcquireError::UnknownModel { .. }));
     assert!(err.to_string().contains("alpha, beta"), "{err}");
@@ -391,7 +402,7 @@ async fn shutdown_stops_every_server_in_parallel() {
     a.stop_timeout = Duration::from_millis(800);
     let mut b = s.model("b", &["--ignore-sigterm"]);
     b.stop_timeout = Duration::from_millis(800);
-    let sup = Supervisor::new(&s.config(vec![a, b])).unwrap();
+    let sup = Supervisor::new(&s.config(vec![a, b])).await.unwrap();
     let (la, lb) = tokio::join!(sup.acquire("a"), sup.acquire("b"));
     drop((la.unwrap(), lb.unwrap()));
     let t = Instant::now();
@@ -409,7 +420,9 @@ async fn shutdown_stops_every_server_in_parallel() {
 #[tokio::test]
 async fn dropping_the_supervisor_kills_its_children() {
     let s = Scratch::new();
-    let sup = Supervisor::new(&s.config(vec![s.model("a", &[])])).unwrap();
+    let sup = Supervisor::new(&s.config(vec![s.model("a", &[])]))
+        .await
+        .unwrap();
     let lease = sup.acquire("a").await.unwrap();
     let pid = s.pids("a.pids")[0];
     drop(lease);
@@ -421,7 +434,9 @@ async fn dropping_the_supervisor_kills_its_children() {
 async fn waiters_that_give_up_do_not_cancel_the_start_for_others() {
     let s = Scratch::new();
     let sup = Arc::new(
-        Supervisor::new(&s.config(vec![s.model("a", &["--startup-delay", "500ms"])])).unwrap(),
+        Supervisor::new(&s.config(vec![s.model("a", &["--startup-delay", "500ms"])]))
+            .await
+            .unwrap(),
     );
     // The first caller gives up early (a client that disconnected)...
     let impatient = tokio::time::timeout(Duration::from_millis(100), sup.acquire("a")).await;

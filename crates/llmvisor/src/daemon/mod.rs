@@ -181,7 +181,7 @@ pub async fn serve_forever(
             source,
         })?;
     let addr = listener.local_addr().unwrap_or(cfg.listen);
-    let sup = Supervisor::new(&cfg)?;
+    let sup = Supervisor::new(&cfg).await?;
     tracing::info!(
         instance = sup.instance_id(),
         state_dir = %cfg.state_dir.display(),

@@ -37,9 +37,12 @@ pub use status::{ModelStatus, Phase};
 
 use crate::config::{Config, ModelConfig};
 use crate::logs::LogSink;
+use crate::owner::{OwnerError, OwnerLock};
 use crate::ports::PortAllocator;
 use crate::reaper::{self, Registry};
 use crate::spawn::Spawner;
+use crate::store::{InstanceRecord, Store, StoreError};
+use crate::sweep;
 use crate::upstream::{self, UpstreamClient};
 pub use admission::human_bytes;
 use admission::{Admission, Limits, Msg as AdmissionMsg};
@@ -55,10 +58,16 @@ pub enum SupervisorError {
     },
     #[error("cannot start the spawner thread: {0}")]
     Spawner(#[source] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Owner(#[from] OwnerError),
 }
 
 /// What every model's actor and tasks share.
 pub(crate) struct Context {
+    pub instance_id: Arc<str>,
+    pub store: Store,
     pub admission: Admission,
     pub spawner: Spawner,
     pub ports: PortAllocator,
@@ -68,6 +77,20 @@ pub(crate) struct Context {
 }
 
 impl Context {
+    /// Drops a child's record from the state store once it is gone (in the background: the
+    /// store serialises its writes, and this one was issued after the record was written).
+    pub fn forget_child(&self, pid: u32) {
+        let (store, instance) = (self.store.clone(), self.instance_id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = store.remove_child(&instance, pid).await {
+                tracing::warn!(
+                    pid,
+                    "cannot remove the child's record from the state store: {e}"
+                );
+            }
+        });
+    }
+
     pub fn socket_path(&self, model: &str) -> PathBuf {
         self.state_dir.join("sockets").join(format!("{model}.sock"))
     }
@@ -85,6 +108,8 @@ struct Shared {
     actors: Mutex<Vec<JoinHandle<()>>>,
     reaper: JoinHandle<()>,
     instance_id: String,
+    /// Held for the life of this instance: how other processes know it is alive.
+    _owner: OwnerLock,
 }
 
 #[derive(Default)]
@@ -111,9 +136,10 @@ impl Models {
 }
 
 impl Supervisor {
-    /// Creates the supervisor for `config`. Must be called inside a tokio runtime. Starts no
-    /// server (preloading is the caller's choice).
-    pub fn new(config: &Config) -> Result<Self, SupervisorError> {
+    /// Creates the supervisor for `config`: takes this instance's owner lock in the state dir,
+    /// opens the state store, and sweeps what dead instances left behind (logged). Starts no
+    /// server (preloading is the caller's choice). Must run inside a tokio runtime.
+    pub async fn new(config: &Config) -> Result<Self, SupervisorError> {
         let state_dir = config.state_dir.clone();
         for dir in [
             state_dir.clone(),
@@ -126,12 +152,25 @@ impl Supervisor {
             })?;
         }
         let instance_id = new_instance_id();
+        let owner = OwnerLock::acquire(&state_dir, &instance_id)?;
+        let store = Store::open(&state_dir).await?;
+        store
+            .register_instance(&InstanceRecord::current(&instance_id))
+            .await?;
+        let report = sweep::run(&state_dir, &store, Some(&instance_id), false).await;
+        if !report.stopped().is_empty() || report.has_errors() {
+            tracing::warn!("orphan sweep of {}:\n{report}", state_dir.display());
+        } else {
+            tracing::debug!("orphan sweep of {}: {report}", state_dir.display());
+        }
         let spawner = Spawner::start(&instance_id).map_err(SupervisorError::Spawner)?;
         let ports = PortAllocator::new(config.port_range);
         ports.set_reserved(config.models.iter().filter_map(|m| m.port));
         let registry = Registry::default();
         let reaper = reaper::start(registry.clone());
         let ctx = Arc::new(Context {
+            instance_id: instance_id.as_str().into(),
+            store,
             admission: Admission::start(Limits::from_config(config)),
             spawner,
             ports,
@@ -158,6 +197,7 @@ impl Supervisor {
                 actors: Mutex::new(actors),
                 reaper,
                 instance_id,
+                _owner: owner,
             }),
         })
     }
@@ -286,6 +326,16 @@ impl Supervisor {
             models.ordered.iter().map(|(_, c)| c.clone()).collect()
         };
         futures_util::future::join_all(cells.iter().map(|c| retire(c))).await;
+        // Everything is stopped: nothing of this instance is left to sweep.
+        if let Err(e) = self
+            .shared
+            .ctx
+            .store
+            .remove_instance(&self.shared.instance_id)
+            .await
+        {
+            tracing::warn!("cannot remove this instance from the state store: {e}");
+        }
     }
 }
 

@@ -776,7 +776,10 @@ impl Actor {
         if let Some(running) = &self.running {
             // The server's size after serving is a better figure than the one at ready; measuring
             // scans /proc, so at most once per interval, not on every idle moment.
-            if self.measured_at.is_none_or(|t| t.elapsed() >= MEASURE_INTERVAL) {
+            if self
+                .measured_at
+                .is_none_or(|t| t.elapsed() >= MEASURE_INTERVAL)
+            {
                 self.measured_at = Some(Instant::now());
                 let measured = measure_group(running.process.pid());
                 let mut st = self.cell.state.lock().unwrap();
@@ -901,6 +904,7 @@ impl Actor {
         let running = self.running.take();
         if let Some(r) = &running {
             let _ = r.down_tx.send(true);
+            self.ctx.forget_child(r.process.pid());
         }
         self.cell.state.lock().unwrap().last_exit = Some(describe_exit(status));
         tracing::info!(model = %self.cfg.id, "stopped ({})", describe_exit(status));
@@ -918,9 +922,13 @@ impl Actor {
         let how = describe_exit(status);
         tracing::warn!(model = %self.cfg.id, pid = running.process.pid(), "server exited unexpectedly ({how})");
         self.cell.state.lock().unwrap().last_exit = Some(how.clone());
-        // Whatever it left in its group goes too.
+        // Whatever it left in its group goes too; then its record.
         let process = running.process.clone();
-        tokio::spawn(async move { process.kill_group_and_wait().await });
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            process.kill_group_and_wait().await;
+            ctx.forget_child(process.pid());
+        });
         self.draining = false;
         self.after_failure(&running, format!("server exited unexpectedly ({how})"));
     }

@@ -16,6 +16,7 @@ use crate::logs::LogSink;
 use crate::ports::{bind_probe, PortClaim};
 use crate::readiness::{wait_ready, NotReady};
 use crate::spawn::{describe_exit, SpawnSpec};
+use crate::store::ChildRecord;
 use crate::upstream::Endpoint;
 
 /// Tries per start when the child loses its port to another process between probe and bind.
@@ -118,6 +119,9 @@ pub async fn start_server(
             logs.clone(),
             ctx.registry.clone(),
         ));
+        // Every server is in the store before it can be used, so a later llmvisor on this state
+        // dir can prove it ours and stop it if this one dies.
+        record_child(ctx, cfg, process.pid(), port, socket, "starting").await;
         let endpoint = match &address {
             Address::Port(c) => Endpoint::Tcp(([127, 0, 0, 1], c.port()).into()),
             Address::Socket(p) => Endpoint::Unix(p.as_path().into()),
@@ -126,9 +130,22 @@ pub async fn start_server(
             r = wait_ready(&ctx.client, &endpoint, &cfg.health_path, deadline, process.exited()) => r,
             _ = &mut cancel => {
                 process.stop(cfg.stop_timeout).await;
+                ctx.forget_child(process.pid());
                 return Err(StartFailure::Cancelled);
             }
         };
+        if ready.is_ok() {
+            let marked = ctx
+                .store
+                .set_child_state(&ctx.instance_id, process.pid(), "ready")
+                .await;
+            if let Err(e) = marked {
+                tracing::warn!(model = %cfg.id, "cannot update the state store: {e}");
+            }
+        } else {
+            // Whatever happens below, this process is (about to be) gone.
+            ctx.forget_child(process.pid());
+        }
         match ready {
             Ok(()) => {
                 let (down_tx, down_rx) = watch::channel(false);
@@ -173,6 +190,29 @@ pub async fn start_server(
         }
     }
     unreachable!("the last attempt returns")
+}
+
+async fn record_child(
+    ctx: &Context,
+    cfg: &ModelConfig,
+    pid: u32,
+    port: Option<u16>,
+    socket: Option<&std::path::Path>,
+    state: &str,
+) {
+    let Some(rec) = ChildRecord::of_process(
+        &ctx.instance_id,
+        &cfg.id,
+        pid,
+        port,
+        socket.map(PathBuf::from),
+        state,
+    ) else {
+        return; // already gone; the start fails on its own
+    };
+    if let Err(e) = ctx.store.record_child(&rec).await {
+        tracing::warn!(model = %cfg.id, pid, "cannot record the server in the state store: {e}");
+    }
 }
 
 fn claim_address(cfg: &ModelConfig, ctx: &Context, avoid: &[u16]) -> Result<Address, StartFailure> {

@@ -22,7 +22,7 @@ impl TestDaemon {
     pub async fn start(cfg: Config) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let sup = Supervisor::new(&cfg).unwrap();
+        let sup = Supervisor::new(&cfg).await.unwrap();
         let state = AppState::new(sup, cfg);
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(daemon::run(listener, state.clone(), async move {

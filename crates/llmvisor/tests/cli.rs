@@ -171,10 +171,16 @@ fn client_commands_find_the_daemon_through_config_then_environment() {
 }
 
 #[test]
-fn gc_is_not_there_yet() {
-    let out = llmvisor(&["gc", "--dry-run"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("not implemented"));
+fn gc_of_a_state_dir_without_state_finds_nothing() {
+    let s = Scratch::new();
+    let dir = s.path("empty");
+    let out = llmvisor(&["gc", "--state-dir", dir.to_str().unwrap(), "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("nothing to clean up"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[test]

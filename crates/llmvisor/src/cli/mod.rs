@@ -153,9 +153,12 @@ pub struct LogsArgs {
 
 #[derive(Debug, Args)]
 pub struct GcArgs {
-    /// The state directory of the llmvisor that died
+    /// The state directory of the llmvisor that died (default: the config's, else the default)
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Read `state_dir` from this config
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Only show what would be stopped
     #[arg(long)]
     pub dry_run: bool,
@@ -208,7 +211,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Load(args) => load(&args).await,
         Command::Unload(args) => unload(&args).await,
         Command::Logs(args) => logs(&args).await,
-        Command::Gc(args) => Ok(gc(&args)),
+        Command::Gc(args) => gc(&args).await,
     };
     match result {
         Err(e) => match e.downcast_ref::<Reported>() {
@@ -443,9 +446,33 @@ async fn logs(args: &LogsArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn gc(_args: &GcArgs) -> ExitCode {
-    let _ = writeln!(std::io::stderr().lock(), "llmvisor gc: not implemented yet");
-    ExitCode::from(2)
+/// Finds and stops what dead llmvisor instances left behind, proving each process is theirs
+/// first; prints what it found and did.
+async fn gc(args: &GcArgs) -> anyhow::Result<ExitCode> {
+    let dir = match (&args.state_dir, &args.config) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(path)) => load_config_or_report(path)?.state_dir,
+        (None, None) => {
+            config::parse("", None)
+                .map_err(|e| anyhow::anyhow!("cannot work out the default state dir: {e}"))?
+                .state_dir
+        }
+    };
+    if !dir.join("state.db").exists() {
+        println!(
+            "nothing to clean up (no llmvisor state in {})",
+            dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let store = crate::store::Store::open(&dir).await?;
+    let report = crate::sweep::run(&dir, &store, None, args.dry_run).await;
+    println!("{report}");
+    Ok(if report.has_errors() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Joins an error and its sources with `": "`, skipping a source whose text the previous

@@ -57,7 +57,7 @@ fn gc(s: &Scratch, dry_run: bool) -> String {
 }
 
 /// Starts the daemon, loads `w`, SIGKILLs the daemon; returns the escaped grandchild's pid.
-async fn orphan_a_grandchild(s: &Scratch, config: &PathBuf) -> u32 {
+async fn orphan_a_grandchild(s: &Scratch, config: &std::path::Path) -> u32 {
     let mut d = ServeProcess::start(config);
     let r = request("POST", &format!("{}/api/models/w/load", d.url), &[], "").await;
     assert_eq!(r.status, 200, "{}", r.text());

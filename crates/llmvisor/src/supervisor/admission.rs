@@ -320,7 +320,8 @@ impl Scheduler {
         let mut candidates: Vec<&Arc<ModelCell>> = others
             .iter()
             .copied()
-            .filter(|c| !c.pinned() && !partners.iter().any(|p| Arc::ptr_eq(p, c)))
+            .filter(|c| !c.pinned() && !c.remote_held())
+            .filter(|c| !partners.iter().any(|p| Arc::ptr_eq(p, c)))
             .filter(|c| matches!(c.phase(), Phase::Ready | Phase::Stopping))
             .collect();
         candidates.sort_by_key(|c| {

@@ -21,6 +21,7 @@ mod error;
 mod lease;
 mod memory;
 mod model;
+mod server;
 mod start;
 mod status;
 
@@ -79,13 +80,30 @@ pub(crate) struct Context {
 impl Context {
     /// Drops a child's record from the state store once it is gone (in the background: the
     /// store serialises its writes, and this one was issued after the record was written).
-    pub fn forget_child(&self, pid: u32) {
+    pub fn forget_child(&self, pid: u32, port: Option<u16>) {
         let (store, instance) = (self.store.clone(), self.instance_id.clone());
         tokio::spawn(async move {
             if let Err(e) = store.remove_child(&instance, pid).await {
                 tracing::warn!(
                     pid,
                     "cannot remove the child's record from the state store: {e}"
+                );
+            }
+            if let Some(port) = port {
+                let _ = store.release_port(port, &instance).await;
+            }
+        });
+    }
+
+    /// Gives up this instance's claim on `model` (its server is gone), in the background.
+    pub fn release_claim(&self, model: &str) {
+        let store = self.store.clone();
+        let (instance, model) = (self.instance_id.clone(), model.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = store.release_claim(&model, &instance).await {
+                tracing::warn!(
+                    model,
+                    "cannot release the model's claim in the state store: {e}"
                 );
             }
         });

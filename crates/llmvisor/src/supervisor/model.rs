@@ -18,6 +18,7 @@ use super::admission::{AdmitError, Msg as AdmissionMsg};
 use super::error::AcquireError;
 use super::lease::Lease;
 use super::memory::{measure_group, Memory};
+use super::server::RemoteServer;
 use super::start::{start_server, Running, StartFailure};
 use super::status::{ModelStatus, Phase};
 use super::Context;
@@ -27,6 +28,8 @@ use crate::metrics::{Histogram, START_BOUNDS};
 use crate::readiness::probe;
 use crate::spawn::describe_exit;
 
+/// How often the owner of a server looks for other instances' leases on it.
+const REMOTE_LEASE_CHECK: Duration = Duration::from_secs(1);
 /// How often an idle server's memory is measured again.
 const MEASURE_INTERVAL: Duration = Duration::from_secs(10);
 /// A run that stayed up this long ends a crash streak.
@@ -91,6 +94,10 @@ struct CellState {
     waiting: usize,
     memory: Memory,
     pinned: bool,
+    /// Set while the current run is another instance's server we attached to.
+    remote: Option<Arc<RemoteServer>>,
+    /// Other instances hold leases on our server (refreshed every second).
+    remote_held: bool,
 }
 
 pub(crate) enum Command {
@@ -134,7 +141,7 @@ impl ModelCell {
     /// The fast path: a lease on a ready model, or `None`.
     pub fn try_acquire_ready(self: &Arc<Self>) -> Option<Lease> {
         let mut st = self.state.lock().unwrap();
-        if st.phase != Phase::Ready {
+        if st.phase != Phase::Ready || st.remote.as_ref().is_some_and(|r| !r.usable()) {
             return None;
         }
         Some(self.grant(&mut st))
@@ -205,6 +212,11 @@ impl ModelCell {
 
     pub fn pinned(&self) -> bool {
         self.state.lock().unwrap().pinned
+    }
+
+    /// Other instances use our server of this model.
+    pub(crate) fn remote_held(&self) -> bool {
+        self.state.lock().unwrap().remote_held
     }
 
     pub(crate) fn admitted(&self) -> bool {
@@ -282,6 +294,8 @@ pub(crate) fn spawn_model(
             waiting: 0,
             memory: Memory::for_config(&cfg),
             pinned: cfg.pinned,
+            remote: None,
+            remote_held: false,
         }),
         commands,
         changed: watch::channel(0).0,
@@ -321,7 +335,8 @@ pub(crate) fn spawn_model(
 enum Next {
     Command(Command),
     Event(Event),
-    Crashed(std::process::ExitStatus),
+    /// The server ended by itself: our child's status, or `None` for an attached one.
+    Crashed(Option<std::process::ExitStatus>),
     Ttl,
     /// The backoff before an automatic restart has passed.
     Restart,
@@ -332,13 +347,18 @@ enum Next {
 /// Results of the slow work the actor hands to tasks.
 enum Event {
     Admitted(Result<(), AdmitError>),
+    /// The store said whether other instances hold leases on our idle server.
+    TtlChecked {
+        held: bool,
+    },
     /// The health monitor of run `run` gave up on the server.
     Unhealthy {
         run: u64,
         reason: String,
     },
     Started(Result<Running, StartFailure>),
-    Stopped(std::process::ExitStatus),
+    /// A stop finished: our child's status, or `None` after detaching from another's server.
+    Stopped(Option<std::process::ExitStatus>),
 }
 
 struct Actor {
@@ -391,10 +411,10 @@ impl Actor {
                 .backoff_until
                 .filter(|_| self.cell.phase() == Phase::Failed);
             let watch_crash = self.stopping_task_absent();
-            let process = self.running.as_ref().map(|r| r.process.clone());
+            let server = self.running.as_ref().map(|r| r.server.clone());
             let crashed = async move {
-                match process {
-                    Some(p) => p.exited().await,
+                match server {
+                    Some(s) => s.ended().await,
                     None => std::future::pending().await,
                 }
             };
@@ -415,6 +435,7 @@ impl Actor {
                 Next::Event(Event::Started(result)) => self.on_started(result),
                 Next::Event(Event::Stopped(status)) => self.on_stopped(status),
                 Next::Event(Event::Unhealthy { run, reason }) => self.on_unhealthy(run, reason),
+                Next::Event(Event::TtlChecked { held }) => self.on_ttl_checked(held),
                 Next::Crashed(status) => self.on_crash(status),
                 Next::Ttl => self.on_ttl(),
                 Next::Restart => {
@@ -490,6 +511,14 @@ impl Actor {
         if self.retiring.is_some() {
             let _ = reply.send(Err(self.cell.unavailable("llmvisor is shutting down")));
             return;
+        }
+        let remote_gone = {
+            let st = self.cell.state.lock().unwrap();
+            st.phase == Phase::Ready && st.remote.as_ref().is_some_and(|r| !r.usable())
+        };
+        if remote_gone {
+            // The instance whose server we used died a moment ago: start over (claim it).
+            self.on_crash(None);
         }
         let phase = {
             let mut st = self.cell.state.lock().unwrap();
@@ -679,6 +708,32 @@ impl Actor {
         });
     }
 
+    /// While our server runs: notes whether other instances hold remote leases on it, so it is
+    /// neither idled out nor evicted while used elsewhere.
+    fn spawn_remote_lease_watch(&self) {
+        let Some(running) = &self.running else {
+            return;
+        };
+        let (cell, store) = (self.cell.clone(), self.ctx.store.clone());
+        let down = running.down_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let held = store
+                    .live_remote_leases(&cell.id)
+                    .await
+                    .map(|l| !l.is_empty())
+                    .unwrap_or(false);
+                cell.state.lock().unwrap().remote_held = held;
+                let mut gone = down.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(REMOTE_LEASE_CHECK) => {}
+                    _ = gone.wait_for(|d| *d) => break,
+                }
+            }
+            cell.state.lock().unwrap().remote_held = false;
+        });
+    }
+
     fn sync_waiting(&self) {
         self.cell.state.lock().unwrap().waiting = self.waiters.len();
     }
@@ -692,7 +747,7 @@ impl Actor {
                 self.backoff_until = None;
                 self.last_failure = None;
                 let waiters = std::mem::take(&mut self.waiters);
-                let measured = measure_group(running.process.pid());
+                let measured = running.server.local().and_then(|p| measure_group(p.pid()));
                 self.measured_at = Some(Instant::now());
                 {
                     let mut st = self.cell.state.lock().unwrap();
@@ -702,13 +757,21 @@ impl Actor {
                     st.phase = Phase::Ready;
                     st.endpoint = Some(running.endpoint.clone());
                     st.down = Some(running.down_rx.clone());
-                    st.pid = Some(running.process.pid());
+                    st.pid = Some(running.server.pid());
+                    st.remote = running.server.remote().cloned();
                     st.ready_ms = Some(running.ready_after.as_millis() as u64);
                     st.leases = 0;
                 }
-                tracing::info!(model = %self.cfg.id, pid = running.process.pid(), url = %running.endpoint.base_url(), ready_ms = running.ready_after.as_millis() as u64, "ready");
+                tracing::info!(model = %self.cfg.id, pid = running.server.pid(), url = %running.endpoint.base_url(), ready_ms = running.ready_after.as_millis() as u64, "ready");
+                let attached = running.server.remote().is_some();
                 self.running = Some(running);
-                self.spawn_health_monitor();
+                if attached {
+                    // Another instance runs it and counts it against its limits, not us.
+                    self.cell.set_admitted(false);
+                } else {
+                    self.spawn_health_monitor();
+                    self.spawn_remote_lease_watch();
+                }
                 self.notify();
                 let mut granted = 0;
                 for w in waiters {
@@ -781,7 +844,7 @@ impl Actor {
                 .is_none_or(|t| t.elapsed() >= MEASURE_INTERVAL)
             {
                 self.measured_at = Some(Instant::now());
-                let measured = measure_group(running.process.pid());
+                let measured = running.server.local().and_then(|p| measure_group(p.pid()));
                 let mut st = self.cell.state.lock().unwrap();
                 st.memory = st.memory.with_measured(measured);
             }
@@ -805,6 +868,41 @@ impl Actor {
 
     fn on_ttl(&mut self) {
         self.ttl_deadline = None;
+        let local = self
+            .running
+            .as_ref()
+            .is_some_and(|r| r.server.local().is_some());
+        if !local {
+            self.stop_if_idle();
+            return;
+        }
+        // Before stopping our server, ask the store whether another instance uses it now (the
+        // cached flag can be a second old).
+        let (cell, store, events) = (
+            self.cell.clone(),
+            self.ctx.store.clone(),
+            self.events_tx.clone(),
+        );
+        tokio::spawn(async move {
+            let held = store
+                .live_remote_leases(&cell.id)
+                .await
+                .map(|l| !l.is_empty())
+                .unwrap_or(false);
+            let _ = events.send(Event::TtlChecked { held });
+        });
+    }
+
+    fn on_ttl_checked(&mut self, held: bool) {
+        self.cell.state.lock().unwrap().remote_held = held;
+        if held {
+            self.arm_ttl(); // used by another instance: not idle
+        } else {
+            self.stop_if_idle();
+        }
+    }
+
+    fn stop_if_idle(&mut self) {
         let mut st = self.cell.state.lock().unwrap();
         if st.phase == Phase::Ready && st.leases == 0 {
             // Under the lock: no acquire can slip in between the check and the phase change.
@@ -819,7 +917,7 @@ impl Actor {
     /// Admission wants the room: stop now if idle, else drain (no new leases) and stop when the
     /// last lease ends — an answer in progress is never cut off.
     fn on_evict(&mut self) {
-        if self.cell.phase() != Phase::Ready || self.cfg.pinned {
+        if self.cell.phase() != Phase::Ready || self.cfg.pinned || self.cell.remote_held() {
             return;
         }
         tracing::info!(model = %self.cfg.id, "evicting to make room for another model");
@@ -887,48 +985,71 @@ impl Actor {
         let Some(running) = self.running.as_ref() else {
             return;
         };
-        {
-            let mut st = self.cell.state.lock().unwrap();
-            st.leases = 0;
-        }
-        let process = running.process.clone();
-        let grace = self.cfg.stop_timeout;
+        self.cell.state.lock().unwrap().leases = 0;
         let events = self.events_tx.clone();
-        tokio::spawn(async move {
-            let status = process.stop(grace).await;
-            let _ = events.send(Event::Stopped(status));
-        });
+        match running.server.local() {
+            Some(process) => {
+                let process = process.clone();
+                let grace = self.cfg.stop_timeout;
+                tokio::spawn(async move {
+                    let status = process.stop(grace).await;
+                    let _ = events.send(Event::Stopped(Some(status)));
+                });
+            }
+            // Another instance's server: we only let go of it (dropping it ends our lease).
+            None => {
+                let _ = events.send(Event::Stopped(None));
+            }
+        }
     }
 
-    fn on_stopped(&mut self, status: std::process::ExitStatus) {
+    fn on_stopped(&mut self, status: Option<std::process::ExitStatus>) {
         let running = self.running.take();
         if let Some(r) = &running {
             let _ = r.down_tx.send(true);
-            self.ctx.forget_child(r.process.pid());
+            if let Some(p) = r.server.local() {
+                self.ctx.forget_child(p.pid(), r.endpoint.port());
+                self.ctx.release_claim(&self.cfg.id);
+            }
         }
-        self.cell.state.lock().unwrap().last_exit = Some(describe_exit(status));
-        tracing::info!(model = %self.cfg.id, "stopped ({})", describe_exit(status));
+        match status {
+            Some(status) => {
+                self.cell.state.lock().unwrap().last_exit = Some(describe_exit(status));
+                tracing::info!(model = %self.cfg.id, "stopped ({})", describe_exit(status));
+            }
+            None => {
+                tracing::info!(model = %self.cfg.id, "no longer using another instance's server")
+            }
+        }
         match (self.unhealthy.take(), running) {
             (Some(reason), Some(r)) => self.after_failure(&r, format!("unhealthy: {reason}")),
             _ => self.after_stop(Phase::Stopped),
         }
     }
 
-    fn on_crash(&mut self, status: std::process::ExitStatus) {
+    fn on_crash(&mut self, status: Option<std::process::ExitStatus>) {
         let Some(running) = self.running.take() else {
             return;
         };
         let _ = running.down_tx.send(true);
+        let (Some(status), Some(process)) = (status, running.server.local().cloned()) else {
+            // An attached server went away with its owner (or its owner stopped it): not a
+            // crash of ours. The next acquire claims the model and starts it here if need be.
+            self.draining = false;
+            self.after_stop(Phase::Stopped);
+            return;
+        };
         let how = describe_exit(status);
-        tracing::warn!(model = %self.cfg.id, pid = running.process.pid(), "server exited unexpectedly ({how})");
+        tracing::warn!(model = %self.cfg.id, pid = process.pid(), "server exited unexpectedly ({how})");
         self.cell.state.lock().unwrap().last_exit = Some(how.clone());
-        // Whatever it left in its group goes too; then its record.
-        let process = running.process.clone();
+        // Whatever it left in its group goes too; then its record and claims.
         let ctx = self.ctx.clone();
+        let port = running.endpoint.port();
         tokio::spawn(async move {
             process.kill_group_and_wait().await;
-            ctx.forget_child(process.pid());
+            ctx.forget_child(process.pid(), port);
         });
+        self.ctx.release_claim(&self.cfg.id);
         self.draining = false;
         self.after_failure(&running, format!("server exited unexpectedly ({how})"));
     }
@@ -1000,6 +1121,7 @@ impl Actor {
             st.pid = None;
             st.endpoint = None;
             st.down = None;
+            st.remote = None;
             st.leases = 0;
             st.run += 1;
             std::mem::replace(&mut st.admitted, false)

@@ -9,22 +9,27 @@ use tokio::time::Instant;
 
 use super::error::AcquireError;
 use super::model::ERROR_TAIL_LINES;
+use super::server::{RemoteServer, Server};
 use super::Context;
 use crate::child::ChildProcess;
 use crate::config::{process_env, MacroValues, ModelConfig};
 use crate::logs::LogSink;
+use crate::owner::{self, Liveness};
 use crate::ports::{bind_probe, PortClaim};
 use crate::readiness::{wait_ready, NotReady};
 use crate::spawn::{describe_exit, SpawnSpec};
-use crate::store::ChildRecord;
+use crate::store::{ChildRecord, ClaimOutcome};
+use crate::sweep;
 use crate::upstream::Endpoint;
 
+/// How often a start waiting for another instance's server checks on it.
+const REMOTE_POLL: Duration = Duration::from_millis(50);
 /// Tries per start when the child loses its port to another process between probe and bind.
 const PORT_TRIES: usize = 3;
 
 /// A server that became ready.
 pub struct Running {
-    pub process: Arc<ChildProcess>,
+    pub server: Server,
     pub endpoint: Endpoint,
     pub ready_after: Duration,
     pub ready_at: Instant,
@@ -89,15 +94,111 @@ enum Address {
 /// message or the sender being dropped). Never leaves a process behind on failure.
 pub async fn start_server(
     cfg: &ModelConfig,
-    ctx: &Context,
+    ctx: &Arc<Context>,
     logs: Arc<LogSink>,
     mut cancel: oneshot::Receiver<()>,
 ) -> Result<Running, StartFailure> {
     let began = Instant::now();
     let deadline = began + cfg.startup_timeout;
+    // One server per model across every llmvisor process on this state dir.
+    loop {
+        match ctx.store.claim_model(&cfg.id, &ctx.instance_id).await {
+            Ok(ClaimOutcome::HeldBy(owner)) => {
+                match attach_remote(cfg, ctx, &owner, began, deadline, &mut cancel).await? {
+                    Some(running) => return Ok(running),
+                    None => continue, // its owner is gone: claim again
+                }
+            }
+            Ok(ClaimOutcome::TakenOver { from }) => {
+                // Its dead owner's escaped processes could hold the port or the GPU: sweep first.
+                tracing::info!(model = %cfg.id, dead_owner = %from, "taking over the model from a dead instance");
+                let report =
+                    sweep::run(&ctx.state_dir, &ctx.store, Some(&ctx.instance_id), false).await;
+                if !report.stopped().is_empty() {
+                    tracing::warn!("orphan sweep before taking over `{}`:\n{report}", cfg.id);
+                }
+                break;
+            }
+            Ok(ClaimOutcome::Claimed) => break,
+            Err(e) => {
+                tracing::warn!(model = %cfg.id, "cannot claim the model in the state store ({e}); starting it anyway");
+                break;
+            }
+        }
+    }
+    let started = start_local(cfg, ctx, logs, &mut cancel, began, deadline).await;
+    if started.is_err() {
+        ctx.release_claim(&cfg.id);
+    }
+    started
+}
+
+/// Waits for `owner`'s server of this model to be ready and attaches to it. `None` if the
+/// owner died or gave up the claim meanwhile (the caller claims again).
+async fn attach_remote(
+    cfg: &ModelConfig,
+    ctx: &Arc<Context>,
+    owner: &str,
+    began: Instant,
+    deadline: Instant,
+    cancel: &mut oneshot::Receiver<()>,
+) -> Result<Option<Running>, StartFailure> {
+    loop {
+        if owner::probe(&ctx.state_dir, owner) != Liveness::Alive {
+            return Ok(None);
+        }
+        if let Ok(holder) = ctx.store.claim_holder(&cfg.id).await {
+            if holder.as_deref() != Some(owner) {
+                return Ok(None);
+            }
+        }
+        let children = ctx.store.children().await.unwrap_or_default();
+        let ready = children
+            .iter()
+            .find(|c| c.instance_id == owner && c.model == cfg.id && c.state == "ready");
+        if let Some(rec) = ready {
+            let endpoint = match (&rec.socket, rec.port) {
+                (Some(path), _) => Some(Endpoint::Unix(path.as_path().into())),
+                (None, Some(port)) => Some(Endpoint::Tcp(([127, 0, 0, 1], port).into())),
+                (None, None) => None,
+            };
+            if let Some(endpoint) = endpoint {
+                let remote = RemoteServer::attach(ctx, &cfg.id, owner, rec.pid).await;
+                tracing::info!(model = %cfg.id, owner, pid = rec.pid, url = %endpoint.base_url(), "using the server of another llmvisor instance");
+                let (down_tx, down_rx) = watch::channel(false);
+                return Ok(Some(Running {
+                    server: Server::Remote(remote),
+                    endpoint,
+                    ready_after: began.elapsed(),
+                    ready_at: Instant::now(),
+                    down_tx,
+                    down_rx,
+                    _port: None,
+                }));
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(REMOTE_POLL) => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(StartFailure::TimedOut { after: cfg.startup_timeout, tail: Vec::new() });
+            }
+            _ = &mut *cancel => return Err(StartFailure::Cancelled),
+        }
+    }
+}
+
+/// Starts our own server for the model.
+async fn start_local(
+    cfg: &ModelConfig,
+    ctx: &Arc<Context>,
+    logs: Arc<LogSink>,
+    cancel: &mut oneshot::Receiver<()>,
+    began: Instant,
+    deadline: Instant,
+) -> Result<Running, StartFailure> {
     let mut avoid: Vec<u16> = Vec::new();
     for attempt in 1..=PORT_TRIES {
-        let address = claim_address(cfg, ctx, &avoid)?;
+        let address = claim_address(cfg, ctx, &mut avoid).await?;
         let (port, socket) = match &address {
             Address::Port(c) => (Some(c.port()), None),
             Address::Socket(p) => (None, Some(p.as_path())),
@@ -128,9 +229,9 @@ pub async fn start_server(
         };
         let ready = tokio::select! {
             r = wait_ready(&ctx.client, &endpoint, &cfg.health_path, deadline, process.exited()) => r,
-            _ = &mut cancel => {
+            _ = &mut *cancel => {
                 process.stop(cfg.stop_timeout).await;
-                ctx.forget_child(process.pid());
+                ctx.forget_child(process.pid(), port);
                 return Err(StartFailure::Cancelled);
             }
         };
@@ -144,13 +245,13 @@ pub async fn start_server(
             }
         } else {
             // Whatever happens below, this process is (about to be) gone.
-            ctx.forget_child(process.pid());
+            ctx.forget_child(process.pid(), port);
         }
         match ready {
             Ok(()) => {
                 let (down_tx, down_rx) = watch::channel(false);
                 return Ok(Running {
-                    process,
+                    server: Server::Local(process),
                     endpoint,
                     ready_after: began.elapsed(),
                     ready_at: Instant::now(),
@@ -215,20 +316,42 @@ async fn record_child(
     }
 }
 
-fn claim_address(cfg: &ModelConfig, ctx: &Context, avoid: &[u16]) -> Result<Address, StartFailure> {
+async fn claim_address(
+    cfg: &ModelConfig,
+    ctx: &Context,
+    avoid: &mut Vec<u16>,
+) -> Result<Address, StartFailure> {
     if cfg.uses_socket() {
         let path = ctx.socket_path(&cfg.id);
         // A stale socket from an earlier run would make the server's bind fail.
         let _ = std::fs::remove_file(&path);
         return Ok(Address::Socket(path));
     }
-    let claim = match cfg.port {
-        Some(p) => ctx.ports.claim_fixed(p),
-        None => ctx.ports.claim(avoid),
-    };
-    claim
-        .map(Address::Port)
-        .map_err(|e| StartFailure::Setup(e.to_string()))
+    loop {
+        let claim = match cfg.port {
+            Some(p) => ctx.ports.claim_fixed(p),
+            None => ctx.ports.claim(avoid),
+        }
+        .map_err(|e| StartFailure::Setup(e.to_string()))?;
+        // Other llmvisor processes on this state dir hand out ports too: the store decides.
+        let port = claim.port();
+        match ctx.store.claim_port(port, &ctx.instance_id, &cfg.id).await {
+            Ok(true) => return Ok(Address::Port(claim)),
+            Ok(false) if cfg.port.is_some() => {
+                return Err(StartFailure::Setup(format!(
+                    "port {port} is held by another llmvisor instance on this state dir"
+                )))
+            }
+            Ok(false) => avoid.push(port),
+            Err(e) => {
+                tracing::warn!(
+                    port,
+                    "cannot claim the port in the state store ({e}); using it anyway"
+                );
+                return Ok(Address::Port(claim));
+            }
+        }
+    }
 }
 
 fn expand_spec(

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod llama;
 pub mod serve;
 
 use std::collections::BTreeMap;

@@ -72,11 +72,18 @@ const UNIX_SCHEME: &str = "unix";
 /// The client type used for every upstream request (health probes and proxied requests).
 pub type UpstreamClient = Client<Connector, axum::body::Body>;
 
+/// Idle keep-alive connections kept per server. Small on purpose: llama-server serves HTTP
+/// from a fixed set of threads (5 on a 2-core machine) and a thread stays blocked for up to
+/// 5 s on a kept-alive connection that is idle. Holding many idle connections after a burst
+/// starves the server's accept queue (answers then arrive in 5-second waves); two keep a hot
+/// client's requests on warm connections.
+const IDLE_PER_SERVER: usize = 2;
+
 /// A keep-alive client for TCP and unix-socket upstreams.
 pub fn client() -> UpstreamClient {
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(64)
+        .pool_idle_timeout(Duration::from_secs(4))
+        .pool_max_idle_per_host(IDLE_PER_SERVER)
         .build(Connector)
 }
 

@@ -490,30 +490,10 @@ async fn shutdown_with_two_ready_models_stops_both() {
     assert_gone(&pids, WITHIN).await;
 }
 
-/// Writes a TOML config for fake-llm models `(id, extra flags)` into the scratch dir.
-fn write_config(s: &Scratch, models: &[(&str, &str)]) -> std::path::PathBuf {
-    let mut text = format!(
-        "state_dir = {:?}\nport_range = [{}, {}]\n",
-        s.state_dir().display().to_string(),
-        s.ports.0,
-        s.ports.1
-    );
-    for (id, extra) in models {
-        let pids = s.path(&format!("{id}.pids")).display().to_string();
-        text.push_str(&format!(
-            "[models.{id}]\ncmd = \"{} --port ${{PORT}} --pid-file {pids} {extra}\"\n",
-            support::fake_llm().display()
-        ));
-    }
-    let path = s.path("llmvisor.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_keeps_unchanged_restarts_changed_stops_removed_and_rejects_bad_files() {
     let s = Scratch::new();
-    let path = write_config(&s, &[("a", ""), ("b", ""), ("c", "")]);
+    let path = s.write_config(&[("a", ""), ("b", ""), ("c", "")], "");
     let cfg = llmvisor::config::load(&path).unwrap();
     let d = TestDaemon::start(cfg).await;
     for m in ["a", "b", "c"] {
@@ -534,7 +514,7 @@ async fn reload_keeps_unchanged_restarts_changed_stops_removed_and_rejects_bad_f
         .await
         .json();
 
-    write_config(&s, &[("a", ""), ("b", "--chunks 3"), ("d", "")]);
+    s.write_config(&[("a", ""), ("b", "--chunks 3"), ("d", "")], "");
     llmvisor::daemon::reload(&d.state, &path, None, None).await;
 
     assert_eq!(

@@ -2,35 +2,14 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
 use support::http::request;
 use support::serve::ServeProcess;
-use support::{assert_gone, fake_llm, Scratch};
+use support::{assert_gone, Scratch};
 
 const WITHIN: Duration = Duration::from_secs(10);
-
-/// A config with fake-llm models `(id, extra args)`.
-fn write_config(s: &Scratch, models: &[(&str, &str)]) -> PathBuf {
-    let mut text = format!(
-        "state_dir = {:?}\nport_range = [{}, {}]\n",
-        s.state_dir().display().to_string(),
-        s.ports.0,
-        s.ports.1
-    );
-    for (id, extra) in models {
-        let pids = s.path(&format!("{id}.pids")).display().to_string();
-        text.push_str(&format!(
-            "[models.{id}]\ncmd = \"{} --port ${{PORT}} --pid-file {pids} {extra}\"\nstop_timeout = \"2s\"\n",
-            fake_llm().display()
-        ));
-    }
-    let path = s.path("llmvisor.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 async fn model(url: &str, id: &str) -> serde_json::Value {
     request("GET", &format!("{url}/api/models/{id}"), &[], "")
@@ -47,11 +26,14 @@ async fn load(url: &str, id: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_only_what_changed_and_rejects_a_broken_file() {
     let s = Scratch::new();
-    let path = write_config(&s, &[("a", ""), ("b", "")]);
+    let path = s.write_config(&[("a", ""), ("b", "")], "stop_timeout = \"2s\"");
     let d = ServeProcess::start(&path);
     let (a1, b1) = (load(&d.url, "a").await, load(&d.url, "b").await);
 
-    write_config(&s, &[("a", ""), ("b", "--chunks 2"), ("c", "")]);
+    s.write_config(
+        &[("a", ""), ("b", "--chunks 2"), ("c", "")],
+        "stop_timeout = \"2s\"",
+    );
     d.signal(Signal::HUP);
     d.wait_for_log("config reloaded", WITHIN);
     assert_eq!(
@@ -93,7 +75,10 @@ async fn sighup_reloads_only_what_changed_and_rejects_a_broken_file() {
 async fn sigterm_with_two_ready_models_stops_both_and_exits_zero() {
     let s = Scratch::new();
     // One of them ignores SIGTERM: it must be SIGKILLed after its stop_timeout.
-    let path = write_config(&s, &[("a", ""), ("b", "--ignore-sigterm")]);
+    let path = s.write_config(
+        &[("a", ""), ("b", "--ignore-sigterm")],
+        "stop_timeout = \"2s\"",
+    );
     let mut d = ServeProcess::start(&path);
     let pids = [
         load(&d.url, "a").await as u32,

@@ -199,79 +199,70 @@ pub async fn metrics(State(st): St) -> Response {
             );
         }
     }
-    out.push_str("# HELP llmvisor_model_leases Active leases per model.\n# TYPE llmvisor_model_leases gauge\n");
-    for m in &statuses {
-        let _ = writeln!(
-            out,
-            "llmvisor_model_leases{{model=\"{}\"}} {}",
-            label(&m.id),
-            m.leases
-        );
-    }
+    per_model(
+        &mut out,
+        "llmvisor_model_leases",
+        "gauge",
+        "Active leases per model.",
+        statuses.iter().map(|m| (m.id.as_str(), m.leases as u64)),
+    );
     let cells: Vec<_> = statuses
         .iter()
         .filter_map(|m| st.sup.model(&m.id).ok())
         .collect();
-    out.push_str("# HELP llmvisor_model_starts_total Server starts per model.\n# TYPE llmvisor_model_starts_total counter\n");
-    for c in &cells {
-        let _ = writeln!(
-            out,
-            "llmvisor_model_starts_total{{model=\"{}\"}} {}",
-            label(&c.id),
-            c.stats.starts.load(Ordering::Relaxed)
-        );
-    }
-    out.push_str("# HELP llmvisor_model_start_failures_total Failed server starts per model.\n# TYPE llmvisor_model_start_failures_total counter\n");
-    for c in &cells {
-        let _ = writeln!(
-            out,
-            "llmvisor_model_start_failures_total{{model=\"{}\"}} {}",
-            label(&c.id),
-            c.stats.start_failures.load(Ordering::Relaxed)
-        );
-    }
+    let count = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    per_model(
+        &mut out,
+        "llmvisor_model_starts_total",
+        "counter",
+        "Server starts per model.",
+        cells.iter().map(|c| (&*c.id, count(&c.stats.starts))),
+    );
+    per_model(
+        &mut out,
+        "llmvisor_model_start_failures_total",
+        "counter",
+        "Failed server starts per model.",
+        cells
+            .iter()
+            .map(|c| (&*c.id, count(&c.stats.start_failures))),
+    );
+    per_model(
+        &mut out,
+        "llmvisor_model_evictions_total",
+        "counter",
+        "Times a model was stopped to make room for another.",
+        cells.iter().map(|c| (&*c.id, count(&c.stats.evictions))),
+    );
+    per_model(
+        &mut out,
+        "llmvisor_model_queued",
+        "gauge",
+        "Requests waiting for room to start the model.",
+        statuses.iter().map(|m| (m.id.as_str(), m.queued as u64)),
+    );
+    per_model(
+        &mut out,
+        "llmvisor_model_memory_bytes",
+        "gauge",
+        "Memory the budget counts for the model.",
+        statuses
+            .iter()
+            .map(|m| (m.id.as_str(), m.memory.unwrap_or(0))),
+    );
     out.push_str("# HELP llmvisor_model_start_seconds Time from start request to ready.\n# TYPE llmvisor_model_start_seconds histogram\n");
     for c in &cells {
-        c.stats.start_time.render(
-            &mut out,
-            "llmvisor_model_start_seconds",
-            &format!("model=\"{}\"", label(&c.id)),
-        );
-    }
-    out.push_str("# HELP llmvisor_model_evictions_total Times a model was stopped to make room for another.\n# TYPE llmvisor_model_evictions_total counter\n");
-    for c in &cells {
-        let _ = writeln!(
-            out,
-            "llmvisor_model_evictions_total{{model=\"{}\"}} {}",
-            label(&c.id),
-            c.stats.evictions.load(Ordering::Relaxed)
-        );
-    }
-    out.push_str("# HELP llmvisor_model_queued Requests waiting for room to start the model.\n# TYPE llmvisor_model_queued gauge\n");
-    for m in &statuses {
-        let _ = writeln!(
-            out,
-            "llmvisor_model_queued{{model=\"{}\"}} {}",
-            label(&m.id),
-            m.queued
-        );
-    }
-    out.push_str("# HELP llmvisor_model_memory_bytes Memory the budget counts for the model.\n# TYPE llmvisor_model_memory_bytes gauge\n");
-    for m in &statuses {
-        let _ = writeln!(
-            out,
-            "llmvisor_model_memory_bytes{{model=\"{}\"}} {}",
-            label(&m.id),
-            m.memory.unwrap_or(0)
-        );
+        let labels = format!("model=\"{}\"", label(&c.id));
+        c.stats
+            .start_time
+            .render(&mut out, "llmvisor_model_start_seconds", &labels);
     }
     out.push_str("# HELP llmvisor_model_queue_wait_seconds Time a start waited for room.\n# TYPE llmvisor_model_queue_wait_seconds histogram\n");
     for c in &cells {
-        c.stats.queue_wait.render(
-            &mut out,
-            "llmvisor_model_queue_wait_seconds",
-            &format!("model=\"{}\"", label(&c.id)),
-        );
+        let labels = format!("model=\"{}\"", label(&c.id));
+        c.stats
+            .queue_wait
+            .render(&mut out, "llmvisor_model_queue_wait_seconds", &labels);
     }
     out.push_str("# HELP llmvisor_http_requests_total HTTP responses by status.\n# TYPE llmvisor_http_requests_total counter\n");
     for (status, n) in st.metrics.statuses() {
@@ -293,4 +284,18 @@ pub async fn metrics(State(st): St) -> Response {
         .proxy_overhead
         .render(&mut out, "llmvisor_proxy_overhead_seconds", "");
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// One metric with a value per model: HELP, TYPE, then `name{model="id"} value` lines.
+fn per_model<'a>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    values: impl Iterator<Item = (&'a str, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (model, v) in values {
+        let _ = writeln!(out, "{name}{{model=\"{}\"}} {v}", label(model));
+    }
 }

@@ -105,21 +105,11 @@ impl Scratch {
             self.path(&format!("{id}.pids")).display().to_string(),
         ];
         cmd.extend(extra.iter().map(|s| s.to_string()));
-        ModelConfig {
-            id: id.into(),
-            aliases: Vec::new(),
-            cmd,
-            env: BTreeMap::new(),
-            cwd: None,
-            port: None,
-            ttl: Some(Duration::from_secs(600)),
-            startup_timeout: Duration::from_secs(20),
-            stop_timeout: Duration::from_secs(2),
-            health_path: "/health".into(),
-            memory: None,
-            pinned: false,
-            health: Default::default(),
-        }
+        let mut m = ModelConfig::new(id, cmd);
+        m.ttl = Some(Duration::from_secs(600));
+        m.startup_timeout = Duration::from_secs(20);
+        m.stop_timeout = Duration::from_secs(2);
+        m
     }
 
     pub fn config(&self, models: Vec<ModelConfig>) -> Config {
@@ -140,6 +130,27 @@ impl Scratch {
             groups: BTreeMap::new(),
             models,
         }
+    }
+
+    /// Writes `llmvisor.toml` with this scratch's state dir and ports and one fake-llm model per
+    /// `(id, extra flags)` (each with `--pid-file <id>.pids`), plus `extra_toml` per model.
+    pub fn write_config(&self, models: &[(&str, &str)], extra_toml: &str) -> PathBuf {
+        let mut text = format!(
+            "state_dir = {:?}\nport_range = [{}, {}]\n",
+            self.state_dir().display().to_string(),
+            self.ports.0,
+            self.ports.1
+        );
+        for (id, extra) in models {
+            let pids = self.path(&format!("{id}.pids")).display().to_string();
+            text.push_str(&format!(
+                "[models.{id}]\ncmd = \"{} --port ${{PORT}} --pid-file {pids} {extra}\"\n{extra_toml}\n",
+                fake_llm().display()
+            ));
+        }
+        let path = self.path("llmvisor.toml");
+        std::fs::write(&path, text).unwrap();
+        path
     }
 
     /// Asserts that no process recorded in this scratch dir is alive, waiting up to `within`,

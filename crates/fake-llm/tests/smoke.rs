@@ -21,7 +21,11 @@ fn starts_answers_health_and_exits_on_sigterm() {
         }
     };
     let mut conn = TcpStream::connect(&addr).unwrap();
-    write!(conn, "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        conn,
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut resp = String::new();
     conn.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
@@ -33,7 +37,10 @@ fn starts_answers_health_and_exits_on_sigterm() {
 
 /// SIGTERM by pid via kill(1) (this crate has no signal library).
 fn send_sigterm(pid: u32) -> u32 {
-    let ok = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success());
     pid
 }

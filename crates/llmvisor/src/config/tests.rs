@@ -994,8 +994,20 @@ cmd = "srv --port ${PORT}"
     assert_eq!(b.health.interval, Some(super::DEFAULT_HEALTH_INTERVAL));
     assert_eq!(b.health.on_unhealthy, super::OnUnhealthy::Restart);
 
-    let d = one("[models.a]\ncmd = \"srv --port ${PORT}\"\non_unhealthy = \"reboot\"\n", 3, 16);
-    assert!(d.message.contains("\"restart\" or \"stop\""), "{}", d.message);
-    let d = one("[models.a]\ncmd = \"srv --port ${PORT}\"\nhealth_failures = 0\n", 3, 19);
+    let d = one(
+        "[models.a]\ncmd = \"srv --port ${PORT}\"\non_unhealthy = \"reboot\"\n",
+        3,
+        16,
+    );
+    assert!(
+        d.message.contains("\"restart\" or \"stop\""),
+        "{}",
+        d.message
+    );
+    let d = one(
+        "[models.a]\ncmd = \"srv --port ${PORT}\"\nhealth_failures = 0\n",
+        3,
+        19,
+    );
     assert!(d.message.contains("between 1 and 1000"), "{}", d.message);
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::model::{Command, ModelCell};
+use super::cell::{Command, ModelCell};
 use super::Phase;
 use crate::config::Config;
 

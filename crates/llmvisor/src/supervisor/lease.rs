@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::model::ModelCell;
+use super::cell::ModelCell;
 use crate::upstream::Endpoint;
 
 /// Proof that a model's server is in use. Dropping it, or [`Lease::release`], ends it; when a

@@ -16,11 +16,12 @@
 //! remaining group synchronously, and the end of the spawner thread makes the kernel kill any
 //! child still alive (parent-death signal) — also when the whole process is SIGKILLed.
 
+mod actor;
 mod admission;
+mod cell;
 mod error;
 mod lease;
 mod memory;
-mod model;
 mod server;
 mod start;
 mod status;
@@ -31,9 +32,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::task::JoinHandle;
 
+pub use cell::ModelCell;
 pub use error::AcquireError;
 pub use lease::Lease;
-pub use model::ModelCell;
 pub use status::{ModelStatus, Phase};
 
 use crate::config::{Config, ModelConfig};
@@ -200,7 +201,7 @@ impl Supervisor {
         let mut actors = Vec::new();
         for m in &config.models {
             let cfg = Arc::new(m.clone());
-            let (cell, task) = model::spawn_model(cfg.clone(), ctx.clone());
+            let (cell, task) = actor::spawn_model(cfg.clone(), ctx.clone());
             models.insert(cfg, cell);
             actors.push(task);
         }
@@ -267,7 +268,7 @@ impl Supervisor {
     pub async fn unload(&self, name: &str, force: bool) -> Result<ModelStatus, AcquireError> {
         let cell = self.model(name)?;
         let (reply, done) = tokio::sync::oneshot::channel();
-        if cell.send(model::Command::Unload { force, reply }).is_ok() {
+        if cell.send(cell::Command::Unload { force, reply }).is_ok() {
             let _ = done.await;
         }
         Ok(cell.status())
@@ -306,13 +307,13 @@ impl Supervisor {
                     Some((prev, cell)) => {
                         if *prev != *cfg {
                             summary.changed.push(m.id.clone());
-                            let _ = cell.send(model::Command::Reconfigure(cfg.clone()));
+                            let _ = cell.send(cell::Command::Reconfigure(cfg.clone()));
                         }
                         next.insert(cfg, cell);
                     }
                     None => {
                         summary.added.push(m.id.clone());
-                        let (cell, task) = model::spawn_model(cfg.clone(), self.shared.ctx.clone());
+                        let (cell, task) = actor::spawn_model(cfg.clone(), self.shared.ctx.clone());
                         actors.push(task);
                         next.insert(cfg, cell);
                     }
@@ -359,7 +360,7 @@ impl Supervisor {
 
 async fn retire(cell: &ModelCell) {
     let (reply, done) = tokio::sync::oneshot::channel();
-    if cell.send(model::Command::Retire { reply }).is_ok() {
+    if cell.send(cell::Command::Retire { reply }).is_ok() {
         let _ = done.await;
     }
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
+use super::actor::ERROR_TAIL_LINES;
 use super::error::AcquireError;
-use super::model::ERROR_TAIL_LINES;
 use super::server::{RemoteServer, Server};
 use super::Context;
 use crate::child::ChildProcess;

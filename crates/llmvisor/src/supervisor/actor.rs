@@ -1,30 +1,23 @@
-//! One model: its shared cell (read by everyone, briefly locked) and the actor task that alone
-//! decides its lifecycle.
-//!
-//! The fast path — a ready model — never talks to the actor: [`ModelCell::acquire`] takes the
-//! cell's mutex, sees `Ready`, counts a lease and returns. The mutex guards a few words and is
-//! never held across an `.await`, so a ready model never waits on anyone. Everything else
-//! (starting, joining a start, stopping, TTL, crashes) is a message to the actor, which runs the
-//! slow work in tasks and keeps answering messages meanwhile.
+//! The actor of one model: the only place its lifecycle is decided (start, join a start, stop,
+//! TTL, eviction, crashes, health). Slow work (admission, spawning, readiness, stopping) runs in
+//! tasks that report back as events, so the actor keeps answering messages meanwhile.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::admission::{AdmitError, Msg as AdmissionMsg};
+use super::cell::{Command, ModelCell};
 use super::error::AcquireError;
 use super::lease::Lease;
-use super::memory::{measure_group, Memory};
-use super::server::RemoteServer;
+use super::memory::measure_group;
 use super::start::{start_server, Running, StartFailure};
-use super::status::{ModelStatus, Phase};
+use super::status::Phase;
 use super::Context;
 use crate::config::{ModelConfig, OnUnhealthy};
-use crate::logs::LogSink;
-use crate::metrics::{Histogram, START_BOUNDS};
 use crate::readiness::probe;
 use crate::spawn::describe_exit;
 
@@ -46,218 +39,6 @@ pub const ERROR_TAIL_LINES: usize = 20;
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
 
-/// The part of a model everyone can see.
-pub struct ModelCell {
-    pub id: Arc<str>,
-    pub logs: Arc<LogSink>,
-    pub stats: ModelStats,
-    state: Mutex<CellState>,
-    commands: mpsc::UnboundedSender<Command>,
-    /// Bumped on every phase change, so waiters (CLI progress, tests) can await transitions.
-    changed: watch::Sender<u64>,
-}
-
-/// Counters for `/metrics`.
-pub struct ModelStats {
-    pub starts: AtomicU64,
-    pub start_failures: AtomicU64,
-    /// Time from the start request to ready, per successful start.
-    pub start_time: Histogram,
-    /// Times this model was stopped to make room for another.
-    pub evictions: AtomicU64,
-    /// Time a start waited for room (admission), per start.
-    pub queue_wait: Histogram,
-}
-
-struct CellState {
-    phase: Phase,
-    /// Leases of the current run.
-    leases: usize,
-    /// Incremented per start; a lease counts only against the run it was given for.
-    run: u64,
-    endpoint: Option<crate::upstream::Endpoint>,
-    /// Becomes true when the current run's server is gone; leases watch it.
-    down: Option<watch::Receiver<bool>>,
-    pid: Option<u32>,
-    aliases: Vec<String>,
-    restarts: u32,
-    starts: u32,
-    last_exit: Option<String>,
-    ready_ms: Option<u64>,
-    error: Option<String>,
-    last_used: Instant,
-    /// Counted against the limits: from admission until the process has exited.
-    admitted: bool,
-    /// Waiting in the admission queue for room.
-    queued: bool,
-    /// Acquirers waiting for this model's start.
-    waiting: usize,
-    memory: Memory,
-    pinned: bool,
-    /// Set while the current run is another instance's server we attached to.
-    remote: Option<Arc<RemoteServer>>,
-    /// Other instances hold leases on our server (refreshed every second).
-    remote_held: bool,
-}
-
-pub(crate) enum Command {
-    /// `explicit`: an operator's load, which skips a running backoff.
-    Acquire {
-        explicit: bool,
-        reply: oneshot::Sender<Result<Lease, AcquireError>>,
-    },
-    /// The lease count of run `run` dropped to zero.
-    Idle {
-        run: u64,
-    },
-    Unload {
-        force: bool,
-        reply: oneshot::Sender<()>,
-    },
-    Reconfigure(Arc<ModelConfig>),
-    /// Stop for good (shutdown or the model was removed); the actor exits afterwards.
-    Retire {
-        reply: oneshot::Sender<()>,
-    },
-    /// From admission: stop to make room — now if idle, else once the leases end.
-    Evict,
-    /// From admission: the start that wanted the room gave up; keep serving if still running.
-    CancelEvict,
-}
-
-impl ModelCell {
-    /// Acquires a lease, starting the server if needed.
-    pub async fn acquire(self: &Arc<Self>, explicit: bool) -> Result<Lease, AcquireError> {
-        if let Some(lease) = self.try_acquire_ready() {
-            return Ok(lease);
-        }
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Acquire { explicit, reply })
-            .map_err(|reason| self.unavailable(reason))?;
-        rx.await
-            .map_err(|_| self.unavailable("llmvisor is shutting down"))?
-    }
-
-    /// The fast path: a lease on a ready model, or `None`.
-    pub fn try_acquire_ready(self: &Arc<Self>) -> Option<Lease> {
-        let mut st = self.state.lock().unwrap();
-        if st.phase != Phase::Ready || st.remote.as_ref().is_some_and(|r| !r.usable()) {
-            return None;
-        }
-        Some(self.grant(&mut st))
-    }
-
-    /// Counts a lease against the current run. Caller holds the lock and has checked `Ready`.
-    fn grant(self: &Arc<Self>, st: &mut CellState) -> Lease {
-        st.leases += 1;
-        st.last_used = Instant::now();
-        Lease::new(
-            self.clone(),
-            st.run,
-            st.endpoint.clone().expect("a ready model has an endpoint"),
-            st.down.clone().expect("a ready model has a run"),
-        )
-    }
-
-    /// Called by a lease's drop.
-    pub(crate) fn release(&self, run: u64) {
-        let mut st = self.state.lock().unwrap();
-        if st.run != run || st.leases == 0 {
-            return; // a lease of an earlier run, already written off
-        }
-        st.leases -= 1;
-        st.last_used = Instant::now();
-        if st.leases == 0 {
-            let _ = self.commands.send(Command::Idle { run });
-        }
-    }
-
-    pub(crate) fn send(&self, cmd: Command) -> Result<(), &'static str> {
-        self.commands
-            .send(cmd)
-            .map_err(|_| "llmvisor is shutting down")
-    }
-
-    fn unavailable(&self, reason: &str) -> AcquireError {
-        AcquireError::Unavailable {
-            model: self.id.to_string(),
-            reason: reason.to_owned(),
-        }
-    }
-
-    pub fn status(&self) -> ModelStatus {
-        let st = self.state.lock().unwrap();
-        ModelStatus {
-            id: self.id.to_string(),
-            aliases: st.aliases.clone(),
-            state: st.phase,
-            pid: st.pid,
-            port: st.endpoint.as_ref().and_then(|e| e.port()),
-            url: st.endpoint.as_ref().map(|e| e.base_url()),
-            leases: st.leases,
-            restarts: st.restarts,
-            last_exit: st.last_exit.clone(),
-            ready_ms: st.ready_ms,
-            error: st.error.clone(),
-            memory: st.memory.bytes,
-            memory_source: st.memory.source,
-            queued: if st.queued { st.waiting } else { 0 },
-            pinned: st.pinned,
-        }
-    }
-
-    pub fn memory(&self) -> Memory {
-        self.state.lock().unwrap().memory
-    }
-
-    pub fn pinned(&self) -> bool {
-        self.state.lock().unwrap().pinned
-    }
-
-    /// Other instances use our server of this model.
-    pub(crate) fn remote_held(&self) -> bool {
-        self.state.lock().unwrap().remote_held
-    }
-
-    pub(crate) fn admitted(&self) -> bool {
-        self.state.lock().unwrap().admitted
-    }
-
-    pub(crate) fn set_admitted(&self, admitted: bool) {
-        self.state.lock().unwrap().admitted = admitted;
-    }
-
-    pub(crate) fn set_queued(&self, queued: bool) {
-        self.state.lock().unwrap().queued = queued;
-    }
-
-    pub fn phase(&self) -> Phase {
-        self.state.lock().unwrap().phase
-    }
-
-    pub fn last_used(&self) -> Instant {
-        self.state.lock().unwrap().last_used
-    }
-
-    /// A receiver that changes whenever the phase does.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
-    }
-
-    /// Waits until `pred(phase)` holds.
-    pub async fn wait_for_phase(&self, pred: impl Fn(Phase) -> bool) {
-        let mut rx = self.subscribe();
-        loop {
-            if pred(self.phase()) {
-                return;
-            }
-            if rx.changed().await.is_err() {
-                return;
-            }
-        }
-    }
-}
-
 /// Creates a model's cell and its actor task.
 pub(crate) fn spawn_model(
     cfg: Arc<ModelConfig>,
@@ -265,41 +46,7 @@ pub(crate) fn spawn_model(
 ) -> (Arc<ModelCell>, tokio::task::JoinHandle<()>) {
     let (commands, rx) = mpsc::unbounded_channel();
     let log_path = ctx.state_dir.join("logs").join(format!("{}.log", cfg.id));
-    let cell = Arc::new(ModelCell {
-        id: cfg.id.as_str().into(),
-        logs: Arc::new(LogSink::new(Some(log_path))),
-        stats: ModelStats {
-            starts: AtomicU64::new(0),
-            start_failures: AtomicU64::new(0),
-            start_time: Histogram::new(START_BOUNDS),
-            evictions: AtomicU64::new(0),
-            queue_wait: Histogram::new(START_BOUNDS),
-        },
-        state: Mutex::new(CellState {
-            phase: Phase::Stopped,
-            leases: 0,
-            run: 0,
-            endpoint: None,
-            down: None,
-            pid: None,
-            aliases: cfg.aliases.clone(),
-            restarts: 0,
-            starts: 0,
-            last_exit: None,
-            ready_ms: None,
-            error: None,
-            last_used: Instant::now(),
-            admitted: false,
-            queued: false,
-            waiting: 0,
-            memory: Memory::for_config(&cfg),
-            pinned: cfg.pinned,
-            remote: None,
-            remote_held: false,
-        }),
-        commands,
-        changed: watch::channel(0).0,
-    });
+    let cell = Arc::new(ModelCell::new(&cfg, log_path, commands));
     let (events_tx, events) = mpsc::unbounded_channel();
     let actor = Actor {
         cell: cell.clone(),

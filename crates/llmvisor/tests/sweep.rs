@@ -49,9 +49,20 @@ impl Procs {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        let own = procfs::comm(std::process::id());
         let child = cmd.spawn().unwrap();
         let pid = child.id();
         self.children.push(child);
+        // Until it has exec'd, /proc shows the test's own name and environment: wait for the
+        // exec, so what a sweep reads is the program's (its marker included).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while procfs::comm(pid) == own {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pid {pid} never exec'd"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         pid
     }
 

@@ -448,3 +448,72 @@ async fn waiters_that_give_up_do_not_cancel_the_start_for_others() {
     let sup = Arc::try_unwrap(sup).ok().unwrap();
     finish(sup, &s).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_taken_during_startup_is_retried_on_another_port_without_the_caller_noticing() {
+    let s = Scratch::new();
+    let flag = s.path("first-attempt-done");
+    let holder_pid = s.path("holder.pid");
+    // First attempt: another process (in its own session, so not in our group) grabs the port
+    // the child was given, and the child dies as a server that lost the bind race would.
+    // Second attempt: a normal server.
+    let script = format!(
+        r#"if [ ! -e {flag} ]; then
+  touch {flag}
+  setsid python3 -c 'import os, socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+open(sys.argv[2], "w").write(str(os.getpid())); time.sleep(60)' "$1" {holder} &
+  while [ ! -s {holder} ]; do sleep 0.01; done
+  echo "couldn't bind HTTP server socket, port: $1" >&2
+  exit 1
+fi
+exec {fake} --port "$1""#,
+        flag = flag.display(),
+        holder = holder_pid.display(),
+        fake = support::fake_llm().display(),
+    );
+    let mut m = s.model("m", &[]);
+    m.cmd = vec![
+        "sh".into(),
+        "-c".into(),
+        script,
+        "sh".into(),
+        "${PORT}".into(),
+    ];
+    let sup = Supervisor::new(&s.config(vec![m])).await.unwrap();
+    let lease = sup
+        .acquire("m")
+        .await
+        .expect("the caller must not notice the retry");
+    let holder: u32 = std::fs::read_to_string(&holder_pid)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let taken_port = {
+        let logs = sup.logs("m").unwrap().tail(100);
+        assert!(
+            logs.iter()
+                .any(|l| l.contains("was taken by another process; retrying")),
+            "{logs:?}"
+        );
+        assert!(logs.iter().any(|l| l.contains("(attempt 2)")), "{logs:?}");
+        logs.iter()
+            .find_map(|l| {
+                l.strip_prefix("llmvisor: port ")?
+                    .split(' ')
+                    .next()?
+                    .parse::<u16>()
+                    .ok()
+            })
+            .unwrap()
+    };
+    assert_ne!(lease.endpoint().port(), Some(taken_port));
+    drop(lease);
+    sup.shutdown().await;
+    // The port holder is ours to clean up, by pid.
+    let pid = rustix::process::Pid::from_raw(holder as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+    assert_gone(&[holder], GONE_WITHIN).await;
+    s.assert_all_gone(GONE_WITHIN).await;
+}

@@ -461,9 +461,10 @@ async fn a_port_taken_during_startup_is_retried_on_another_port_without_the_call
         r#"if [ ! -e {flag} ]; then
   touch {flag}
   setsid python3 -c 'import os, socket, sys, time
-s = socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
 open(sys.argv[2], "w").write(str(os.getpid())); time.sleep(60)' "$1" {holder} &
-  while [ ! -s {holder} ]; do sleep 0.01; done
+  n=0; while [ ! -s {holder} ] && [ $n -lt 500 ]; do sleep 0.01; n=$((n+1)); done
   echo "couldn't bind HTTP server socket, port: $1" >&2
   exit 1
 fi

@@ -10,6 +10,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
+use tokio::sync::broadcast;
 use tokio::time::{timeout, Instant};
 
 use crate::upstream::{Endpoint, UpstreamClient};
@@ -29,21 +30,31 @@ pub enum NotReady {
 
 /// Waits until `GET {endpoint}{health_path}` answers 2xx, the child exits (`exited` resolves), or
 /// `deadline` passes. 503 ("loading") and refused connections mean "not yet".
+///
+/// `output` carries the child's output lines: a server usually says something when it becomes
+/// ready ("model loaded", "listening on …"), so a new line triggers a probe at once instead of
+/// at the end of the current interval.
 pub async fn wait_ready(
     client: &UpstreamClient,
     endpoint: &Endpoint,
     health_path: &str,
     deadline: Instant,
     exited: impl Future<Output = ExitStatus>,
+    mut output: broadcast::Receiver<String>,
 ) -> Result<(), NotReady> {
     let poll_loop = async {
         let mut interval = FIRST_INTERVAL;
+        let mut output_open = true;
         loop {
             if probe(client, endpoint, health_path, POLL_TIMEOUT).await {
                 return;
             }
-            tokio::time::sleep(interval).await;
-            interval = (interval * 2).min(MAX_INTERVAL);
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => interval = (interval * 2).min(MAX_INTERVAL),
+                line = output.recv(), if output_open => {
+                    output_open = !matches!(line, Err(broadcast::error::RecvError::Closed));
+                }
+            }
         }
     };
     tokio::select! {

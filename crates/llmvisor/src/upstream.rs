@@ -72,17 +72,19 @@ const UNIX_SCHEME: &str = "unix";
 /// The client type used for every upstream request (health probes and proxied requests).
 pub type UpstreamClient = Client<Connector, axum::body::Body>;
 
-/// Idle keep-alive connections kept per server. Small on purpose: llama-server serves HTTP
-/// from a fixed set of threads (5 on a 2-core machine) and a thread stays blocked for up to
-/// 5 s on a kept-alive connection that is idle. Holding many idle connections after a burst
-/// starves the server's accept queue (answers then arrive in 5-second waves); two keep a hot
-/// client's requests on warm connections.
+/// Idle keep-alive connections per server, and how long one may stay idle. Both small on
+/// purpose: llama-server serves HTTP from a fixed set of threads (5 on a 2-core machine), and a
+/// thread stays blocked on a kept-alive connection while it is idle (up to 5 s). Holding many
+/// idle connections after a burst starves its accept queue — 20 concurrent requests were
+/// answered in 5-second waves (16-24 s) with 32 or 64 idle connections, in 2.2 s with 2. The
+/// price is new connections under sustained concurrency (see docs/benchmarks-http.md).
 const IDLE_PER_SERVER: usize = 2;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A keep-alive client for TCP and unix-socket upstreams.
 pub fn client() -> UpstreamClient {
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(4))
+        .pool_idle_timeout(IDLE_TIMEOUT)
         .pool_max_idle_per_host(IDLE_PER_SERVER)
         .build(Connector)
 }

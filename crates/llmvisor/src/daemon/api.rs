@@ -279,7 +279,7 @@ pub async fn metrics(State(st): St) -> Response {
     );
     out.push_str("# HELP llmvisor_http_leases HTTP leases held for clients.\n# TYPE llmvisor_http_leases gauge\n");
     let _ = writeln!(out, "llmvisor_http_leases {}", st.leases.count());
-    out.push_str("# HELP llmvisor_proxy_overhead_seconds Time spent in llmvisor per proxied request (model start and server work excluded).\n# TYPE llmvisor_proxy_overhead_seconds histogram\n");
+    out.push_str("# HELP llmvisor_proxy_overhead_seconds Time spent in llmvisor's request handler per proxied request: body read, routing, forwarding (model start, server work and HTTP parsing excluded).\n# TYPE llmvisor_proxy_overhead_seconds histogram\n");
     st.metrics
         .proxy_overhead
         .render(&mut out, "llmvisor_proxy_overhead_seconds", "");

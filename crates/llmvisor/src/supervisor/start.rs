@@ -210,6 +210,7 @@ async fn start_local(
             spec.program,
             spec.args.join(" ")
         ));
+        let (_, output) = logs.follow();
         let child = ctx
             .spawner
             .spawn(spec)
@@ -228,7 +229,7 @@ async fn start_local(
             Address::Socket(p) => Endpoint::Unix(p.as_path().into()),
         };
         let ready = tokio::select! {
-            r = wait_ready(&ctx.client, &endpoint, &cfg.health_path, deadline, process.exited()) => r,
+            r = wait_ready(&ctx.client, &endpoint, &cfg.health_path, deadline, process.exited(), output) => r,
             _ = &mut *cancel => {
                 process.stop(cfg.stop_timeout).await;
                 ctx.forget_child(process.pid(), port);

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustix::process::Signal;
+use tokio::io::AsyncRead;
 use tokio::process::Child;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -27,6 +28,9 @@ pub struct ChildProcess {
     pid: u32,
     exit: watch::Receiver<Option<ExitStatus>>,
     registry: Registry,
+    /// How many of the output pipes have reached end of file.
+    output_closed: watch::Receiver<usize>,
+    pipes: usize,
 }
 
 impl ChildProcess {
@@ -35,12 +39,28 @@ impl ChildProcess {
     pub fn launch(mut child: Child, logs: Arc<LogSink>, registry: Registry) -> Self {
         let pid = child.id().expect("a just-spawned child has a pid");
         registry.insert(pid);
-        if let Some(out) = child.stdout.take() {
-            let logs = logs.clone();
-            tokio::spawn(async move { logs.capture(out).await });
-        }
-        if let Some(err) = child.stderr.take() {
-            tokio::spawn(async move { logs.capture(err).await });
+        let (closed_tx, output_closed) = watch::channel(0usize);
+        let closed_tx = Arc::new(closed_tx);
+        let mut pipes = 0;
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            pipes += 1;
+            let (logs, closed_tx) = (logs.clone(), closed_tx.clone());
+            tokio::spawn(async move {
+                logs.capture(pipe).await;
+                closed_tx.send_modify(|n| *n += 1);
+            });
         }
         let (tx, exit) = watch::channel(None);
         tokio::spawn(async move {
@@ -56,7 +76,18 @@ impl ChildProcess {
             pid,
             exit,
             registry,
+            output_closed,
+            pipes,
         }
+    }
+
+    /// Waits (at most `within`) until the child's output pipes are closed and every line is in
+    /// the log sink — so a failure message can quote the server's last words. Bounded, because
+    /// a grandchild may hold the pipes open.
+    pub async fn output_drained(&self, within: Duration) {
+        let mut rx = self.output_closed.clone();
+        let pipes = self.pipes;
+        let _ = tokio::time::timeout(within, rx.wait_for(|n| *n >= pipes)).await;
     }
 
     pub fn pid(&self) -> u32 {

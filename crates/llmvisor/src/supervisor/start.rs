@@ -22,6 +22,8 @@ use crate::store::{ChildRecord, ClaimOutcome};
 use crate::sweep;
 use crate::upstream::Endpoint;
 
+/// How long a failed start waits for the server's last output lines.
+const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
 /// How often a start waiting for another instance's server checks on it.
 const REMOTE_POLL: Duration = Duration::from_millis(50);
 /// Tries per start when the child loses its port to another process between probe and bind.
@@ -273,6 +275,7 @@ async fn start_local(
             }
             Err(NotReady::Exited(status)) => {
                 process.kill_group_and_wait().await;
+                process.output_drained(OUTPUT_DRAIN).await;
                 // Lost a race for the port? Someone else holds it now; try another one.
                 let port_taken = cfg.port.is_none() && port.is_some_and(|p| !bind_probe(p));
                 if port_taken && attempt < PORT_TRIES {

@@ -199,6 +199,27 @@ async fn method_not_allowed() -> Response {
 }
 
 /// Reads the request body as a JSON object, or explains (as a 400) why not.
+/// The start of every generating endpoint: 503 while loading, else the request's crash arm and
+/// its JSON object body (a 400, logged for `endpoint`, when it is not one).
+async fn accept_json(
+    st: &AppState,
+    req: Request,
+    endpoint: &str,
+) -> Result<(Option<CrashArm>, Map<String, Value>), Response> {
+    if st.loading() {
+        return Err(loading_response());
+    }
+    let (parts, body) = req.into_parts();
+    let conn = parts.extensions.get::<CrashArm>().cloned();
+    match read_json_object(body).await {
+        Ok(obj) => Ok((conn, obj)),
+        Err(resp) => {
+            log!("{endpoint}: 400 bad request");
+            Err(resp)
+        }
+    }
+}
+
 async fn read_json_object(body: Body) -> Result<Map<String, Value>, Response> {
     let bytes = to_bytes(body, usize::MAX)
         .await
@@ -394,17 +415,9 @@ impl Gen {
 }
 
 async fn completion(st: Arc<AppState>, req: Request, kind: Kind) -> Response {
-    if st.loading() {
-        return loading_response();
-    }
-    let (parts, body) = req.into_parts();
-    let conn = parts.extensions.get::<CrashArm>().cloned();
-    let obj = match read_json_object(body).await {
-        Ok(o) => o,
-        Err(resp) => {
-            log!("{}: 400 bad request", kind.endpoint());
-            return resp;
-        }
+    let (conn, obj) = match accept_json(&st, req, kind.endpoint()).await {
+        Ok(accepted) => accepted,
+        Err(resp) => return resp,
     };
     let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let n = obj
@@ -486,17 +499,9 @@ struct Embedding {
 
 async fn embeddings(State(st): State<Arc<AppState>>, req: Request) -> Response {
     const ENDPOINT: &str = "POST /v1/embeddings";
-    if st.loading() {
-        return loading_response();
-    }
-    let (parts, body) = req.into_parts();
-    let conn = parts.extensions.get::<CrashArm>().cloned();
-    let obj = match read_json_object(body).await {
-        Ok(o) => o,
-        Err(resp) => {
-            log!("{ENDPOINT}: 400 bad request");
-            return resp;
-        }
+    let (conn, obj) = match accept_json(&st, req, ENDPOINT).await {
+        Ok(accepted) => accepted,
+        Err(resp) => return resp,
     };
     let count = match obj.get("input").or_else(|| obj.get("content")) {
         None | Some(Value::Null) => {

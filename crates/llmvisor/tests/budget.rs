@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use llmvisor::config::GroupConfig;
 use llmvisor::{AcquireError, Phase, Supervisor};
-use support::http::{request, send, TestDaemon};
+use support::http::{request, TestDaemon};
 use support::Scratch;
 
 const WITHIN: Duration = Duration::from_secs(5);
@@ -97,13 +97,7 @@ async fn a_streaming_answer_is_never_cut_by_eviction() {
     ]);
     cfg.max_loaded = Some(1);
     let d = TestDaemon::start(cfg).await;
-    let (status, _, body) = send(
-        "POST",
-        &format!("{}/v1/chat/completions", d.url),
-        &[("content-type", "application/json")],
-        STREAM,
-    )
-    .await;
+    let (status, _, body) = d.send_chat(STREAM).await;
     assert_eq!(status, 200);
     let stream_done = tokio::spawn(async move {
         use http_body_util::BodyExt;
@@ -142,13 +136,7 @@ async fn queue_timeout_shorter_than_the_stream_gives_503_and_the_stream_complete
     cfg.max_loaded = Some(1);
     cfg.queue_timeout = Duration::from_millis(300);
     let d = TestDaemon::start(cfg).await;
-    let (status, _, body) = send(
-        "POST",
-        &format!("{}/v1/chat/completions", d.url),
-        &[("content-type", "application/json")],
-        STREAM,
-    )
-    .await;
+    let (status, _, body) = d.send_chat(STREAM).await;
     assert_eq!(status, 200);
     let stream_done = tokio::spawn(async move {
         use http_body_util::BodyExt;
@@ -335,13 +323,7 @@ async fn status_shows_memory_and_queued() {
     let mut cfg = s.config(vec![a, s.model("b", &[])]);
     cfg.max_loaded = Some(1);
     let d = Arc::new(TestDaemon::start(cfg).await);
-    let (status, _, body) = send(
-        "POST",
-        &format!("{}/v1/chat/completions", d.url),
-        &[("content-type", "application/json")],
-        STREAM,
-    )
-    .await;
+    let (status, _, body) = d.send_chat(STREAM).await;
     assert_eq!(status, 200);
     let a = d.model("a").await;
     assert!(a["memory"].as_u64().unwrap() >= GIB, "{a}");

@@ -173,13 +173,8 @@ async fn sigkill_at_random_moments_of_load_and_unload_leaves_nothing() {
     );
 }
 
-#[test]
-fn a_corrupt_state_db_is_a_clear_error_that_names_the_file_and_the_fix() {
-    let s = Scratch::new();
-    let config = wrapper_config(&s);
-    std::fs::create_dir_all(s.state_dir()).unwrap();
-    let db = s.state_dir().join("state.db");
-    std::fs::write(&db, vec![0x5au8; 8192]).unwrap();
+/// Runs `llmvisor serve`, which must refuse to start (exit 1); returns its stderr.
+fn serve_fails_at_startup(config: &std::path::Path) -> String {
     let out = Command::new(BIN)
         .args(["serve", "--config", config.to_str().unwrap()])
         .args([
@@ -189,7 +184,17 @@ fn a_corrupt_state_db_is_a_clear_error_that_names_the_file_and_the_fix() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_corrupt_state_db_is_a_clear_error_that_names_the_file_and_the_fix() {
+    let s = Scratch::new();
+    let config = wrapper_config(&s);
+    std::fs::create_dir_all(s.state_dir()).unwrap();
+    let db = s.state_dir().join("state.db");
+    std::fs::write(&db, vec![0x5au8; 8192]).unwrap();
+    let err = serve_fails_at_startup(&config);
     assert!(err.contains(&db.display().to_string()), "{err}");
     assert!(err.contains("move it aside"), "{err}");
     // Nothing was overwritten.
@@ -202,16 +207,7 @@ fn an_unusable_state_dir_is_a_clear_error_at_startup() {
     let config = wrapper_config(&s);
     // A regular file where the state dir should be (root ignores permission bits).
     std::fs::write(s.state_dir(), b"not a dir").unwrap();
-    let out = Command::new(BIN)
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{}", support::serve::closed_port()),
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = serve_fails_at_startup(&config);
     assert!(
         err.contains("state directory") && err.contains(&s.state_dir().display().to_string()),
         "{err}"

@@ -5,7 +5,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
-use support::http::{request, send, TestDaemon};
+use support::http::{request, TestDaemon};
 use support::{assert_gone, Scratch};
 
 const WITHIN: Duration = Duration::from_secs(5);
@@ -46,13 +46,7 @@ async fn streams_chunk_for_chunk() {
     // Load first so the timing below is about streaming only.
     assert_eq!(d.post("/api/models/m/load", "").await.status, 200);
     let began = Instant::now();
-    let (status, headers, mut body) = send(
-        "POST",
-        &format!("{}/v1/chat/completions", d.url),
-        &[("content-type", "application/json")],
-        CHAT_STREAM,
-    )
-    .await;
+    let (status, headers, mut body) = d.send_chat(CHAT_STREAM).await;
     assert_eq!(status, 200);
     assert!(headers["content-type"]
         .to_str()
@@ -125,13 +119,7 @@ async fn a_client_that_disconnects_mid_stream_releases_its_lease_at_once() {
         s.model("m", &["--chunks", "50", "--chunk-delay", "200ms"]),
     ]))
     .await;
-    let (status, _, mut body) = send(
-        "POST",
-        &format!("{}/v1/chat/completions", d.url),
-        &[("content-type", "application/json")],
-        CHAT_STREAM,
-    )
-    .await;
+    let (status, _, mut body) = d.send_chat(CHAT_STREAM).await;
     assert_eq!(status, 200);
     body.frame().await.unwrap().unwrap();
     assert_eq!(d.model("m").await["leases"], 1, "the stream holds a lease");
@@ -247,13 +235,7 @@ async fn a_server_dying_mid_stream_ends_the_stream_with_an_error_event() {
         s.model("m", &["--chunks", "50", "--chunk-delay", "100ms"]),
     ]))
     .await;
-    let (status, _, mut body) = send(
-        "POST",
-        &format!("{}/v1/chat/completions", d.url),
-        &[("content-type", "application/json")],
-        CHAT_STREAM,
-    )
-    .await;
+    let (status, _, mut body) = d.send_chat(CHAT_STREAM).await;
     assert_eq!(status, 200);
     body.frame().await.unwrap().unwrap();
     let pid = d.model("m").await["pid"].as_u64().unwrap() as i32;

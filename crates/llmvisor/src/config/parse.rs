@@ -349,59 +349,41 @@ impl Parser<'_> {
 
     fn duration(&mut self, key: &str, n: &Node) -> Option<Duration> {
         let parsed = match &n.kind {
-            Kind::Int(i) if *i < 0 => Err("a duration cannot be negative".to_string()),
-            Kind::Int(i) => Ok(Duration::from_secs(*i as u64)),
-            Kind::Float(x) => units::duration_from_f64(*x),
-            Kind::Str(s) => units::duration(s),
-            _ => {
-                self.err_help(
-                    n.at(),
-                    format!("`{key}` must be a duration, found {}", n.describe()),
-                    DURATION_FORMS,
-                );
-                return None;
-            }
+            Kind::Int(i) if *i < 0 => Some(Err("a duration cannot be negative".to_string())),
+            Kind::Int(i) => Some(Ok(Duration::from_secs(*i as u64))),
+            Kind::Float(x) => Some(units::duration_from_f64(*x)),
+            Kind::Str(s) => Some(units::duration(s)),
+            _ => None,
         };
-        match parsed {
-            Ok(d) => Some(d),
-            Err(reason) => {
-                let raw = self.raw(n).to_string();
-                self.err_help(
-                    n.at(),
-                    format!("invalid duration {raw} for `{key}`: {reason}"),
-                    DURATION_FORMS,
-                );
-                None
-            }
-        }
+        self.quantity(key, n, "duration", DURATION_FORMS, parsed)
     }
 
     fn size(&mut self, key: &str, n: &Node) -> Option<u64> {
         let parsed = match &n.kind {
-            Kind::Int(i) if *i < 0 => Err("a size cannot be negative".to_string()),
-            Kind::Int(i) => Ok(*i as u64),
-            Kind::Str(s) => units::size(s),
-            _ => {
-                self.err_help(
-                    n.at(),
-                    format!("`{key}` must be a size, found {}", n.describe()),
-                    SIZE_FORMS,
-                );
-                return None;
-            }
+            Kind::Int(i) if *i < 0 => Some(Err("a size cannot be negative".to_string())),
+            Kind::Int(i) => Some(Ok(*i as u64)),
+            Kind::Str(s) => Some(units::size(s)),
+            _ => None,
         };
-        match parsed {
-            Ok(b) => Some(b),
-            Err(reason) => {
-                let raw = self.raw(n).to_string();
-                self.err_help(
-                    n.at(),
-                    format!("invalid size {raw} for `{key}`: {reason}"),
-                    SIZE_FORMS,
-                );
-                None
-            }
-        }
+        self.quantity(key, n, "size", SIZE_FORMS, parsed)
+    }
+
+    /// Reports a duration or size: `None` = a value of the wrong type, `Some(Err)` = unparsable.
+    fn quantity<T>(
+        &mut self,
+        key: &str,
+        n: &Node,
+        what: &str,
+        forms: &str,
+        parsed: Option<Result<T, String>>,
+    ) -> Option<T> {
+        let message = match parsed {
+            Some(Ok(v)) => return Some(v),
+            Some(Err(reason)) => format!("invalid {what} {} for `{key}`: {reason}", self.raw(n)),
+            None => format!("`{key}` must be a {what}, found {}", n.describe()),
+        };
+        self.err_help(n.at(), message, forms);
+        None
     }
 
     fn port(&mut self, what: &str, n: &Node) -> Option<u16> {

@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use toml_edit::{InlineTable, Item, Table, Value};
+use toml_edit::{Item, Table, TableLike, Value};
 
 #[derive(Debug, Clone)]
 pub(crate) struct Node {
@@ -60,7 +60,11 @@ impl Field {
 }
 
 pub(crate) fn from_table(t: &Table, fallback: Range<usize>) -> Node {
-    let span = t.span().unwrap_or(fallback);
+    table_node(t, t.span().unwrap_or(fallback))
+}
+
+/// A `[table]` or an `{ inline = "table" }`: the same node, fields in order with their key spans.
+fn table_node(t: &impl TableLike, span: Range<usize>) -> Node {
     let fields = t
         .iter()
         .map(|(k, item)| {
@@ -71,28 +75,6 @@ pub(crate) fn from_table(t: &Table, fallback: Range<usize>) -> Node {
             Field {
                 key: k.to_string(),
                 value: from_item(item, key_span.clone()),
-                key_span,
-            }
-        })
-        .collect();
-    Node {
-        span,
-        kind: Kind::Table(fields),
-    }
-}
-
-fn from_inline(t: &InlineTable, fallback: Range<usize>) -> Node {
-    let span = t.span().unwrap_or(fallback);
-    let fields = t
-        .iter()
-        .map(|(k, v)| {
-            let key_span = t
-                .key(k)
-                .and_then(|key| key.span())
-                .unwrap_or_else(|| span.clone());
-            Field {
-                key: k.to_string(),
-                value: from_value(v, key_span.clone()),
                 key_span,
             }
         })
@@ -128,7 +110,7 @@ fn from_value(v: &Value, fallback: Range<usize>) -> Node {
         Value::Boolean(b) => Kind::Bool(*b.value()),
         Value::Datetime(_) => Kind::Datetime,
         Value::Array(a) => Kind::Array(a.iter().map(|e| from_value(e, span.clone())).collect()),
-        Value::InlineTable(t) => return from_inline(t, span),
+        Value::InlineTable(t) => return table_node(t, t.span().unwrap_or(span)),
     };
     Node { span, kind }
 }

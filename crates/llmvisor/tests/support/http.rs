@@ -56,6 +56,18 @@ impl TestDaemon {
         .await
     }
 
+    /// `POST /v1/chat/completions` with `body`, returning the head and the unread body (to read
+    /// a stream as it arrives).
+    pub async fn send_chat(&self, body: &str) -> (u16, http::HeaderMap, Incoming) {
+        send(
+            "POST",
+            &format!("{}/v1/chat/completions", self.url),
+            &[("content-type", "application/json")],
+            body.to_owned(),
+        )
+        .await
+    }
+
     /// `GET /api/models/{id}` as JSON.
     pub async fn model(&self, id: &str) -> serde_json::Value {
         let r = self.get(&format!("/api/models/{id}")).await;

@@ -239,9 +239,9 @@ fn load_config_or_report(path: &Path) -> anyhow::Result<Config> {
 }
 
 async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
-    // Validate first, so a bad config reads exactly as `llmvisor check` shows it.
-    load_config_or_report(&args.config)?;
-    crate::daemon::serve_forever(&args.config, args.listen, args.state_dir.clone()).await?;
+    // A bad config reads exactly as `llmvisor check` shows it.
+    let config = load_config_or_report(&args.config)?;
+    crate::daemon::serve_forever(&args.config, config, args.listen, args.state_dir.clone()).await?;
     Ok(ExitCode::SUCCESS)
 }
 

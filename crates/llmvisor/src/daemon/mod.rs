@@ -151,7 +151,15 @@ pub fn load_config(
     listen: Option<SocketAddr>,
     state_dir: Option<PathBuf>,
 ) -> Result<Config, DaemonError> {
-    let mut cfg = config::load(config_path)?;
+    with_overrides(config::load(config_path)?, listen, state_dir)
+}
+
+/// Applies the command-line overrides to a loaded config and checks the listen address.
+pub fn with_overrides(
+    mut cfg: Config,
+    listen: Option<SocketAddr>,
+    state_dir: Option<PathBuf>,
+) -> Result<Config, DaemonError> {
     if let Some(addr) = listen {
         cfg.listen = addr;
     }
@@ -164,13 +172,15 @@ pub fn load_config(
     Ok(cfg)
 }
 
-/// The daemon: runs until SIGINT/SIGTERM, reloading the config on SIGHUP.
+/// The daemon: runs `config` (loaded from `config_path`, which SIGHUP reads again) until
+/// SIGINT/SIGTERM.
 pub async fn serve_forever(
     config_path: &Path,
+    config: Config,
     listen: Option<SocketAddr>,
     state_dir: Option<PathBuf>,
 ) -> Result<(), DaemonError> {
-    let cfg = load_config(config_path, listen, state_dir.clone())?;
+    let cfg = with_overrides(config, listen, state_dir.clone())?;
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;

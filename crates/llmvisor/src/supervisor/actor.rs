@@ -348,14 +348,7 @@ impl Actor {
     fn begin_start(&mut self) {
         self.ttl_deadline = None;
         self.restart_at = None;
-        {
-            let mut st = self.cell.state.lock().unwrap();
-            if st.starts > 0 {
-                st.restarts += 1;
-            }
-            st.starts += 1;
-            st.error = None;
-        }
+        self.cell.state.lock().unwrap().error = None;
         self.cell.stats.starts.fetch_add(1, Ordering::Relaxed);
         self.set_phase(Phase::Starting);
         self.awaiting_admission = Some(Instant::now());

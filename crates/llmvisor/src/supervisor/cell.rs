@@ -5,7 +5,7 @@
 //! [`ModelCell::acquire`] takes the mutex, sees `Ready`, counts a lease and returns, so a ready
 //! model never waits on anyone. Everything else is a [`Command`] to the actor.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -54,8 +54,6 @@ pub(super) struct CellState {
     pub(super) down: Option<watch::Receiver<bool>>,
     pub(super) pid: Option<u32>,
     pub(super) aliases: Vec<String>,
-    pub(super) restarts: u32,
-    pub(super) starts: u32,
     pub(super) last_exit: Option<String>,
     pub(super) ready_ms: Option<u64>,
     pub(super) error: Option<String>,
@@ -123,8 +121,6 @@ impl ModelCell {
                 down: None,
                 pid: None,
                 aliases: cfg.aliases.clone(),
-                restarts: 0,
-                starts: 0,
                 last_exit: None,
                 ready_ms: None,
                 error: None,
@@ -211,7 +207,8 @@ impl ModelCell {
             port: st.endpoint.as_ref().and_then(|e| e.port()),
             url: st.endpoint.as_ref().map(|e| e.base_url()),
             leases: st.leases,
-            restarts: st.restarts,
+            // Every start after the first (attaching to another instance's server counts too).
+            restarts: self.stats.starts.load(Ordering::Relaxed).saturating_sub(1) as u32,
             last_exit: st.last_exit.clone(),
             ready_ms: st.ready_ms,
             error: st.error.clone(),

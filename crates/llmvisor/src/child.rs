@@ -160,9 +160,4 @@ impl ChildProcess {
             self.registry.remove(self.pid);
         }
     }
-
-    /// Immediate, synchronous SIGKILL of the group (for drops and emergencies).
-    pub fn kill_now(&self) {
-        signal_group(self.pid, Signal::KILL);
-    }
 }

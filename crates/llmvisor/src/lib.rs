@@ -12,6 +12,7 @@ pub mod ids;
 pub mod logs;
 pub mod metrics;
 pub mod owner;
+pub mod pidfd;
 pub mod ports;
 pub mod procfs;
 pub mod readiness;

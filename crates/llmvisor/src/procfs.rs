@@ -103,6 +103,19 @@ fn find_env_var(environ: &[u8], name: &str) -> Option<String> {
     })
 }
 
+/// The real and effective user ids of `pid` (the `Uid:` line of `/proc/PID/status`); `None` if
+/// there is no such process.
+pub fn uids(pid: u32) -> Option<(u32, u32)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_uids(&text)
+}
+
+fn parse_uids(status: &str) -> Option<(u32, u32)> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let mut ids = line.split_whitespace().map(|f| f.parse::<u32>().ok());
+    Some((ids.next()??, ids.next()??))
+}
+
 /// The command name of `pid` (`/proc/PID/comm`), e.g. `llama-server`.
 pub fn comm(pid: u32) -> Option<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
@@ -130,6 +143,15 @@ mod tests {
         assert_eq!(s.ppid, 1);
         assert_eq!(s.pgrp, 4242);
         assert_eq!(s.start_time, 987654);
+    }
+
+    #[test]
+    fn parses_the_uid_line() {
+        let status = "Name:\tsleep\nUmask:\t0022\nUid:\t1000\t1001\t1000\t1000\nGid:\t5\t5\t5\t5\n";
+        assert_eq!(parse_uids(status), Some((1000, 1001)));
+        assert_eq!(parse_uids("Name:\tx\n"), None);
+        let me = rustix::process::geteuid().as_raw();
+        assert_eq!(uids(std::process::id()).map(|u| u.1), Some(me));
     }
 
     #[test]

@@ -5,17 +5,23 @@
 //!
 //! Candidates are processes of *dead* owners only (an owner is dead when its lock in
 //! `<state_dir>/owners/` is not held, see [`crate::owner`]); the own instance and live owners are
-//! never looked at:
-//! * a recorded child (`children` table) whose pid is alive with the recorded start time — the
-//!   pair names one process for all time within a boot. A different start time means the pid was
-//!   recycled: reported, never signalled. A record from an earlier boot is simply dropped;
-//! * any process whose environment carries `LLMVISOR_INSTANCE=<dead owner>`: grandchildren of
-//!   wrapper scripts that escaped the parent-death signal. The marker is the proof.
+//! never looked at. The proof of a process is what the *live process* carries, never what the
+//! state dir says alone — a state file can be written by anyone who can write the dir, and a
+//! pid with its start time is public in `/proc/PID/stat`:
+//! * its environment carries `LLMVISOR_INSTANCE=<dead owner>` (the marker every server is started
+//!   with), **and** its real and effective uid are ours. A `children` record only tells which
+//!   model a proven process served; a recorded process without the marker is left alone. A record
+//!   whose start time differs names a recycled pid: reported, never signalled; one from an earlier
+//!   boot is dropped;
+//! * an unmarked member of a proven leader's process group (a wrapper's child that cleared its
+//!   environment), of our uid, while that leader still leads the group.
 //!
-//! Before any signal the sweep opens a pidfd and checks the proof *again*, so the pidfd surely
-//! names the proven process, and signals through it: a recycled pid can never be hit. A proven
-//! group leader (still leading its group per `/proc`) is stopped with its whole group; otherwise
-//! each proven process is signalled on its own. Stop = SIGTERM, up to `grace`, then SIGKILL.
+//! Whatever the proof, pid ≤ 1, this process, its ancestors and its process group are never
+//! signalled, nor a group ≤ 1. Before any signal the sweep opens a pidfd and checks the proof
+//! *again*, so the pidfd surely names the proven process, and signals through it: a recycled pid
+//! can never be hit. A proven leader's group is signalled through the leader's pidfd (the kernel's
+//! group flag, Linux ≥ 6.9) when every live member is of our uid; otherwise each proven process is
+//! signalled on its own. Stop = SIGTERM, up to `grace`, then SIGKILL.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -24,10 +30,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use rustix::io::Errno;
-use rustix::process::{Pid, PidfdFlags, Signal};
+use rustix::process::Signal;
 use tokio::time::Instant;
 
 use crate::owner::{self, Liveness};
+use crate::pidfd;
 use crate::procfs::{self, ProcStat};
 use crate::spawn::INSTANCE_ENV;
 use crate::store::{ChildRecord, Store};
@@ -112,6 +119,8 @@ pub const RECORD_GONE: &str = "the process is gone";
 pub const RECORD_EARLIER_BOOT: &str = "it is from an earlier boot";
 /// Why a record was removed.
 pub const RECORD_PID_REUSED: &str = "its pid now belongs to another process";
+/// Why a record was removed.
+pub const RECORD_UNPROVEN: &str = "the process it names cannot be proven its owner's";
 
 /// One thing the sweep found, and what it did about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -274,12 +283,85 @@ pub async fn run(
     run_with(state_dir, store, &opts).await
 }
 
+/// What the sweep must never signal, whatever a proof says: pid ≤ 1, itself, its ancestors and
+/// its own process group; and whose processes it may signal at all (its own uid's).
+#[derive(Debug, Clone)]
+struct Guard {
+    /// This process and its ancestors.
+    protected: HashSet<u32>,
+    own_pgrp: Option<u32>,
+    euid: u32,
+}
+
+impl Guard {
+    fn new() -> Self {
+        Self {
+            protected: self_and_ancestors(),
+            own_pgrp: procfs::stat(std::process::id()).map(|s| s.pgrp),
+            euid: rustix::process::geteuid().as_raw(),
+        }
+    }
+
+    /// Why `pid` may never be signalled, if it may not.
+    fn forbids(&self, pid: u32) -> Option<&'static str> {
+        if pid <= 1 {
+            Some("pid 1 and below are never signalled")
+        } else if self.protected.contains(&pid) {
+            Some("it is this process or one of its ancestors")
+        } else if self.own_pgrp == Some(pid) {
+            Some("it leads this process's own process group")
+        } else {
+            None
+        }
+    }
+
+    /// True if the group led by `pgid` may be signalled as a whole.
+    fn allows_group(&self, pgid: u32) -> bool {
+        self.forbids(pgid).is_none()
+            && procfs::live_group_members(pgid)
+                .iter()
+                .all(|&m| self.forbids(m).is_none() && self.owns(m))
+    }
+
+    /// True if `pid` runs as our uid (real and effective).
+    fn owns(&self, pid: u32) -> bool {
+        procfs::uids(pid) == Some((self.euid, self.euid))
+    }
+
+    /// Why the live process `pid` (started at `start_time`) is not proven to carry `marker`
+    /// under our uid, if it is not.
+    fn unproven(&self, pid: u32, start_time: u64, marker: Option<&str>) -> Option<String> {
+        if let Some(why) = self.forbids(pid) {
+            return Some(why.to_owned());
+        }
+        match procfs::stat(pid) {
+            Some(s) if !s.is_zombie() && s.start_time == start_time => {}
+            _ => return Some("it is gone".to_owned()),
+        }
+        if let Some(m) = marker {
+            if procfs::environ_var(pid, INSTANCE_ENV).as_deref() != Some(m) {
+                return Some(format!(
+                    "it does not carry {INSTANCE_ENV}={m} (a record alone proves nothing)"
+                ));
+            }
+        }
+        match procfs::uids(pid) {
+            Some(ids) if ids == (self.euid, self.euid) => None,
+            Some((real, eff)) => Some(format!(
+                "it runs as uid {real} (effective {eff}), not as ours ({})",
+                self.euid
+            )),
+            None => Some("it is gone".to_owned()),
+        }
+    }
+}
+
 /// A process believed to be a dead owner's, with the facts to prove it again.
 #[derive(Debug, Clone)]
 struct Candidate {
     pid: u32,
     start_time: u64,
-    /// For marker candidates: the marker value to find again.
+    /// The marker value it must carry; `None` only for members of a proven leader's group.
     marker: Option<String>,
     /// For record candidates: the record's (instance, pid).
     record: Option<(String, u32)>,
@@ -288,13 +370,10 @@ struct Candidate {
 
 impl Candidate {
     /// The proof, checked now against `/proc`.
-    fn holds(&self) -> bool {
-        let same = procfs::stat(self.pid)
-            .is_some_and(|s| !s.is_zombie() && s.start_time == self.start_time);
-        same && match &self.marker {
-            Some(m) => procfs::environ_var(self.pid, INSTANCE_ENV).as_deref() == Some(m),
-            None => true,
-        }
+    fn holds(&self, guard: &Guard) -> bool {
+        guard
+            .unproven(self.pid, self.start_time, self.marker.as_deref())
+            .is_none()
     }
 
     /// True once the proven process is gone (exited; a zombie counts as gone).
@@ -355,6 +434,7 @@ pub async fn run_with(state_dir: &Path, store: &Store, opts: &SweepOptions) -> S
         .collect();
 
     // Records of dead owners.
+    let guard = Guard::new();
     let boot = procfs::boot_id();
     let mut drop_rows: Vec<(String, u32)> = Vec::new();
     let mut candidates: Vec<Candidate> = Vec::new();
@@ -376,7 +456,22 @@ pub async fn run_with(state_dir: &Path, store: &Store, opts: &SweepOptions) -> S
             continue;
         }
         match procfs::stat(row.pid).filter(|s| !s.is_zombie()) {
-            Some(s) if s.start_time == row.start_time => candidates.push(record_candidate(row)),
+            Some(s) if s.start_time == row.start_time => {
+                match guard.unproven(row.pid, row.start_time, Some(&row.instance_id)) {
+                    None => candidates.push(record_candidate(row)),
+                    Some(why) => {
+                        report.findings.push(Finding::LeftAlone {
+                            pid: row.pid,
+                            reason: format!(
+                                "recorded as model {} of owner {}, but {why}",
+                                row.model, row.instance_id
+                            ),
+                        });
+                        report.findings.push(removed(RECORD_UNPROVEN));
+                        drop_rows.push(key);
+                    }
+                }
+            }
             // Someone else's pid now — unless it carries this dead owner's marker itself, in
             // which case the marker scan below proves it.
             Some(_)
@@ -406,9 +501,8 @@ pub async fn run_with(state_dir: &Path, store: &Store, opts: &SweepOptions) -> S
     }
 
     // Processes carrying a dead owner's marker.
-    let skip = self_and_ancestors();
     let hits = {
-        let skip = skip.clone();
+        let skip = guard.protected.clone();
         match tokio::task::spawn_blocking(move || scan_markers(&skip)).await {
             Ok(hits) => hits,
             Err(e) => {
@@ -432,6 +526,13 @@ pub async fn run_with(state_dir: &Path, store: &Store, opts: &SweepOptions) -> S
             known.insert(id.clone());
             dead.insert(id.clone());
         }
+        if let Some(why) = guard.unproven(pid, stat.start_time, Some(&id)) {
+            report.findings.push(Finding::LeftAlone {
+                pid,
+                reason: format!("it carries {INSTANCE_ENV} of dead owner {id}, but {why}"),
+            });
+            continue;
+        }
         let model = rows
             .iter()
             .find(|r| r.instance_id == id && r.pgid == stat.pgrp)
@@ -450,11 +551,10 @@ pub async fn run_with(state_dir: &Path, store: &Store, opts: &SweepOptions) -> S
         });
     }
 
-    let own_pgrp = procfs::stat(std::process::id()).map(|s| s.pgrp);
     if dry_run {
         let mut listed: HashSet<u32> = HashSet::new();
         for c in &candidates {
-            if !c.holds() {
+            if !c.holds(&guard) {
                 continue;
             }
             listed.insert(c.pid);
@@ -463,10 +563,15 @@ pub async fn run_with(state_dir: &Path, store: &Store, opts: &SweepOptions) -> S
                 subject: c.subject.clone(),
             });
         }
-        for c in &candidates {
-            if c.leads_group() && own_pgrp != Some(c.pid) {
+        let proven_now: Vec<&Candidate> = candidates
+            .iter()
+            .filter(|c| listed.contains(&c.pid))
+            .collect();
+        for c in proven_now {
+            if c.leads_group() && guard.forbids(c.pid).is_none() {
                 for m in procfs::live_group_members(c.pid) {
-                    if !skip.contains(&m) && listed.insert(m) {
+                    let ours = guard.forbids(m).is_none() && guard.owns(m);
+                    if ours && listed.insert(m) {
                         report.findings.push(Finding::WouldStop {
                             pid: m,
                             subject: member_subject(c, m),
@@ -488,7 +593,7 @@ pub async fn run_with(state_dir: &Path, store: &Store, opts: &SweepOptions) -> S
     let mut proven: Vec<Proven> = Vec::new();
     let mut keep_instance: HashSet<String> = HashSet::new();
     for c in candidates {
-        match open_proven(&c) {
+        match open_proven(&c, &guard) {
             Ok(fd) => proven.push(Proven { cand: c, fd }),
             Err(None) => {
                 if let Some(key) = c.record.clone() {
@@ -513,10 +618,10 @@ pub async fn run_with(state_dir: &Path, store: &Store, opts: &SweepOptions) -> S
             }
         }
     }
-    add_group_members(&mut proven, &skip, own_pgrp);
+    add_group_members(&mut proven, &guard);
 
     // SIGTERM, the grace, SIGKILL for what is left.
-    signal_all(&proven, Signal::TERM, own_pgrp);
+    signal_all(&proven, Signal::TERM, &guard);
     let deadline = Instant::now() + opts.grace;
     while Instant::now() < deadline && !proven.iter().all(|p| p.cand.gone()) {
         tokio::time::sleep(POLL).await;
@@ -527,13 +632,13 @@ pub async fn run_with(state_dir: &Path, store: &Store, opts: &SweepOptions) -> S
         .map(|p| p.cand.pid)
         .collect();
     if termed.len() < proven.len() {
-        add_group_members(&mut proven, &skip, own_pgrp);
+        add_group_members(&mut proven, &guard);
         let left: Vec<&Proven> = proven.iter().filter(|p| !p.cand.gone()).collect();
         tracing::info!(
             pids = ?left.iter().map(|p| p.cand.pid).collect::<Vec<_>>(),
             "still running {:?} after SIGTERM; sending SIGKILL", opts.grace
         );
-        signal_all(&proven, Signal::KILL, own_pgrp);
+        signal_all(&proven, Signal::KILL, &guard);
         let give_up = Instant::now() + KILL_WAIT;
         while Instant::now() < give_up && !proven.iter().all(|p| p.cand.gone()) {
             tokio::time::sleep(POLL).await;
@@ -590,7 +695,7 @@ fn record_candidate(row: &ChildRecord) -> Candidate {
     Candidate {
         pid: row.pid,
         start_time: row.start_time,
-        marker: None,
+        marker: Some(row.instance_id.clone()),
         record: Some((row.instance_id.clone(), row.pid)),
         subject: Subject {
             owner: row.instance_id.clone(),
@@ -611,33 +716,31 @@ fn member_subject(leader: &Candidate, pid: u32) -> Subject {
 }
 
 /// Opens a pidfd for `c` and proves it again, so the pidfd surely refers to the proven process.
-/// `Err(None)`: it is gone; `Err(Some(e))`: no pidfd could be had.
-fn open_proven(c: &Candidate) -> Result<OwnedFd, Option<Errno>> {
-    let pid = Pid::from_raw(c.pid as i32).ok_or(None)?;
-    let fd = match rustix::process::pidfd_open(pid, PidfdFlags::empty()) {
+/// `Err(None)`: it is gone (or no longer proven); `Err(Some(e))`: no pidfd could be had.
+fn open_proven(c: &Candidate, guard: &Guard) -> Result<OwnedFd, Option<Errno>> {
+    let fd = match pidfd::open(c.pid) {
         Ok(fd) => fd,
         Err(Errno::SRCH) => return Err(None),
         Err(e) => return Err(Some(e)),
     };
-    if c.holds() {
+    if c.holds(guard) {
         Ok(fd)
     } else {
         Err(None)
     }
 }
 
-/// Adds the live members of every proven leader's group (proven as such: they are in the group
-/// while its proven leader still leads it).
-fn add_group_members(proven: &mut Vec<Proven>, skip: &HashSet<u32>, own_pgrp: Option<u32>) {
+/// Adds the live members of every proven leader's group (proven as such: they are of our uid and
+/// in the group while its proven leader still leads it).
+fn add_group_members(proven: &mut Vec<Proven>, guard: &Guard) {
     let mut added = Vec::new();
     for leader in proven.iter() {
         let l = &leader.cand;
-        if own_pgrp == Some(l.pid) || !l.leads_group() {
+        if guard.forbids(l.pid).is_some() || !l.leads_group() {
             continue;
         }
         for m in procfs::live_group_members(l.pid) {
-            if skip.contains(&m)
-                || proven.iter().any(|p| p.cand.pid == m)
+            if proven.iter().any(|p| p.cand.pid == m)
                 || added.iter().any(|p: &Proven| p.cand.pid == m)
             {
                 continue;
@@ -652,7 +755,7 @@ fn add_group_members(proven: &mut Vec<Proven>, skip: &HashSet<u32>, own_pgrp: Op
                 record: None,
                 subject: member_subject(l, m),
             };
-            let Ok(fd) = open_proven(&cand) else {
+            let Ok(fd) = open_proven(&cand, guard) else {
                 continue;
             };
             let still_member = procfs::stat(m).is_some_and(|s| s.pgrp == l.pid);
@@ -664,22 +767,24 @@ fn add_group_members(proven: &mut Vec<Proven>, skip: &HashSet<u32>, own_pgrp: Op
     proven.extend(added);
 }
 
-/// Sends `sig` to every proven process still there: a whole group at once where its proven
-/// leader still leads it, each remaining one through its pidfd.
-fn signal_all(proven: &[Proven], sig: Signal, own_pgrp: Option<u32>) {
+/// Sends `sig` to every proven process still there: a whole group at once, through its proven
+/// leader's pidfd, where that leader still leads it and every member is ours; each remaining one
+/// through its own pidfd.
+fn signal_all(proven: &[Proven], sig: Signal, guard: &Guard) {
     let mut groups: HashSet<u32> = HashSet::new();
     for p in proven {
         let c = &p.cand;
-        if own_pgrp != Some(c.pid) && c.leads_group() {
-            if let Some(pgid) = Pid::from_raw(c.pid as i32) {
-                match rustix::process::kill_process_group(pgid, sig) {
-                    Ok(()) => {
-                        groups.insert(c.pid);
-                    }
-                    Err(Errno::SRCH) => {}
-                    Err(e) => tracing::warn!(pgid = c.pid, ?sig, "cannot signal group: {e}"),
-                }
+        if !(c.holds(guard) && c.leads_group() && guard.allows_group(c.pid)) {
+            continue;
+        }
+        match pidfd::signal_group(&p.fd, sig) {
+            Ok(()) => {
+                groups.insert(c.pid);
             }
+            Err(Errno::SRCH) => {}
+            // A kernel before 6.9: no group flag. Each proven process gets its own signal below.
+            Err(Errno::INVAL) => {}
+            Err(e) => tracing::warn!(pgid = c.pid, ?sig, "cannot signal group: {e}"),
         }
     }
     // Where a group signal reached a process, do not signal it twice (a second SIGTERM makes
@@ -692,10 +797,10 @@ fn signal_all(proven: &[Proven], sig: Signal, own_pgrp: Option<u32>) {
         })
         .collect();
     for p in proven {
-        if in_signalled_group[&p.cand.pid] || p.cand.gone() {
+        if in_signalled_group[&p.cand.pid] || p.cand.gone() || guard.forbids(p.cand.pid).is_some() {
             continue;
         }
-        match rustix::process::pidfd_send_signal(&p.fd, sig) {
+        match pidfd::signal(&p.fd, sig) {
             Ok(()) | Err(Errno::SRCH) => {}
             Err(e) => tracing::warn!(pid = p.cand.pid, ?sig, "cannot signal through pidfd: {e}"),
         }

@@ -819,3 +819,116 @@ async fn a_stale_record_on_a_pid_that_carries_the_dead_owners_marker_is_stopped_
     assert!(!alive(pid));
     assert!(store.children().await.unwrap().is_empty());
 }
+
+// ---------------------------------------------------------------------------------------------
+// a tampered state dir (issue 10, item 1): the record is never the proof
+
+/// A `children` row naming `pid` as the given owner's, with `pid`'s real start time: all of it
+/// world-readable in /proc, so anyone able to write the state dir can forge it.
+async fn forge(store: &Store, owner: &str, pid: u32) {
+    record(store, owner, "forged", pid).await;
+}
+
+#[tokio::test]
+async fn a_forged_record_of_a_strangers_process_proves_nothing() {
+    subreaper();
+    let dir = tempdir();
+    let store = Store::open(dir.path()).await.unwrap();
+    let dead = dead_instance(dir.path(), &store, "forger").await;
+    let mut procs = Procs::default();
+    // The decoy from the report: a process of its own session, never started by llmvisor.
+    let mut decoy = Command::new("setsid");
+    decoy.args(["sleep", "1000"]).env_remove(INSTANCE_ENV);
+    let stranger = procs.spawn(decoy);
+    forge(&store, &dead, stranger).await;
+
+    let dry = sweep::run_with(dir.path(), &store, &options(None, true)).await;
+    assert!(dry.would_stop().is_empty(), "{dry}");
+    assert_eq!(dry.left_alone(), vec![stranger], "{dry}");
+    assert!(
+        dry.to_string().contains(&format!(
+            "left pid {stranger} alone: recorded as model forged of owner {dead}, but it does \
+             not carry {INSTANCE_ENV}={dead} (a record alone proves nothing)"
+        )),
+        "{dry}"
+    );
+
+    let report = sweep::run_with(dir.path(), &store, &options(None, false)).await;
+    assert!(alive(stranger), "the stranger was signalled: {report}");
+    assert!(report.stopped().is_empty(), "{report}");
+    assert!(
+        report.to_string().contains(&format!(
+            "removed the record of pid {stranger} (model forged, owner {dead}, dead): {}",
+            sweep::RECORD_UNPROVEN
+        )),
+        "{report}"
+    );
+    assert!(store.children().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn pid_1_the_sweeper_and_its_ancestors_are_never_targets_whatever_the_record_says() {
+    let dir = tempdir();
+    let store = Store::open(dir.path()).await.unwrap();
+    let dead = dead_instance(dir.path(), &store, "forger").await;
+    let me = std::process::id();
+    let parent = procfs::stat(me).unwrap().ppid;
+    let mut targets = vec![1, me];
+    if parent > 1 {
+        targets.push(parent);
+    }
+    for &pid in &targets {
+        forge(&store, &dead, pid).await;
+    }
+    // A dry run only: before the fix, the real run would have signalled the group of pid 1
+    // (kill(-1): every process the test may signal) and the test itself.
+    let dry = sweep::run_with(dir.path(), &store, &options(None, true)).await;
+    assert!(dry.would_stop().is_empty(), "{dry}");
+    let mut left = dry.left_alone();
+    left.sort_unstable();
+    targets.sort_unstable();
+    assert_eq!(left, targets, "{dry}");
+    let text = dry.to_string();
+    assert!(
+        text.contains("left pid 1 alone: recorded as model forged of owner")
+            && text.contains("pid 1 and below are never signalled"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("left pid {me} alone: recorded as model forged"))
+            && text.contains("it is this process or one of its ancestors"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_marked_process_of_another_uid_is_left_alone() {
+    // Only root can start a process as another uid; elsewhere the kernel already keeps us from
+    // signalling one.
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to start a process as another uid");
+        return;
+    }
+    subreaper();
+    let dir = tempdir();
+    let store = Store::open(dir.path()).await.unwrap();
+    let dead = dead_instance(dir.path(), &store, "uid").await;
+    let mut procs = Procs::default();
+    let mut cmd = marked("sleep", &["1000"], Some(&dead));
+    cmd.uid(65534).gid(65534);
+    let nobody = procs.spawn(cmd);
+    forge(&store, &dead, nobody).await;
+
+    let report = sweep::run_with(dir.path(), &store, &options(None, false)).await;
+    assert!(
+        alive(nobody),
+        "another uid's process was signalled: {report}"
+    );
+    assert!(report.stopped().is_empty(), "{report}");
+    assert!(
+        report
+            .to_string()
+            .contains(&format!("left pid {nobody} alone: recorded as model forged of owner {dead}, but it runs as uid 65534")),
+        "{report}"
+    );
+}

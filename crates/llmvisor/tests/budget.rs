@@ -383,3 +383,44 @@ async fn preloaded_pinned_model_is_ready_without_a_request_and_survives_pressure
     d.stop().await;
     s.assert_all_gone(WITHIN).await;
 }
+
+/// Issue 9: a reload that pins a running model must reach the admission scheduler, not only the
+/// actor (the cell used to keep the `pinned` and `memory` it was created with).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_pinned_by_a_reload_is_never_evicted() {
+    let s = Scratch::new();
+    let mut cfg = s.config(vec![s.model("a", &[]), s.model("b", &[])]);
+    cfg.max_loaded = Some(1);
+    let sup = Supervisor::new(&cfg).await.unwrap();
+    sup.load("a").await.unwrap();
+    let a_pid = sup.model("a").unwrap().status().pid;
+
+    cfg.models[0].pinned = true;
+    cfg.models[0].memory = Some(3 * GIB);
+    let summary = sup.reconfigure(&cfg).await;
+    assert_eq!(summary.changed, vec!["a".to_string()]);
+    let a = sup.model("a").unwrap();
+    assert!(a.pinned(), "the cell did not take the reloaded `pinned`");
+    assert_eq!(a.memory().bytes, Some(3 * GIB), "nor the reloaded `memory`");
+
+    let err = sup.acquire("b").await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            AcquireError::NoRoom {
+                retry_after: None,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("pinned"), "{err}");
+    let status = a.status();
+    assert_eq!(
+        (status.state, status.pid),
+        (Phase::Ready, a_pid),
+        "the pinned model was evicted or restarted by the reload"
+    );
+    sup.shutdown().await;
+    s.assert_all_gone(WITHIN).await;
+}

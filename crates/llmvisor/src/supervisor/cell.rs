@@ -6,7 +6,7 @@
 //! model never waits on anyone. Everything else is a [`Command`] to the actor.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -79,18 +79,19 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<Lease, AcquireError>>,
     },
     /// The lease count of run `run` dropped to zero.
-    Idle {
-        run: u64,
-    },
+    Idle { run: u64 },
     Unload {
         force: bool,
         reply: oneshot::Sender<()>,
     },
-    Reconfigure(Arc<ModelConfig>),
-    /// Stop for good (shutdown or the model was removed); the actor exits afterwards.
-    Retire {
-        reply: oneshot::Sender<()>,
+    /// New settings; `applied` is answered once the actor has taken them (a restart they need
+    /// may still follow).
+    Reconfigure {
+        cfg: Arc<ModelConfig>,
+        applied: oneshot::Sender<()>,
     },
+    /// Stop for good (shutdown or the model was removed); the actor exits afterwards.
+    Retire { reply: oneshot::Sender<()> },
     /// From admission: stop to make room — now if idle, else once the leases end.
     Evict,
     /// From admission: the start that wanted the room gave up; keep serving if still running.
@@ -138,6 +139,12 @@ impl ModelCell {
         }
     }
 
+    /// The cell's state. Never poisoned: no code panics while holding it, and if some did, the
+    /// few words it guards are still consistent enough to serve and stop by.
+    pub(super) fn lock(&self) -> MutexGuard<'_, CellState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Acquires a lease, starting the server if needed.
     pub async fn acquire(self: &Arc<Self>, explicit: bool) -> Result<Lease, AcquireError> {
         if let Some(lease) = self.try_acquire_ready() {
@@ -152,7 +159,7 @@ impl ModelCell {
 
     /// The fast path: a lease on a ready model, or `None`.
     pub fn try_acquire_ready(self: &Arc<Self>) -> Option<Lease> {
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.lock();
         if st.phase != Phase::Ready || st.remote.as_ref().is_some_and(|r| !r.usable()) {
             return None;
         }
@@ -173,7 +180,7 @@ impl ModelCell {
 
     /// Called by a lease's drop.
     pub(crate) fn release(&self, run: u64) {
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.lock();
         if st.run != run || st.leases == 0 {
             return; // a lease of an earlier run, already written off
         }
@@ -198,7 +205,7 @@ impl ModelCell {
     }
 
     pub fn status(&self) -> ModelStatus {
-        let st = self.state.lock().unwrap();
+        let st = self.lock();
         ModelStatus {
             id: self.id.to_string(),
             aliases: st.aliases.clone(),
@@ -220,36 +227,36 @@ impl ModelCell {
     }
 
     pub fn memory(&self) -> Memory {
-        self.state.lock().unwrap().memory
+        self.lock().memory
     }
 
     pub fn pinned(&self) -> bool {
-        self.state.lock().unwrap().pinned
+        self.lock().pinned
     }
 
     /// Other instances use our server of this model.
     pub(crate) fn remote_held(&self) -> bool {
-        self.state.lock().unwrap().remote_held
+        self.lock().remote_held
     }
 
     pub(crate) fn admitted(&self) -> bool {
-        self.state.lock().unwrap().admitted
+        self.lock().admitted
     }
 
     pub(crate) fn set_admitted(&self, admitted: bool) {
-        self.state.lock().unwrap().admitted = admitted;
+        self.lock().admitted = admitted;
     }
 
     pub(crate) fn set_queued(&self, queued: bool) {
-        self.state.lock().unwrap().queued = queued;
+        self.lock().queued = queued;
     }
 
     pub fn phase(&self) -> Phase {
-        self.state.lock().unwrap().phase
+        self.lock().phase
     }
 
     pub fn last_used(&self) -> Instant {
-        self.state.lock().unwrap().last_used
+        self.lock().last_used
     }
 
     /// A receiver that changes whenever the phase does.

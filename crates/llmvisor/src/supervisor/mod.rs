@@ -19,16 +19,22 @@
 mod actor;
 mod admission;
 mod cell;
+#[cfg(test)]
+mod double;
 mod error;
 mod lease;
+mod lifecycle;
 mod memory;
+mod policy;
 mod server;
 mod start;
 mod status;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use tokio::task::JoinHandle;
 
@@ -76,6 +82,8 @@ pub(crate) struct Context {
     pub client: UpstreamClient,
     pub registry: Registry,
     pub state_dir: PathBuf,
+    /// How servers are started: real processes, or a test double in the actor's unit tests.
+    pub launcher: start::Launcher,
 }
 
 impl Context {
@@ -196,6 +204,7 @@ impl Supervisor {
             client: upstream::client(),
             registry,
             state_dir,
+            launcher: start::Launcher::Process,
         });
         let mut models = Models::default();
         let mut actors = Vec::new();
@@ -232,7 +241,11 @@ impl Supervisor {
 
     /// The cell of a model by id or alias.
     pub fn model(&self, name: &str) -> Result<Arc<ModelCell>, AcquireError> {
-        let models = self.shared.models.read().unwrap();
+        let models = self
+            .shared
+            .models
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         models
             .by_name
             .get(name)
@@ -245,7 +258,11 @@ impl Supervisor {
 
     /// The configured model ids, in order.
     pub fn model_ids(&self) -> Vec<String> {
-        self.shared.models.read().unwrap().ids()
+        self.shared
+            .models
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .ids()
     }
 
     /// A lease on `name` (id or alias): at once if it is ready, else after starting it or joining
@@ -276,7 +293,11 @@ impl Supervisor {
 
     /// Status of every model, in id order.
     pub fn status(&self) -> Vec<ModelStatus> {
-        let models = self.shared.models.read().unwrap();
+        let models = self
+            .shared
+            .models
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         models.ordered.iter().map(|(_, c)| c.status()).collect()
     }
 
@@ -291,8 +312,13 @@ impl Supervisor {
     pub async fn reconfigure(&self, config: &Config) -> ReloadSummary {
         let mut summary = ReloadSummary::default();
         let mut retired = Vec::new();
+        let mut applying = Vec::new();
         {
-            let mut models = self.shared.models.write().unwrap();
+            let mut models = self
+                .shared
+                .models
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
             let mut next = Models::default();
             let old: HashMap<String, (Arc<ModelConfig>, Arc<ModelCell>)> = models
                 .ordered
@@ -300,14 +326,25 @@ impl Supervisor {
                 .map(|(c, cell)| (c.id.clone(), (c, cell)))
                 .collect();
             let mut old = old;
-            let mut actors = self.shared.actors.lock().unwrap();
+            let mut actors = self
+                .shared
+                .actors
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             for m in &config.models {
                 let cfg = Arc::new(m.clone());
                 match old.remove(&m.id) {
                     Some((prev, cell)) => {
                         if *prev != *cfg {
                             summary.changed.push(m.id.clone());
-                            let _ = cell.send(cell::Command::Reconfigure(cfg.clone()));
+                            let (applied, done) = tokio::sync::oneshot::channel();
+                            let cmd = cell::Command::Reconfigure {
+                                cfg: cfg.clone(),
+                                applied,
+                            };
+                            if cell.send(cmd).is_ok() {
+                                applying.push(done);
+                            }
                         }
                         next.insert(cfg, cell);
                     }
@@ -334,6 +371,9 @@ impl Supervisor {
             *models = next;
         }
         summary.removed.sort();
+        // Every changed model has its new settings before this returns (and the admission
+        // scheduler sees them: they live in the cells).
+        futures_util::future::join_all(applying).await;
         futures_util::future::join_all(retired.iter().map(|c| retire(c))).await;
         summary
     }
@@ -341,7 +381,11 @@ impl Supervisor {
     /// Stops every server, all in parallel, and waits for them. Acquires fail afterwards.
     pub async fn shutdown(&self) {
         let cells: Vec<Arc<ModelCell>> = {
-            let models = self.shared.models.read().unwrap();
+            let models = self
+                .shared
+                .models
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
             models.ordered.iter().map(|(_, c)| c.clone()).collect()
         };
         futures_util::future::join_all(cells.iter().map(|c| retire(c))).await;
@@ -377,7 +421,12 @@ impl Drop for Shared {
     fn drop(&mut self) {
         // Synchronous last resort: whatever was not stopped by `shutdown` dies now.
         self.ctx.registry.kill_all();
-        for task in self.actors.lock().unwrap().drain(..) {
+        for task in self
+            .actors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
             task.abort();
         }
         self.reaper.abort();

@@ -29,6 +29,9 @@ pub const REMOTE_LEASE_TTL: Duration = Duration::from_secs(10);
 pub enum Server {
     Local(Arc<ChildProcess>),
     Remote(Arc<RemoteServer>),
+    /// A stand-in for a process in the actor's unit tests.
+    #[cfg(test)]
+    Double(Arc<super::double::ServerDouble>),
 }
 
 impl Server {
@@ -36,13 +39,33 @@ impl Server {
         match self {
             Server::Local(p) => p.pid(),
             Server::Remote(r) => r.pid,
+            #[cfg(test)]
+            Server::Double(d) => d.pid,
+        }
+    }
+
+    /// Stops the server: our child's group with SIGTERM, `grace`, SIGKILL (its status); an
+    /// attached server is only let go of (`None`: dropping it ends our remote lease).
+    pub async fn stop(&self, grace: std::time::Duration) -> Option<ExitStatus> {
+        match self {
+            Server::Local(p) => Some(p.stop(grace).await),
+            Server::Remote(_) => None,
+            #[cfg(test)]
+            Server::Double(d) => Some(d.stop(grace).await),
+        }
+    }
+
+    /// After the server ended by itself: whatever it left in its process group goes too.
+    pub async fn clear_group(&self) {
+        if let Server::Local(p) = self {
+            p.kill_group_and_wait().await;
         }
     }
 
     pub fn local(&self) -> Option<&Arc<ChildProcess>> {
         match self {
             Server::Local(p) => Some(p),
-            Server::Remote(_) => None,
+            _ => None,
         }
     }
 
@@ -56,13 +79,15 @@ impl Server {
                 let _ = gone.wait_for(|g| *g).await;
                 None
             }
+            #[cfg(test)]
+            Server::Double(d) => Some(d.exited().await),
         }
     }
 
     pub fn remote(&self) -> Option<&Arc<RemoteServer>> {
         match self {
-            Server::Local(_) => None,
             Server::Remote(r) => Some(r),
+            _ => None,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! One start of one model's server: address, spawn, readiness — with retries on port races.
 
 use std::path::PathBuf;
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,7 +48,7 @@ pub enum StartFailure {
     /// Could not even run it (bad config at runtime, exec failure, no port).
     Setup(String),
     Exited {
-        how: String,
+        status: ExitStatus,
         tail: Vec<String>,
     },
     TimedOut {
@@ -58,6 +59,14 @@ pub enum StartFailure {
 }
 
 impl StartFailure {
+    /// How the server process ended, when the start failed because it exited.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        match self {
+            StartFailure::Exited { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
     pub fn into_error(self, model: &str) -> AcquireError {
         let model = model.to_owned();
         match self {
@@ -67,9 +76,12 @@ impl StartFailure {
                 log_tail: Vec::new(),
                 retry_after: None,
             },
-            StartFailure::Exited { how, tail } => AcquireError::StartFailed {
+            StartFailure::Exited { status, tail } => AcquireError::StartFailed {
                 model,
-                reason: format!("the server exited during startup ({how})"),
+                reason: format!(
+                    "the server exited during startup ({})",
+                    describe_exit(status)
+                ),
                 log_tail: tail,
                 retry_after: None,
             },
@@ -90,6 +102,30 @@ impl StartFailure {
 enum Address {
     Port(PortClaim),
     Socket(PathBuf),
+}
+
+/// How a model's server is started.
+#[derive(Clone)]
+pub(crate) enum Launcher {
+    /// A real process: ports, spawn, readiness ([`start_server`]).
+    Process,
+    /// The actor's unit tests: a scripted stand-in, no process.
+    #[cfg(test)]
+    Double(Arc<super::double::Launches>),
+}
+
+/// Starts `cfg`'s server as `ctx.launcher` says; see [`start_server`].
+pub(crate) async fn launch(
+    cfg: Arc<ModelConfig>,
+    ctx: Arc<Context>,
+    logs: Arc<LogSink>,
+    cancel: oneshot::Receiver<()>,
+) -> Result<Running, StartFailure> {
+    match &ctx.launcher {
+        Launcher::Process => start_server(&cfg, &ctx, logs, cancel).await,
+        #[cfg(test)]
+        Launcher::Double(launches) => launches.start(&cfg, cancel).await,
+    }
 }
 
 /// Starts `cfg`'s server and waits until it is ready, the start fails, or `cancel` fires (a
@@ -288,7 +324,7 @@ async fn start_local(
                     continue;
                 }
                 return Err(StartFailure::Exited {
-                    how: describe_exit(status),
+                    status,
                     tail: logs.tail(ERROR_TAIL_LINES),
                 });
             }

@@ -1,0 +1,442 @@
+//! The model actor without processes: a launcher double stands in for "start a server", and
+//! tokio's paused clock runs minutes of TTL, backoff and cool-down in microseconds. The
+//! process-level tests in `tests/` are the outer layer.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::actor::spawn_model;
+use super::admission::{Admission, Limits, Msg as AdmissionMsg};
+use super::cell::{Command, ModelCell};
+use super::double::{Launches, Outcome};
+use super::start::Launcher;
+use super::{AcquireError, Context, Phase};
+use crate::config::ModelConfig;
+use crate::ports::PortAllocator;
+use crate::reaper::Registry;
+use crate::spawn::Spawner;
+use crate::store::Store;
+
+const MIN: Duration = Duration::from_secs(60);
+const GIB: u64 = 1 << 30;
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// Sleeps on the paused clock: simulated time, not test time.
+async fn pass(d: Duration) {
+    tokio::time::sleep(d).await;
+}
+
+struct Harness {
+    ctx: Arc<Context>,
+    launches: Arc<Launches>,
+    cells: Vec<Arc<ModelCell>>,
+    _dir: tempfile::TempDir,
+}
+
+/// A context whose servers are doubles that take `load` to start. Call first in a test, before
+/// any timer exists (the store opens on its own thread).
+async fn harness(limits: Limits, load: Duration) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).await.unwrap();
+    let launches = Launches::new(load);
+    let ctx = Arc::new(Context {
+        instance_id: "lv-actor-test".into(),
+        store,
+        admission: Admission::start(limits),
+        spawner: Spawner::start("lv-actor-test").unwrap(),
+        ports: PortAllocator::new((10_500, 10_999)),
+        client: crate::upstream::client(),
+        registry: Registry::default(),
+        state_dir: dir.path().to_owned(),
+        launcher: Launcher::Double(launches.clone()),
+    });
+    Harness {
+        ctx,
+        launches,
+        cells: Vec::new(),
+        _dir: dir,
+    }
+}
+
+/// A model config for the double: no health probing (that would be real I/O).
+fn model(id: &str) -> ModelConfig {
+    let mut cfg = ModelConfig::new(id, vec!["server-double".into(), id.into()]);
+    cfg.health.interval = None;
+    cfg.ttl = Some(10 * MIN);
+    cfg
+}
+
+impl Harness {
+    fn add(&mut self, cfg: ModelConfig, limits: Limits) -> Arc<ModelCell> {
+        let (cell, _task) = spawn_model(Arc::new(cfg), self.ctx.clone());
+        self.cells.push(cell.clone());
+        self.ctx.admission.send(AdmissionMsg::Reset {
+            cells: self.cells.clone(),
+            limits,
+        });
+        cell
+    }
+
+    fn single(&mut self, cfg: ModelConfig) -> Arc<ModelCell> {
+        self.add(cfg, Limits::default())
+    }
+}
+
+async fn reconfigure(cell: &ModelCell, cfg: ModelConfig) {
+    let (applied, done) = oneshot::channel();
+    cell.send(Command::Reconfigure {
+        cfg: Arc::new(cfg),
+        applied,
+    })
+    .unwrap();
+    done.await.unwrap();
+}
+
+async fn unload(cell: &ModelCell, force: bool) {
+    let (reply, done) = oneshot::channel();
+    cell.send(Command::Unload { force, reply }).unwrap();
+    let _ = done.await;
+}
+
+async fn wait_phase(cell: &ModelCell, phase: Phase) {
+    let waited = tokio::time::timeout(secs(3600), cell.wait_for_phase(|p| p == phase)).await;
+    assert!(
+        waited.is_ok(),
+        "{} never became {phase}; it is {}",
+        cell.id,
+        cell.phase()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_acquires_start_once() {
+    let mut h = harness(Limits::default(), secs(2)).await;
+    let cell = h.single(model("m"));
+    let leases = futures_util::future::join_all((0..50).map(|_| cell.acquire(false))).await;
+    assert!(leases.iter().all(Result::is_ok));
+    assert_eq!(h.launches.begun(), 1);
+    assert_eq!(cell.status().leases, 50);
+    drop(leases);
+    assert_eq!(cell.status().leases, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_ttl_stops_an_idle_model_after_exactly_its_ttl_and_a_lease_holds_it() {
+    let mut h = harness(Limits::default(), secs(2)).await;
+    let cell = h.single(model("m"));
+    let lease = cell.acquire(false).await.unwrap();
+    pass(30 * MIN).await;
+    assert_eq!(cell.phase(), Phase::Ready, "a held lease keeps it up");
+    drop(lease);
+    pass(10 * MIN - secs(1)).await;
+    assert_eq!(cell.phase(), Phase::Ready);
+    // A lease taken and dropped in the last second starts the clock again.
+    drop(cell.acquire(false).await.unwrap());
+    pass(secs(2)).await;
+    assert_eq!(
+        cell.phase(),
+        Phase::Ready,
+        "the new acquire restarted the clock"
+    );
+    pass(10 * MIN).await;
+    assert_eq!(cell.phase(), Phase::Stopped);
+    assert_eq!(h.launches.server(0).stops.load(Ordering::SeqCst), 1);
+    assert_eq!(h.launches.begun(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_starts_back_off_by_one_formula_and_an_explicit_load_skips_the_wait() {
+    let mut h = harness(Limits::default(), secs(1)).await;
+    h.launches.then(&[Outcome::Exits(3), Outcome::Exits(3)]);
+    let cell = h.single(model("m"));
+
+    let first = cell.acquire(false).await.unwrap_err();
+    assert!(first.to_string().contains("exit code 3"), "{first}");
+    assert_eq!(cell.phase(), Phase::Failed);
+    assert_eq!(cell.status().last_exit.as_deref(), Some("exit code 3"));
+    // Within the backoff: refused at once, no new start.
+    let refused = cell.acquire(false).await.unwrap_err();
+    assert!(
+        matches!(&refused, AcquireError::StartFailed { retry_after: Some(d), .. } if *d <= secs(1)),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("failed 1 times in a row"));
+    assert_eq!(h.launches.begun(), 1);
+    // The backoff passes by itself.
+    wait_phase(&cell, Phase::Stopped).await;
+    let second = cell.acquire(false).await.unwrap_err();
+    assert!(second.to_string().contains("exit code 3"));
+    let refused = cell.acquire(false).await.unwrap_err();
+    assert!(
+        matches!(&refused, AcquireError::StartFailed { retry_after: Some(d), .. } if *d > secs(1) && *d <= secs(2)),
+        "the second failure backs off 2 s: {refused:?}"
+    );
+    // An operator's load does not wait.
+    let lease = cell.acquire(true).await.unwrap();
+    assert_eq!(h.launches.begun(), 3);
+    assert_eq!(cell.status().error, None);
+    drop(lease);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_loop_fails_for_the_cool_down_then_recovers_by_itself() {
+    let mut h = harness(Limits::default(), secs(1)).await;
+    let cell = h.single(model("m"));
+    drop(cell.acquire(false).await.unwrap());
+
+    // First crash: restarted at once, by itself.
+    h.launches.server(0).crash(1);
+    wait_phase(&cell, Phase::Starting).await;
+    wait_phase(&cell, Phase::Ready).await;
+    assert_eq!(h.launches.begun(), 2);
+    // Second: restarted after a 1 s backoff.
+    h.launches.server(1).crash(1);
+    wait_phase(&cell, Phase::Stopped).await;
+    pass(Duration::from_millis(900)).await;
+    assert_eq!(cell.phase(), Phase::Stopped, "restarted before the backoff");
+    wait_phase(&cell, Phase::Ready).await;
+    assert_eq!(h.launches.begun(), 3);
+    // Third in a row: a crash loop, failed for the cool-down.
+    h.launches.server(2).crash(1);
+    wait_phase(&cell, Phase::Failed).await;
+    let refused = cell.acquire(false).await.unwrap_err();
+    assert!(refused.to_string().contains("crash loop"), "{refused}");
+    pass(59 * MIN / 60).await;
+    assert_eq!(cell.phase(), Phase::Failed);
+    assert_eq!(
+        h.launches.begun(),
+        3,
+        "nothing restarts during the cool-down"
+    );
+    // After 60 s it is stopped again, and the next request starts it.
+    pass(secs(2)).await;
+    assert_eq!(cell.phase(), Phase::Stopped);
+    let lease = cell.acquire(false).await.unwrap();
+    assert_eq!(h.launches.begun(), 4);
+    assert_eq!(cell.status().restarts, 3);
+    drop(lease);
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_stop_leaves_a_crashed_server_stopped() {
+    let mut h = harness(Limits::default(), secs(1)).await;
+    let mut cfg = model("m");
+    cfg.health.on_unhealthy = crate::config::OnUnhealthy::Stop;
+    let cell = h.single(cfg);
+    drop(cell.acquire(false).await.unwrap());
+    h.launches.server(0).crash(1);
+    wait_phase(&cell, Phase::Stopped).await;
+    pass(10 * MIN).await;
+    assert_eq!(h.launches.begun(), 1);
+    assert!(cell
+        .status()
+        .error
+        .is_some_and(|e| e.contains("exited unexpectedly (exit code 1)")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unload_drains_the_leases_first_and_a_forced_one_does_not() {
+    let mut h = harness(Limits::default(), secs(1)).await;
+    let cell = h.single(model("m"));
+    let lease = cell.acquire(false).await.unwrap();
+    let unloading = tokio::spawn({
+        let cell = cell.clone();
+        async move { unload(&cell, false).await }
+    });
+    wait_phase(&cell, Phase::Stopping).await;
+    pass(MIN).await;
+    let server = h.launches.server(0);
+    assert!(server.is_running(), "stopped under a lease");
+    assert!(!unloading.is_finished());
+    // No new lease while draining: an acquire waits for the restart after the stop.
+    assert!(cell.try_acquire_ready().is_none());
+    drop(lease);
+    unloading.await.unwrap();
+    assert_eq!(cell.phase(), Phase::Stopped);
+    assert!(!server.is_running());
+
+    let lease = cell.acquire(false).await.unwrap();
+    unload(&cell, true).await;
+    assert_eq!(cell.phase(), Phase::Stopped);
+    assert!(
+        !lease.is_up(),
+        "a forced unload tells the lease its server is gone"
+    );
+    assert!(!h.launches.server(1).is_running());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forced_unload_cancels_a_start_and_answers_its_waiters() {
+    let mut h = harness(Limits::default(), secs(30)).await;
+    let cell = h.single(model("m"));
+    let waiter = tokio::spawn({
+        let cell = cell.clone();
+        async move { cell.acquire(false).await }
+    });
+    pass(secs(1)).await;
+    assert_eq!(cell.phase(), Phase::Starting);
+    unload(&cell, true).await;
+    let err = waiter.await.unwrap().unwrap_err();
+    assert!(matches!(err, AcquireError::Unavailable { .. }), "{err:?}");
+    assert_eq!(h.launches.cancelled.load(Ordering::SeqCst), 1);
+    assert_eq!(h.launches.ready_count(), 0);
+    assert_eq!(cell.phase(), Phase::Stopped);
+    assert_eq!(cell.status().error, None, "a cancel is not a failure");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gentle_unload_during_a_start_lets_the_waiters_finish_then_stops() {
+    let mut h = harness(Limits::default(), secs(30)).await;
+    let cell = h.single(model("m"));
+    let waiter = tokio::spawn({
+        let cell = cell.clone();
+        async move { cell.acquire(false).await }
+    });
+    pass(secs(1)).await;
+    let unloading = tokio::spawn({
+        let cell = cell.clone();
+        async move { unload(&cell, false).await }
+    });
+    let lease = waiter.await.unwrap().expect("the waiter is served");
+    assert_eq!(cell.phase(), Phase::Stopping, "draining, not ready");
+    assert!(!unloading.is_finished());
+    drop(lease);
+    unloading.await.unwrap();
+    assert_eq!(cell.phase(), Phase::Stopped);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reloading_pinned_applies_at_once_without_a_restart() {
+    let mut h = harness(Limits::default(), secs(1)).await;
+    let mut cfg = model("m");
+    cfg.ttl = Some(MIN);
+    let cell = h.single(cfg.clone());
+    drop(cell.acquire(false).await.unwrap());
+    cfg.pinned = true;
+    reconfigure(&cell, cfg.clone()).await;
+    assert!(cell.pinned());
+    pass(10 * MIN).await;
+    assert_eq!(
+        cell.phase(),
+        Phase::Ready,
+        "a pinned model does not idle out"
+    );
+    cfg.pinned = false;
+    reconfigure(&cell, cfg).await;
+    assert!(!cell.pinned());
+    pass(MIN + secs(1)).await;
+    assert_eq!(cell.phase(), Phase::Stopped, "unpinned, its ttl runs again");
+    assert_eq!(h.launches.begun(), 1, "no restart for pinned");
+}
+
+#[tokio::test(start_paused = true)]
+async fn reloading_memory_and_ttl_applies_at_once_without_a_restart() {
+    let mut h = harness(Limits::default(), secs(1)).await;
+    let mut cfg = model("m");
+    let cell = h.single(cfg.clone());
+    drop(cell.acquire(false).await.unwrap());
+    cfg.memory = Some(2 * GIB);
+    cfg.ttl = Some(MIN);
+    reconfigure(&cell, cfg).await;
+    assert_eq!(cell.memory().bytes, Some(2 * GIB));
+    assert_eq!(cell.status().memory_source, "declared");
+    pass(MIN + secs(1)).await;
+    assert_eq!(
+        cell.phase(),
+        Phase::Stopped,
+        "the new 1 min ttl, not the old 10 min"
+    );
+    assert_eq!(h.launches.begun(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reloading_cmd_restarts_once_the_leases_end() {
+    let mut h = harness(Limits::default(), secs(1)).await;
+    let mut cfg = model("m");
+    let cell = h.single(cfg.clone());
+    let lease = cell.acquire(false).await.unwrap();
+    cfg.cmd = vec!["server-double".into(), "--new".into()];
+    reconfigure(&cell, cfg.clone()).await;
+    assert_eq!(cell.phase(), Phase::Stopping);
+    pass(MIN).await;
+    assert!(h.launches.server(0).is_running(), "restarted under a lease");
+    drop(lease);
+    wait_phase(&cell, Phase::Ready).await;
+    assert_eq!(h.launches.begun(), 2);
+    assert!(!h.launches.server(0).is_running());
+    assert_eq!(h.launches.cmds.lock().unwrap()[1], cfg.cmd);
+    // A reload while stopped just takes the settings; the next start uses them.
+    unload(&cell, false).await;
+    cfg.cmd = vec!["server-double".into(), "--newer".into()];
+    reconfigure(&cell, cfg.clone()).await;
+    assert_eq!(cell.phase(), Phase::Stopped);
+    assert_eq!(h.launches.begun(), 2);
+    drop(cell.acquire(false).await.unwrap());
+    assert_eq!(h.launches.cmds.lock().unwrap()[2], cfg.cmd);
+}
+
+#[tokio::test(start_paused = true)]
+async fn eviction_drains_a_busy_model_and_a_cancelled_eviction_keeps_it() {
+    let limits = Limits {
+        max_loaded: Some(1),
+        queue_timeout: MIN,
+        ..Limits::default()
+    };
+    let mut h = harness(limits.clone(), secs(1)).await;
+    let a = h.add(model("a"), limits.clone());
+    let b = h.add(model("b"), limits);
+    let held = a.acquire(false).await.unwrap();
+    let wants_b = tokio::spawn({
+        let b = b.clone();
+        async move { b.acquire(false).await }
+    });
+    wait_phase(&a, Phase::Stopping).await;
+    assert!(
+        h.launches.server(0).is_running(),
+        "a busy model is drained, not cut"
+    );
+    // b gives up after queue_timeout: a is no longer evicted and serves on.
+    let err = wants_b.await.unwrap().unwrap_err();
+    assert!(matches!(err, AcquireError::NoRoom { .. }), "{err:?}");
+    wait_phase(&a, Phase::Ready).await;
+    assert!(held.is_up());
+    assert_eq!(a.stats.evictions.load(Ordering::SeqCst), 1);
+    // Idle now: the next start of b evicts it at once.
+    drop(held);
+    let lease_b = b.acquire(false).await.unwrap();
+    assert_eq!(a.phase(), Phase::Stopped);
+    drop(lease_b);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retiring_ends_the_actor_from_every_state() {
+    let mut h = harness(Limits::default(), secs(30)).await;
+    let stopped = h.single(model("stopped"));
+    let starting = h.single(model("starting"));
+    let ready = h.single(model("ready"));
+    let lease = ready.acquire(false).await.unwrap();
+    let waiter = tokio::spawn({
+        let c = starting.clone();
+        async move { c.acquire(false).await }
+    });
+    pass(secs(1)).await;
+    assert_eq!(starting.phase(), Phase::Starting);
+    for cell in [&stopped, &starting, &ready] {
+        let (reply, done) = oneshot::channel();
+        cell.send(Command::Retire { reply }).unwrap();
+        done.await.unwrap();
+        assert_eq!(cell.phase(), Phase::Stopped, "{}", cell.id);
+    }
+    assert!(waiter.await.unwrap().is_err());
+    assert!(!lease.is_up());
+    assert!(
+        starting.acquire(false).await.is_err(),
+        "a retired model takes no acquire"
+    );
+}

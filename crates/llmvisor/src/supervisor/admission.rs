@@ -44,6 +44,13 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// True if `a` and `b` share an exclusive group.
+    fn exclusive_with(&self, a: &str, b: &str) -> bool {
+        self.exclusive_groups
+            .iter()
+            .any(|g| g.iter().any(|m| m == a) && g.iter().any(|m| m == b))
+    }
+
     pub fn from_config(cfg: &Config) -> Self {
         Self {
             max_loaded: cfg.max_loaded,
@@ -127,11 +134,126 @@ struct Scheduler {
     queue: VecDeque<Pending>,
 }
 
-enum Plan {
+/// What the scheduler knows of one other model when it plans: a snapshot, so that planning is
+/// a pure function of its inputs.
+#[derive(Debug, Clone)]
+pub(crate) struct Snapshot {
+    pub id: Arc<str>,
+    /// Counted against the limits (admitted, until its process has exited).
+    pub admitted: bool,
+    pub pinned: bool,
+    /// Bytes the budget counts for it.
+    pub memory: u64,
+    pub phase: Phase,
+    pub leases: usize,
+    pub last_used: Instant,
+    /// Another llmvisor instance uses its server: never a victim.
+    pub remote_held: bool,
+}
+
+impl Snapshot {
+    fn of(cell: &ModelCell) -> Self {
+        let st = cell.status();
+        Self {
+            id: cell.id.clone(),
+            admitted: cell.admitted(),
+            pinned: st.pinned,
+            memory: st.memory.unwrap_or(0),
+            phase: st.state,
+            leases: st.leases,
+            last_used: cell.last_used(),
+            remote_held: cell.remote_held(),
+        }
+    }
+}
+
+/// The decision for one start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Plan {
     Admit,
-    /// Wait for these (already asked to stop, or now asked).
-    Wait(Vec<Arc<ModelCell>>),
+    /// Wait for these models to stop (they are asked to: idle ones stop at once, busy ones
+    /// drain). Empty: wait for models still starting, re-planned on every change.
+    Wait(Vec<Arc<str>>),
+    /// It can never fit; the reason says why and how to fix it.
     Never(String),
+}
+
+/// Decides whether model `id`, needing `need` bytes, may start now next to `others` (every other
+/// configured model) under `limits` — and if not, which models must stop first: its exclusive
+/// group's partners, then models already on their way out, then idle ones least recently used
+/// first, then busy ones likewise. Never a pinned model, nor one another instance uses.
+pub(crate) fn plan(id: &str, need: u64, others: &[Snapshot], limits: &Limits) -> Plan {
+    let loaded: Vec<&Snapshot> = others.iter().filter(|o| o.admitted).collect();
+    let pinned: Vec<&Snapshot> = loaded.iter().copied().filter(|o| o.pinned).collect();
+    let pinned_mem: u64 = pinned.iter().map(|o| o.memory).sum();
+    if let Some(budget) = limits.memory_budget {
+        if need > budget {
+            return Plan::Never(format!(
+                "model `{id}` needs {} but memory_budget is {}: it can never fit (fix: raise memory_budget, or lower the model's `memory`)",
+                human_bytes(need),
+                human_bytes(budget)
+            ));
+        }
+        if need + pinned_mem > budget {
+            return Plan::Never(format!(
+                "model `{id}` needs {} and pinned models hold {} of the {} budget",
+                human_bytes(need),
+                human_bytes(pinned_mem),
+                human_bytes(budget)
+            ));
+        }
+    }
+    if let Some(max) = limits.max_loaded {
+        if pinned.len() >= max {
+            return Plan::Never(format!(
+                "max_loaded is {max} and {} pinned models are loaded",
+                pinned.len()
+            ));
+        }
+    }
+    // Exclusive group partners must go, whatever else.
+    let partners: Vec<&Snapshot> = loaded
+        .iter()
+        .copied()
+        .filter(|o| limits.exclusive_with(id, &o.id))
+        .collect();
+    if let Some(p) = partners.iter().find(|o| o.pinned) {
+        return Plan::Never(format!(
+            "model `{id}` shares an exclusive group with pinned model `{}`",
+            p.id
+        ));
+    }
+    let fits = |gone: &[&Snapshot]| {
+        let remaining = loaded.iter().filter(|o| !gone.iter().any(|g| g.id == o.id));
+        let (count, mem) = remaining.fold((0usize, 0u64), |(n, m), o| (n + 1, m + o.memory));
+        limits.max_loaded.is_none_or(|max| count < max)
+            && limits.memory_budget.is_none_or(|b| mem + need <= b)
+    };
+    if partners.is_empty() && fits(&[]) {
+        return Plan::Admit;
+    }
+    let mut candidates: Vec<&Snapshot> = loaded
+        .iter()
+        .copied()
+        .filter(|o| !o.pinned && !o.remote_held)
+        .filter(|o| !partners.iter().any(|p| p.id == o.id))
+        .filter(|o| matches!(o.phase, Phase::Ready | Phase::Stopping))
+        .collect();
+    candidates.sort_by_key(|o| (o.phase != Phase::Stopping, o.leases > 0, o.last_used));
+    let mut victims = partners;
+    let mut candidates = candidates.into_iter();
+    while !fits(&victims) {
+        match candidates.next() {
+            Some(c) => victims.push(c),
+            None => break,
+        }
+    }
+    if !fits(&victims) {
+        // Models still starting hold room we cannot take back: wait for them to be ready
+        // (and idle) — re-planned on every change, bounded by queue_timeout.
+        return Plan::Wait(Vec::new());
+    }
+    Plan::Wait(victims.into_iter().map(|v| v.id.clone()).collect())
 }
 
 impl Scheduler {
@@ -232,6 +354,10 @@ impl Scheduler {
                     self.give_up(p, Err(AdmitError::Never(why)));
                 }
                 Plan::Wait(victims) => {
+                    let victims: Vec<Arc<ModelCell>> = victims
+                        .iter()
+                        .filter_map(|id| self.cells.iter().find(|c| c.id == *id).cloned())
+                        .collect();
                     let head = self.queue.front_mut().expect("front exists");
                     for v in victims {
                         if !head.victims.iter().any(|h| Arc::ptr_eq(h, &v)) {
@@ -247,109 +373,13 @@ impl Scheduler {
 
     fn plan(&self, cell: &Arc<ModelCell>) -> Plan {
         let need = cell.memory().bytes.unwrap_or(0);
-        let others: Vec<&Arc<ModelCell>> = self
+        let others: Vec<Snapshot> = self
             .cells
             .iter()
-            .filter(|c| !Arc::ptr_eq(c, cell) && c.admitted())
+            .filter(|c| !Arc::ptr_eq(c, cell))
+            .map(|c| Snapshot::of(c))
             .collect();
-        let pinned_mem: u64 = others
-            .iter()
-            .filter(|c| c.pinned())
-            .map(|c| c.memory().bytes.unwrap_or(0))
-            .sum();
-        let pinned_count = others.iter().filter(|c| c.pinned()).count();
-        if let Some(budget) = self.limits.memory_budget {
-            if need > budget {
-                return Plan::Never(format!(
-                    "model `{}` needs {} but memory_budget is {}: it can never fit (fix: raise memory_budget, or lower the model's `memory`)",
-                    cell.id,
-                    human_bytes(need),
-                    human_bytes(budget)
-                ));
-            }
-            if need + pinned_mem > budget {
-                return Plan::Never(format!(
-                    "model `{}` needs {} and pinned models hold {} of the {} budget",
-                    cell.id,
-                    human_bytes(need),
-                    human_bytes(pinned_mem),
-                    human_bytes(budget)
-                ));
-            }
-        }
-        if let Some(max) = self.limits.max_loaded {
-            if pinned_count >= max {
-                return Plan::Never(format!(
-                    "max_loaded is {max} and {pinned_count} pinned models are loaded"
-                ));
-            }
-        }
-        // Exclusive group partners must go, whatever else.
-        let partners: Vec<&Arc<ModelCell>> = others
-            .iter()
-            .copied()
-            .filter(|c| self.exclusive_with(&cell.id, &c.id))
-            .collect();
-        if let Some(pinned) = partners.iter().find(|c| c.pinned()) {
-            return Plan::Never(format!(
-                "model `{}` shares an exclusive group with pinned model `{}`",
-                cell.id, pinned.id
-            ));
-        }
-        let fits = |gone: &[&Arc<ModelCell>]| {
-            let remaining: Vec<&&Arc<ModelCell>> = others
-                .iter()
-                .filter(|c| !gone.iter().any(|g| Arc::ptr_eq(g, c)))
-                .collect();
-            let count_ok = self
-                .limits
-                .max_loaded
-                .is_none_or(|max| remaining.len() < max);
-            let mem: u64 = remaining
-                .iter()
-                .map(|c| c.memory().bytes.unwrap_or(0))
-                .sum();
-            let mem_ok = self.limits.memory_budget.is_none_or(|b| mem + need <= b);
-            count_ok && mem_ok
-        };
-        if partners.is_empty() && fits(&[]) {
-            return Plan::Admit;
-        }
-        // Victims: partners first, then models already on their way out (they free room without
-        // a new decision), then idle ones by least recent use, then busy ones likewise.
-        let mut candidates: Vec<&Arc<ModelCell>> = others
-            .iter()
-            .copied()
-            .filter(|c| !c.pinned() && !c.remote_held())
-            .filter(|c| !partners.iter().any(|p| Arc::ptr_eq(p, c)))
-            .filter(|c| matches!(c.phase(), Phase::Ready | Phase::Stopping))
-            .collect();
-        candidates.sort_by_key(|c| {
-            let st = c.status();
-            let leaving = st.state == Phase::Stopping;
-            (!leaving, st.leases > 0, c.last_used())
-        });
-        let mut victims: Vec<&Arc<ModelCell>> = partners.clone();
-        let mut candidates = candidates.into_iter();
-        while !fits(&victims) {
-            match candidates.next() {
-                Some(c) => victims.push(c),
-                None => break,
-            }
-        }
-        if !fits(&victims) {
-            // Models still starting hold room we cannot take back: wait for them to be ready
-            // (and idle) — re-planned on every change, bounded by queue_timeout.
-            return Plan::Wait(Vec::new());
-        }
-        Plan::Wait(victims.into_iter().cloned().collect())
-    }
-
-    fn exclusive_with(&self, a: &str, b: &str) -> bool {
-        self.limits
-            .exclusive_groups
-            .iter()
-            .any(|g| g.iter().any(|m| m == a) && g.iter().any(|m| m == b))
+        plan(&cell.id, need, &others, &self.limits)
     }
 }
 
@@ -372,5 +402,176 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    /// A loaded model: `age` seconds since last use (larger = less recently used).
+    fn loaded(id: &str, memory_gib: u64, leases: usize, age: u64) -> Snapshot {
+        Snapshot {
+            id: id.into(),
+            admitted: true,
+            pinned: false,
+            memory: memory_gib * GIB,
+            phase: Phase::Ready,
+            leases,
+            last_used: Instant::now() - Duration::from_secs(age),
+            remote_held: false,
+        }
+    }
+
+    fn pinned(s: Snapshot) -> Snapshot {
+        Snapshot { pinned: true, ..s }
+    }
+
+    fn phase(s: Snapshot, phase: Phase) -> Snapshot {
+        Snapshot { phase, ..s }
+    }
+
+    fn wait(ids: &[&str]) -> Plan {
+        Plan::Wait(ids.iter().map(|&i| Arc::from(i)).collect())
+    }
+
+    fn limits(max_loaded: Option<usize>, budget_gib: Option<u64>, groups: &[&[&str]]) -> Limits {
+        Limits {
+            max_loaded,
+            memory_budget: budget_gib.map(|g| g * GIB),
+            queue_timeout: Duration::from_secs(60),
+            exclusive_groups: groups
+                .iter()
+                .map(|g| g.iter().map(|m| m.to_string()).collect())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn plans_for_every_situation() {
+        let cases: Vec<(&str, u64, Vec<Snapshot>, Limits, Plan)> = vec![
+            ("nothing loaded: admit", 1, vec![], limits(Some(1), Some(4), &[]), Plan::Admit),
+            (
+                "fits next to the others",
+                1,
+                vec![loaded("a", 1, 0, 5)],
+                limits(Some(2), Some(4), &[]),
+                Plan::Admit,
+            ),
+            (
+                "unadmitted models hold no room",
+                1,
+                vec![Snapshot { admitted: false, ..loaded("a", 4, 0, 5) }],
+                limits(Some(1), Some(4), &[]),
+                Plan::Admit,
+            ),
+            (
+                "max_loaded: the least recently used idle model goes",
+                1,
+                vec![loaded("new", 1, 0, 1), loaded("old", 1, 0, 50)],
+                limits(Some(2), None, &[]),
+                wait(&["old"]),
+            ),
+            (
+                "idle before busy, whatever the age",
+                1,
+                vec![loaded("busy", 1, 3, 500), loaded("idle", 1, 0, 1)],
+                limits(Some(2), None, &[]),
+                wait(&["idle"]),
+            ),
+            (
+                "a busy model is drained when nothing else frees room",
+                1,
+                vec![loaded("busy", 1, 3, 5)],
+                limits(Some(1), None, &[]),
+                wait(&["busy"]),
+            ),
+            (
+                "one on its way out is counted first",
+                1,
+                vec![loaded("idle", 1, 0, 500), phase(loaded("leaving", 1, 1, 1), Phase::Stopping)],
+                limits(Some(2), None, &[]),
+                wait(&["leaving"]),
+            ),
+            (
+                "budget: as many LRU victims as the bytes need",
+                3,
+                vec![loaded("a", 2, 0, 30), loaded("b", 2, 0, 20), loaded("c", 2, 0, 10)],
+                limits(None, Some(6), &[]),
+                wait(&["a", "b"]),
+            ),
+            (
+                "pinned is never a victim",
+                1,
+                vec![pinned(loaded("p", 1, 0, 999)), loaded("q", 1, 0, 1)],
+                limits(Some(2), None, &[]),
+                wait(&["q"]),
+            ),
+            (
+                "pinned models fill max_loaded: never",
+                1,
+                vec![pinned(loaded("p", 1, 0, 9))],
+                limits(Some(1), None, &[]),
+                Plan::Never("max_loaded is 1 and 1 pinned models are loaded".into()),
+            ),
+            (
+                "bigger than the budget: never, with the fix",
+                5,
+                vec![],
+                limits(None, Some(4), &[]),
+                Plan::Never("model `x` needs 5.0 GiB but memory_budget is 4.0 GiB: it can never fit (fix: raise memory_budget, or lower the model's `memory`)".into()),
+            ),
+            (
+                "pinned bytes leave no room: never",
+                3,
+                vec![pinned(loaded("p", 2, 0, 9))],
+                limits(None, Some(4), &[]),
+                Plan::Never("model `x` needs 3.0 GiB and pinned models hold 2.0 GiB of the 4.0 GiB budget".into()),
+            ),
+            (
+                "exclusive partner goes even when everything fits",
+                1,
+                vec![loaded("partner", 1, 0, 1), loaded("other", 1, 0, 99)],
+                limits(None, None, &[&["x", "partner"]]),
+                wait(&["partner"]),
+            ),
+            (
+                "busy exclusive partner is drained",
+                1,
+                vec![loaded("partner", 1, 2, 1)],
+                limits(None, None, &[&["x", "partner"]]),
+                wait(&["partner"]),
+            ),
+            (
+                "pinned exclusive partner: never",
+                1,
+                vec![pinned(loaded("partner", 1, 0, 1))],
+                limits(None, None, &[&["x", "partner"]]),
+                Plan::Never("model `x` shares an exclusive group with pinned model `partner`".into()),
+            ),
+            (
+                "only a starting model holds the room: wait for it",
+                1,
+                vec![phase(loaded("loading", 1, 0, 1), Phase::Starting)],
+                limits(Some(1), None, &[]),
+                Plan::Wait(vec![]),
+            ),
+            (
+                "used by another instance: not a victim",
+                1,
+                vec![Snapshot { remote_held: true, ..loaded("shared", 1, 0, 99) }, loaded("mine", 1, 0, 1)],
+                limits(Some(2), None, &[]),
+                wait(&["mine"]),
+            ),
+        ];
+        for (name, need_gib, others, limits, expected) in cases {
+            assert_eq!(
+                plan("x", need_gib * GIB, &others, &limits),
+                expected,
+                "{name}"
+            );
+        }
     }
 }

@@ -39,6 +39,9 @@ pub struct Limits {
     pub max_loaded: Option<usize>,
     pub memory_budget: Option<u64>,
     pub queue_timeout: Duration,
+    /// How long a start waits for a busy model to finish its work before draining it to make
+    /// room (swap-aware admission; zero = drain at once).
+    pub max_wait_for_swap: Duration,
     /// Exclusive groups: at most one member admitted at a time.
     pub exclusive_groups: Vec<Vec<String>>,
 }
@@ -56,6 +59,7 @@ impl Limits {
             max_loaded: cfg.max_loaded,
             memory_budget: cfg.memory_budget,
             queue_timeout: cfg.queue_timeout,
+            max_wait_for_swap: DEFAULT_MAX_WAIT_FOR_SWAP,
             exclusive_groups: cfg
                 .groups
                 .values()
@@ -65,6 +69,9 @@ impl Limits {
         }
     }
 }
+
+/// Default of `max_wait_for_swap`.
+pub const DEFAULT_MAX_WAIT_FOR_SWAP: Duration = Duration::from_secs(30);
 
 /// Starts waiting for room, at most (requests wait inside their model's start, so this bounds
 /// the number of *models* queued; each model bounds its own waiters).
@@ -123,8 +130,18 @@ struct Pending {
     cell: Arc<ModelCell>,
     reply: oneshot::Sender<Result<(), AdmitError>>,
     since: Instant,
-    /// Models drained or evicted for this start, to release if it gives up.
+    /// Models that must stop for this start (named when it times out).
     victims: Vec<Arc<ModelCell>>,
+    /// Those of them asked to stop, to call off if it gives up.
+    asked: Vec<Arc<ModelCell>>,
+}
+
+impl Pending {
+    /// When busy victims are drained even though they still have work: `max_wait_for_swap`
+    /// after this start began to wait.
+    fn swap_due(&self, limits: &Limits) -> Instant {
+        self.since + limits.max_wait_for_swap
+    }
 }
 
 struct Scheduler {
@@ -259,10 +276,17 @@ pub(crate) fn plan(id: &str, need: u64, others: &[Snapshot], limits: &Limits) ->
 impl Scheduler {
     async fn run(mut self) {
         loop {
-            let deadline = self
-                .queue
-                .front()
-                .map(|p| p.since + self.limits.queue_timeout);
+            // The head's queue timeout, or earlier its swap deadline while a busy victim serves.
+            let deadline = self.queue.front().map(|p| {
+                let timeout = p.since + self.limits.queue_timeout;
+                let swap = p.swap_due(&self.limits);
+                let unasked = p.victims.len() > p.asked.len();
+                if unasked && swap > Instant::now() {
+                    timeout.min(swap)
+                } else {
+                    timeout
+                }
+            });
             let msg = tokio::select! {
                 m = self.rx.recv() => match m {
                     Some(m) => Some(m),
@@ -281,6 +305,7 @@ impl Scheduler {
                             reply,
                             since: Instant::now(),
                             victims: Vec::new(),
+                            asked: Vec::new(),
                         });
                     }
                 }
@@ -327,9 +352,10 @@ impl Scheduler {
     fn give_up(&self, p: Pending, result: Result<(), AdmitError>) {
         p.cell.set_queued(false);
         // Drains started for this start, and not needed by the next one, are called off.
-        for v in &p.victims {
+        for v in &p.asked {
             let _ = v.send(Command::CancelEvict);
         }
+        p.cell.set_wait_reason(None);
         let _ = p.reply.send(result);
     }
 
@@ -346,6 +372,13 @@ impl Scheduler {
                 Plan::Admit => {
                     let p = self.queue.pop_front().expect("front exists");
                     p.cell.set_queued(false);
+                    p.cell.set_wait_reason(None);
+                    if !p.victims.is_empty() {
+                        p.cell
+                            .stats
+                            .swaps
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     p.cell.set_admitted(true);
                     let _ = p.reply.send(Ok(()));
                 }
@@ -359,12 +392,36 @@ impl Scheduler {
                         .filter_map(|id| self.cells.iter().find(|c| c.id == *id).cloned())
                         .collect();
                     let head = self.queue.front_mut().expect("front exists");
+                    let swap_due = Instant::now() >= head.swap_due(&self.limits);
+                    let mut serving = Vec::new();
                     for v in victims {
                         if !head.victims.iter().any(|h| Arc::ptr_eq(h, &v)) {
+                            head.victims.push(v.clone());
+                        }
+                        if head.asked.iter().any(|h| Arc::ptr_eq(h, &v)) {
+                            continue;
+                        }
+                        // Swap-aware: a busy model serves on (its queued requests included)
+                        // until it is idle or this start has waited max_wait_for_swap; only
+                        // then is it drained. Idle ones stop at once.
+                        let st = v.status();
+                        if swap_due || st.leases == 0 || st.state != Phase::Ready {
                             let _ = v.send(Command::Evict);
-                            head.victims.push(v);
+                            head.asked.push(v);
+                        } else {
+                            serving.push(format!("{} ({} leases)", v.id, st.leases));
                         }
                     }
+                    let reason = if serving.is_empty() {
+                        "waiting for room: models are stopping to make it".to_owned()
+                    } else {
+                        format!(
+                            "waiting up to {:?} (max_wait_for_swap) for {} to finish before swapping",
+                            self.limits.max_wait_for_swap,
+                            serving.join(", ")
+                        )
+                    };
+                    head.cell.set_wait_reason(Some(reason));
                     return;
                 }
             }
@@ -442,6 +499,7 @@ mod tests {
             max_loaded,
             memory_budget: budget_gib.map(|g| g * GIB),
             queue_timeout: Duration::from_secs(60),
+            max_wait_for_swap: Duration::ZERO,
             exclusive_groups: groups
                 .iter()
                 .map(|g| g.iter().map(|m| m.to_string()).collect())

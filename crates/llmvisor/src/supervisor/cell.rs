@@ -41,6 +41,8 @@ pub struct ModelStats {
     pub evictions: AtomicU64,
     /// Time a start waited for room (admission), per start.
     pub queue_wait: Histogram,
+    /// Starts that had to wait for other models to stop (swaps).
+    pub swaps: AtomicU64,
 }
 
 pub(super) struct CellState {
@@ -64,6 +66,8 @@ pub(super) struct CellState {
     pub(super) queued: bool,
     /// Acquirers waiting for this model's start.
     pub(super) waiting: usize,
+    /// Why its start waits for room, while it does (set by admission).
+    pub(super) wait_reason: Option<String>,
     pub(super) memory: Memory,
     pub(super) pinned: bool,
     /// Set while the current run is another instance's server we attached to.
@@ -113,6 +117,7 @@ impl ModelCell {
                 start_time: Histogram::new(START_BOUNDS),
                 evictions: AtomicU64::new(0),
                 queue_wait: Histogram::new(START_BOUNDS),
+                swaps: AtomicU64::new(0),
             },
             state: Mutex::new(CellState {
                 phase: Phase::Stopped,
@@ -129,6 +134,7 @@ impl ModelCell {
                 admitted: false,
                 queued: false,
                 waiting: 0,
+                wait_reason: None,
                 memory: Memory::for_config(cfg),
                 pinned: cfg.pinned,
                 remote: None,
@@ -222,6 +228,11 @@ impl ModelCell {
             memory: st.memory.bytes,
             memory_source: st.memory.source,
             queued: if st.queued { st.waiting } else { 0 },
+            wait_reason: if st.queued {
+                st.wait_reason.clone()
+            } else {
+                None
+            },
             pinned: st.pinned,
         }
     }
@@ -245,6 +256,10 @@ impl ModelCell {
 
     pub(crate) fn set_admitted(&self, admitted: bool) {
         self.lock().admitted = admitted;
+    }
+
+    pub(crate) fn set_wait_reason(&self, reason: Option<String>) {
+        self.lock().wait_reason = reason;
     }
 
     pub(crate) fn set_queued(&self, queued: bool) {

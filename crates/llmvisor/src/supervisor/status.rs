@@ -55,5 +55,7 @@ pub struct ModelStatus {
     pub memory_source: &'static str,
     /// Requests waiting for room to start it.
     pub queued: usize,
+    /// Why its start waits for room (which models it waits for), while it does.
+    pub wait_reason: Option<String>,
     pub pinned: bool,
 }

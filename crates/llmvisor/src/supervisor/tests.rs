@@ -440,3 +440,106 @@ async fn retiring_ends_the_actor_from_every_state() {
         "a retired model takes no acquire"
     );
 }
+
+fn one_at_a_time(max_wait_for_swap: Duration) -> Limits {
+    Limits {
+        max_loaded: Some(1),
+        queue_timeout: 5 * MIN,
+        max_wait_for_swap,
+        ..Limits::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_model_serves_on_until_the_swap_bound_then_drains() {
+    let limits = one_at_a_time(secs(30));
+    let mut h = harness(limits.clone(), secs(1)).await;
+    let a = h.add(model("a"), limits.clone());
+    let b = h.add(model("b"), limits);
+    let held = a.acquire(false).await.unwrap();
+    let wants_b = tokio::spawn({
+        let b = b.clone();
+        async move { b.acquire(false).await }
+    });
+    pass(secs(10)).await;
+    // Still ready: a's own new requests are served rather than queued behind a swap.
+    assert_eq!(a.phase(), Phase::Ready);
+    let status = b.status();
+    assert_eq!(status.queued, 1);
+    let reason = status.wait_reason.expect("b says why it waits");
+    assert!(
+        reason.contains("max_wait_for_swap") && reason.contains("a (1 leases)"),
+        "{reason}"
+    );
+    let more = a
+        .try_acquire_ready()
+        .expect("a takes new leases while b waits");
+    // At the bound, a is drained (no new lease) and b starts when a's work is done.
+    pass(secs(21)).await;
+    assert_eq!(a.phase(), Phase::Stopping);
+    assert!(a.try_acquire_ready().is_none());
+    drop((held, more));
+    let lease_b = wants_b.await.unwrap().unwrap();
+    assert_eq!(a.phase(), Phase::Stopped);
+    assert_eq!(b.stats.swaps.load(Ordering::SeqCst), 1);
+    assert_eq!(b.status().wait_reason, None);
+    drop(lease_b);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_that_goes_idle_is_swapped_out_at_once() {
+    let limits = one_at_a_time(secs(30));
+    let mut h = harness(limits.clone(), secs(1)).await;
+    let a = h.add(model("a"), limits.clone());
+    let b = h.add(model("b"), limits);
+    let held = a.acquire(false).await.unwrap();
+    let wants_b = tokio::spawn({
+        let b = b.clone();
+        async move { b.acquire(false).await }
+    });
+    pass(secs(3)).await;
+    let asked = tokio::time::Instant::now();
+    drop(held);
+    let lease_b = wants_b.await.unwrap().unwrap();
+    // One load of b (1 s) after a stopped; not the 30 s bound.
+    assert!(asked.elapsed() < secs(2), "{:?}", asked.elapsed());
+    drop(lease_b);
+}
+
+/// The thrash scenario: `max_loaded = 1`, two models (0.5 s load), three agents per
+/// model each sending four requests one after another (0.3 s each). Returns (starts, wall).
+async fn thrash(max_wait_for_swap: Duration) -> (usize, Duration) {
+    let limits = one_at_a_time(max_wait_for_swap);
+    let mut h = harness(limits.clone(), Duration::from_millis(500)).await;
+    let cells = [h.add(model("a"), limits.clone()), h.add(model("b"), limits)];
+    let began = tokio::time::Instant::now();
+    let mut agents = Vec::new();
+    for agent in 0..6 {
+        let cell = cells[agent % 2].clone();
+        agents.push(tokio::spawn(async move {
+            for _ in 0..4 {
+                let lease = cell.acquire(false).await.unwrap();
+                pass(Duration::from_millis(300)).await;
+                drop(lease);
+            }
+        }));
+    }
+    for a in agents {
+        a.await.unwrap();
+    }
+    (h.launches.begun(), began.elapsed())
+}
+
+#[tokio::test(start_paused = true)]
+async fn swap_aware_admission_serves_each_models_queue_before_swapping() {
+    let (fifo_starts, fifo_wall) = thrash(Duration::ZERO).await;
+    let (starts, wall) = thrash(secs(30)).await;
+    assert!(starts <= 3, "swap-aware: {starts} starts in {wall:?}");
+    assert!(
+        fifo_starts > starts && wall < fifo_wall,
+        "FIFO {fifo_starts} starts in {fifo_wall:?}, swap-aware {starts} in {wall:?}"
+    );
+    eprintln!(
+        "thrash: FIFO {fifo_starts} starts {fifo_wall:?}; swap-aware {starts} starts {wall:?}"
+    );
+}

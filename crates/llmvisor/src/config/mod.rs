@@ -23,7 +23,7 @@ pub use expand::{expand, process_env, ExpandError, ExpandedCommand, KNOWN_MACROS
 pub use parse::{
     load, parse, parse_with_env, DEFAULTS_KEYS, GROUP_KEYS, MODEL_KEYS, TOP_LEVEL_KEYS,
 };
-pub use units::{parse_duration, parse_size, DURATION_FORMS, SIZE_FORMS};
+pub use units::{parse_duration, parse_size, DURATION_FORMS, MAX_DURATION, SIZE_FORMS};
 
 /// `listen` when the config does not set it.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";

@@ -349,8 +349,7 @@ impl Parser<'_> {
 
     fn duration(&mut self, key: &str, n: &Node) -> Option<Duration> {
         let parsed = match &n.kind {
-            Kind::Int(i) if *i < 0 => Some(Err("a duration cannot be negative".to_string())),
-            Kind::Int(i) => Some(Ok(Duration::from_secs(*i as u64))),
+            Kind::Int(i) => Some(units::duration_from_secs(*i)),
             Kind::Float(x) => Some(units::duration_from_f64(*x)),
             Kind::Str(s) => Some(units::duration(s)),
             _ => None,

@@ -14,6 +14,16 @@ pub const SIZE_FORMS: &str = "write a size as a bare number of bytes, or a numbe
 
 const NS_PER_SEC: u128 = 1_000_000_000;
 
+/// The longest duration a config may give: one year (365 days). Longer values are refused, so
+/// that no deadline computed from a configured duration (`Instant::now() + ttl`) can overflow —
+/// an `Instant` plus a year is far inside its range. `0` still means "never" where a key says so.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The reason given for a duration over [`MAX_DURATION`].
+fn too_long() -> String {
+    "it is too large: the longest duration allowed is 8760h (365 days)".to_string()
+}
+
 /// Parses a duration: `"250ms"`, `"30s"`, `"10m"`, `"1h"`, or a bare (integer or decimal) number of
 /// seconds such as `"30"` or `"1.5"`. A number may have a fraction with any unit (`"1.5h"`) and be
 /// separated from its unit by spaces. Units are lower-case. Negative durations are refused.
@@ -52,7 +62,7 @@ pub(crate) fn duration(s: &str) -> Result<Duration, String> {
         "h" => 3600 * NS_PER_SEC,
         other => return Err(format!("unknown unit `{other}`")),
     };
-    let ns = decimal_scaled(num, scale)?;
+    let ns = decimal_scaled(num, scale).map_err(|e| if e == TOO_LARGE { too_long() } else { e })?;
     nanos_to_duration(ns)
 }
 
@@ -65,7 +75,13 @@ pub(crate) fn duration_from_f64(secs: f64) -> Result<Duration, String> {
         return Err("a duration cannot be negative".into());
     }
     // `Display` of an f64 never uses an exponent, and is the shortest exact round-trip form.
-    let ns = decimal_scaled(&format!("{secs}"), NS_PER_SEC)?;
+    let ns = decimal_scaled(&format!("{secs}"), NS_PER_SEC).map_err(|e| {
+        if e == TOO_LARGE {
+            too_long()
+        } else {
+            e
+        }
+    })?;
     nanos_to_duration(ns)
 }
 
@@ -108,7 +124,7 @@ pub(crate) fn size(s: &str) -> Result<u64, String> {
         }
     }
     let bytes = decimal_scaled(num, scale)?;
-    u64::try_from(bytes).map_err(|_| "it is too large".to_string())
+    u64::try_from(bytes).map_err(|_| TOO_LARGE.to_string())
 }
 
 /// Splits `"1.5 GiB"` into `("1.5", "GiB")`: the leading run of digits and dots, then the rest
@@ -120,6 +136,8 @@ fn split_number(t: &str) -> (&str, &str) {
     (&t[..end], t[end..].trim_start())
 }
 
+const TOO_LARGE: &str = "it is too large";
+
 /// `num` (`DIGITS` or `DIGITS.DIGITS`) times `scale`, truncated to an integer, computed exactly.
 fn decimal_scaled(num: &str, scale: u128) -> Result<u128, String> {
     let (int, frac) = match num.split_once('.') {
@@ -130,7 +148,7 @@ fn decimal_scaled(num: &str, scale: u128) -> Result<u128, String> {
     if !digits(int) || frac.is_some_and(|f| !digits(f)) {
         return Err(format!("`{num}` is not a number"));
     }
-    let too_large = || "it is too large".to_string();
+    let too_large = || TOO_LARGE.to_string();
     let int: u128 = int.parse().map_err(|_| too_large())?;
     let mut value = int.checked_mul(scale).ok_or_else(too_large)?;
     if let Some(frac) = frac {
@@ -143,7 +161,21 @@ fn decimal_scaled(num: &str, scale: u128) -> Result<u128, String> {
     Ok(value)
 }
 
+/// A whole number of seconds (a TOML integer) as a duration, capped like every other form.
+pub(crate) fn duration_from_secs(secs: i64) -> Result<Duration, String> {
+    let secs = u64::try_from(secs).map_err(|_| "a duration cannot be negative".to_string())?;
+    capped(Duration::from_secs(secs))
+}
+
 fn nanos_to_duration(ns: u128) -> Result<Duration, String> {
-    let secs = u64::try_from(ns / NS_PER_SEC).map_err(|_| "it is too large".to_string())?;
-    Ok(Duration::new(secs, (ns % NS_PER_SEC) as u32))
+    let secs = u64::try_from(ns / NS_PER_SEC).map_err(|_| too_long())?;
+    capped(Duration::new(secs, (ns % NS_PER_SEC) as u32))
+}
+
+fn capped(d: Duration) -> Result<Duration, String> {
+    if d > MAX_DURATION {
+        Err(too_long())
+    } else {
+        Ok(d)
+    }
 }

@@ -1,5 +1,15 @@
-//! Durations (`"250ms"`, `"30s"`, `"10m"`, `"1h"`, bare seconds) and sizes (`"400MiB"`, `"1.5GiB"`,
-//! bare bytes), parsed exactly (decimal fractions are not rounded through floating point).
+//! Durations and sizes, both ways: every place that reads or writes one goes through here.
+//!
+//! Parsing: durations (`"250ms"`, `"30s"`, `"10m"`, `"1h"`, bare seconds) and sizes (`"400MiB"`,
+//! `"1.5GiB"`, bare bytes), exactly (decimal fractions are not rounded through floating point).
+//!
+//! Formatting, in two forms:
+//! * **exact**, for messages and logs: [`format_duration`] (`250ms`, `5s`, `1.5s`, `10m`, `1h`)
+//!   and [`format_size`] (`512 B`, `400 MiB`, `1.5 GiB`): what is printed parses back to the same
+//!   value (sizes to two decimals), in the form a config would write it;
+//! * **column**, for tables and live readouts, fixed precision so that values line up and do not
+//!   jitter: [`format_elapsed`] (`0.4s`, `59.9s`, `2m05s`, `1h02m`) and [`format_size_column`]
+//!   (`512 B`, `470.0 MiB`).
 
 use std::time::Duration;
 
@@ -177,5 +187,145 @@ fn capped(d: Duration) -> Result<Duration, String> {
         Err(too_long())
     } else {
         Ok(d)
+    }
+}
+
+// ----- formatting -------------------------------------------------------------------------------
+
+/// Binary size units above bytes, each 1024 times the one before.
+const SIZE_UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+
+/// `bytes` in the largest binary unit it reaches (up to TiB): the value in that unit and the
+/// unit's name; `None` below 1 KiB.
+fn size_in_unit(bytes: u64) -> Option<(f64, &'static str)> {
+    let mut value = bytes as f64;
+    let mut unit = None;
+    for u in SIZE_UNITS {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = Some(u);
+    }
+    unit.map(|u| (value, u))
+}
+
+/// A size for messages: `512 B`, `400 MiB`, `1.5 GiB`, `1.33 GiB` (at most two decimals, no
+/// trailing zeros). Parses back with [`parse_size`].
+pub fn format_size(bytes: u64) -> String {
+    match size_in_unit(bytes) {
+        None => format!("{bytes} B"),
+        Some((value, unit)) => {
+            let s = format!("{value:.2}");
+            let s = s.trim_end_matches('0').trim_end_matches('.');
+            format!("{s} {unit}")
+        }
+    }
+}
+
+/// A size for a table column: `512 B`, `470.0 MiB`, `1.5 GiB` (always one decimal above bytes).
+pub fn format_size_column(bytes: u64) -> String {
+    match size_in_unit(bytes) {
+        None => format!("{bytes} B"),
+        Some((value, unit)) => format!("{value:.1} {unit}"),
+    }
+}
+
+/// A duration for messages, exact and in the form a config would write it: `0s`, `250ms`, `5s`,
+/// `1.5s`, `10m`, `1h`, `90m` — the largest of h, m, s that holds it whole, else milliseconds
+/// below a second, else seconds with a fraction. Parses back with [`parse_duration`] to the same value.
+pub fn format_duration(d: Duration) -> String {
+    let ns = d.as_nanos();
+    if ns == 0 {
+        return "0s".into();
+    }
+    for (unit, scale) in [
+        ("h", 3600 * NS_PER_SEC),
+        ("m", 60 * NS_PER_SEC),
+        ("s", NS_PER_SEC),
+    ] {
+        if ns % scale == 0 {
+            return format!("{}{unit}", ns / scale);
+        }
+    }
+    if ns < NS_PER_SEC && ns % 1_000_000 == 0 {
+        return format!("{}ms", ns / 1_000_000);
+    }
+    let frac = format!("{:09}", ns % NS_PER_SEC);
+    format!("{}.{}s", ns / NS_PER_SEC, frac.trim_end_matches('0'))
+}
+
+/// An elapsed time for a column or a live readout: `0.4s`, `1.3s`, `59.9s`, `2m05s`, `1h02m`
+/// (tenths of a second below a minute, then whole seconds, then whole minutes; rounded).
+pub fn format_elapsed(d: Duration) -> String {
+    format_ms(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// [`format_elapsed`] of a number of milliseconds.
+pub fn format_ms(ms: u64) -> String {
+    if ms < 60_000 {
+        // One decimal, rounded; 59_960 ms would round to "60.0s", so show it as a minute.
+        let tenths = (ms + 50) / 100;
+        if tenths < 600 {
+            return format!("{}.{}s", tenths / 10, tenths % 10);
+        }
+    }
+    let secs = ms.saturating_add(500) / 1000;
+    if secs < 3600 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_format_exactly_and_parse_back() {
+        for (d, text) in [
+            (Duration::ZERO, "0s"),
+            (Duration::from_millis(250), "250ms"),
+            (Duration::from_secs(5), "5s"),
+            (Duration::from_millis(1500), "1.5s"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_secs(600), "10m"),
+            (Duration::from_secs(5400), "90m"),
+            (Duration::from_secs(7200), "2h"),
+            (Duration::from_micros(100), "0.0001s"),
+            (Duration::from_nanos(1_000_000_001), "1.000000001s"),
+            (MAX_DURATION, "8760h"),
+        ] {
+            assert_eq!(format_duration(d), text);
+            assert_eq!(parse_duration(text), Ok(d), "{text}");
+        }
+    }
+
+    #[test]
+    fn sizes_format_in_two_forms() {
+        for (bytes, exact, column) in [
+            (0, "0 B", "0 B"),
+            (512, "512 B", "512 B"),
+            (1 << 30, "1 GiB", "1.0 GiB"),
+            (3 << 29, "1.5 GiB", "1.5 GiB"),
+            (470 << 20, "470 MiB", "470.0 MiB"),
+            (10 << 30, "10 GiB", "10.0 GiB"),
+            (5 << 40, "5 TiB", "5.0 TiB"),
+        ] {
+            assert_eq!(format_size(bytes), exact);
+            assert_eq!(format_size_column(bytes), column);
+            assert_eq!(parse_size(exact), Ok(bytes), "{exact}");
+        }
+        assert_eq!(format_size(u64::MAX), "16777216 TiB");
+    }
+
+    #[test]
+    fn elapsed_times_read_as_a_column() {
+        assert_eq!(format_elapsed(Duration::ZERO), "0.0s");
+        assert_eq!(format_elapsed(Duration::from_millis(1349)), "1.3s");
+        assert_eq!(format_elapsed(Duration::from_millis(59_950)), "1m00s");
+        assert_eq!(format_elapsed(Duration::from_secs(3720)), "1h02m");
+        assert_eq!(format_elapsed(Duration::MAX), format_ms(u64::MAX));
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! A watcher task owns the `tokio::process::Child` and is the only place it is awaited (and so
 //! reaped); everyone else learns the exit status from a watch channel. Stopping always targets the
-//! whole process group, because servers started through wrapper scripts leave grandchildren in it.
+//! whole process group, because servers started through wrapper scripts leave grandchildren in it
+//! — through the leader's pidfd, taken at launch, never by a group number that may have been
+//! recycled (see [`LeaderGroup`]).
 
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -12,20 +14,18 @@ use rustix::process::Signal;
 use tokio::io::AsyncRead;
 use tokio::process::Child;
 use tokio::sync::watch;
-use tokio::time::Instant;
 
+use crate::escalate::{self, escalate, Outcome, Targets};
 use crate::logs::LogSink;
+use crate::pidfd::LeaderGroup;
 use crate::procfs;
 use crate::reaper::Registry;
-use crate::spawn::signal_group;
-
-/// Poll interval while waiting for a process group to empty.
-const GROUP_POLL: Duration = Duration::from_millis(10);
-/// After SIGKILL, how long to wait for the kernel to finish the group off before giving up.
-const KILL_GRACE: Duration = Duration::from_secs(2);
+use crate::units;
 
 pub struct ChildProcess {
     pid: u32,
+    /// The process group, through the leader's pidfd taken before the leader could be reaped.
+    group: LeaderGroup,
     exit: watch::Receiver<Option<ExitStatus>>,
     registry: Registry,
     /// How many of the output pipes have reached end of file.
@@ -38,7 +38,9 @@ impl ChildProcess {
     /// records its group in `registry` until the group is gone.
     pub fn launch(mut child: Child, logs: Arc<LogSink>, registry: Registry) -> Self {
         let pid = child.id().expect("a just-spawned child has a pid");
-        registry.insert(pid);
+        // Nothing has awaited the child yet, so it is unreaped and `pid` surely names it.
+        let group = LeaderGroup::of_child(pid);
+        registry.insert(group.clone());
         let (closed_tx, output_closed) = watch::channel(0usize);
         let closed_tx = Arc::new(closed_tx);
         let mut pipes = 0;
@@ -74,6 +76,7 @@ impl ChildProcess {
         });
         Self {
             pid,
+            group,
             exit,
             registry,
             output_closed,
@@ -110,54 +113,58 @@ impl ChildProcess {
         }
     }
 
-    /// SIGTERM to the group, up to `grace` for it to exit, then SIGKILL. Returns once the leader
-    /// is reaped and no live process is left in the group.
+    /// SIGTERM to the group, up to `grace` for it to go, then SIGKILL (see [`escalate`]).
+    /// Returns once the leader is reaped and, unless something survived SIGKILL, no live
+    /// process is left in the group.
     pub async fn stop(&self, grace: Duration) -> ExitStatus {
-        let deadline = Instant::now() + grace;
-        if self.exit_status().is_none() {
-            signal_group(self.pid, Signal::TERM);
+        let outcome = escalate(&mut self.group_target(), grace).await;
+        if outcome == Outcome::Killed {
+            tracing::info!(
+                pid = self.pid,
+                "did not exit within {} of SIGTERM; sent SIGKILL",
+                units::format_duration(grace)
+            );
         }
-        let status = tokio::select! {
-            s = self.exited() => Some(s),
-            _ = tokio::time::sleep_until(deadline) => None,
-        };
-        let status = match status {
-            Some(s) => s,
-            None => {
-                tracing::info!(
-                    pid = self.pid,
-                    "did not exit within {grace:?} of SIGTERM; sending SIGKILL"
-                );
-                signal_group(self.pid, Signal::KILL);
-                self.exited().await
-            }
-        };
-        self.finish_group(deadline).await;
-        status
-    }
-
-    /// After the leader exited: give the rest of its group until `deadline` (they got SIGTERM
-    /// with it), then SIGKILL whatever is left and wait for it to go.
-    pub async fn finish_group(&self, deadline: Instant) {
-        while Instant::now() < deadline && !procfs::live_group_members(self.pid).is_empty() {
-            tokio::time::sleep(GROUP_POLL).await;
-        }
-        self.kill_group_and_wait().await;
+        self.finished(outcome).await
     }
 
     /// SIGKILL to the whole group, then wait (bounded) until no live member is left.
     pub async fn kill_group_and_wait(&self) {
-        signal_group(self.pid, Signal::KILL);
-        let give_up = Instant::now() + KILL_GRACE;
-        while !procfs::live_group_members(self.pid).is_empty() {
-            if Instant::now() >= give_up {
-                tracing::warn!(pgid = self.pid, "processes of the group survived SIGKILL");
-                return;
-            }
-            tokio::time::sleep(GROUP_POLL).await;
-        }
-        if self.exit_status().is_some() {
+        let outcome = escalate::kill(&mut self.group_target()).await;
+        self.finished(outcome).await;
+    }
+
+    fn group_target(&self) -> GroupTarget<'_> {
+        GroupTarget { child: self }
+    }
+
+    /// After an escalation: the leader's status, once the group is off the registry.
+    async fn finished(&self, outcome: Outcome) -> ExitStatus {
+        if outcome.all_gone() {
             self.registry.remove(self.pid);
+        } else {
+            tracing::warn!(pgid = self.pid, "processes of the group survived SIGKILL");
         }
+        self.exited().await
+    }
+}
+
+/// A server's process group as a target of [`escalate`]: signalled through its leader's pidfd
+/// ([`LeaderGroup`]), gone once the leader is reaped and no live process is left in the group.
+struct GroupTarget<'a> {
+    child: &'a ChildProcess,
+}
+
+impl Targets for GroupTarget<'_> {
+    fn signal(&mut self, sig: Signal) {
+        self.child.group.signal(sig);
+    }
+
+    fn all_gone(&self) -> bool {
+        // The group id is the leader's pid: while the leader is unreaped it names our group;
+        // after, the members found are ours as long as any are left (a group id is not handed
+        // out again while the group has members). A recycled number could only make us wait
+        // longer (bounded), never signal: signals go through the pidfd.
+        self.child.exit_status().is_some() && procfs::live_group_members(self.child.pid).is_empty()
     }
 }

@@ -8,6 +8,7 @@ pub mod child;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod escalate;
 pub mod ids;
 pub mod logs;
 pub mod metrics;
@@ -21,6 +22,7 @@ pub mod spawn;
 pub mod store;
 pub mod supervisor;
 pub mod sweep;
+pub mod units;
 pub mod upstream;
 
 pub use config::Config;

@@ -6,14 +6,14 @@
 //! servers' process groups, and never a group leader: the leaders are our direct children and
 //! their exit status belongs to the task that awaits them (reaping with `wait(-1)` would steal it).
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rustix::process::{Pid, WaitOptions};
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::pidfd::LeaderGroup;
 use crate::procfs;
-use crate::spawn::signal_group;
 
 /// Process groups of the servers this llmvisor started and that may still have members.
 #[derive(Clone, Default)]
@@ -23,34 +23,45 @@ pub struct Registry {
 
 #[derive(Default)]
 struct RegistryInner {
-    live: HashSet<u32>,
+    /// Each group through its leader's pidfd (see [`LeaderGroup`]: never signalled by a number
+    /// that may have been recycled).
+    live: HashMap<u32, LeaderGroup>,
     /// Every group ever registered: orphans of a group can outlive its leader's bookkeeping.
     ever: HashSet<u32>,
 }
 
 impl Registry {
-    pub fn insert(&self, pgid: u32) {
-        let mut inner = self.inner.lock().unwrap();
-        inner.live.insert(pgid);
-        inner.ever.insert(pgid);
+    pub fn insert(&self, group: LeaderGroup) {
+        let mut inner = self.lock();
+        inner.ever.insert(group.pgid());
+        inner.live.insert(group.pgid(), group);
     }
 
     pub fn remove(&self, pgid: u32) {
-        self.inner.lock().unwrap().live.remove(&pgid);
+        self.lock().live.remove(&pgid);
     }
 
     pub fn live(&self) -> Vec<u32> {
-        self.inner.lock().unwrap().live.iter().copied().collect()
+        self.lock().live.keys().copied().collect()
     }
 
     fn is_ours(&self, pgid: u32) -> bool {
-        self.inner.lock().unwrap().ever.contains(&pgid)
+        self.lock().ever.contains(&pgid)
+    }
+
+    /// The registry stays usable even if a thread panicked while holding the lock: its sets are
+    /// updated one call at a time, never left half-written.
+    fn lock(&self) -> MutexGuard<'_, RegistryInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// SIGKILL every live group, synchronously (the supervisor is being dropped).
     pub fn kill_all(&self) {
-        for pgid in self.live() {
-            signal_group(pgid, rustix::process::Signal::KILL);
+        let groups: Vec<LeaderGroup> = self.lock().live.values().cloned().collect();
+        for group in groups {
+            group.signal(rustix::process::Signal::KILL);
         }
     }
 

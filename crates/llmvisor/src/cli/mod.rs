@@ -387,7 +387,7 @@ async fn load(args: &LoadArgs) -> anyhow::Result<ExitCode> {
     print_stdout(&format!(
         "loaded {} in {}{}\n",
         shown_id(&m, name),
-        table::format_ms(elapsed.as_millis() as u64),
+        crate::units::format_elapsed(elapsed),
         where_it_runs(&m)
     ))?;
     Ok(ExitCode::SUCCESS)
@@ -415,7 +415,7 @@ async fn unload(args: &UnloadArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| name.to_string());
     print_stdout(&format!(
         "unloaded {id} in {}\n",
-        table::format_ms(elapsed.as_millis() as u64)
+        crate::units::format_elapsed(elapsed)
     ))?;
     Ok(ExitCode::SUCCESS)
 }

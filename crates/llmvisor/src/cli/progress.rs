@@ -14,9 +14,9 @@ const CLEAR_LINE: &str = "\r\x1b[2K";
 /// One spinner line: `⠋ loading gemma… 1.2s`.
 pub fn spinner_line(tick: usize, label: &str, elapsed: Duration) -> String {
     format!(
-        "{} {label}… {:.1}s",
+        "{} {label}… {}",
         FRAMES[tick % FRAMES.len()],
-        elapsed.as_secs_f64()
+        crate::units::format_elapsed(elapsed)
     )
 }
 

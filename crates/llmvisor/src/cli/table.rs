@@ -51,7 +51,7 @@ pub fn render(models: &[ModelInfo]) -> String {
             m.restarts.to_string(),
             m.ready_ms.map_or_else(|| "-".to_string(), format_ms),
             m.memory
-                .map_or_else(|| "-".to_string(), crate::supervisor::human_bytes),
+                .map_or_else(|| "-".to_string(), crate::units::format_size_column),
         ];
         if with_error {
             row.push(error_cell(m).unwrap_or_else(|| "-".to_string()));
@@ -86,22 +86,7 @@ fn align(rows: &[Vec<String>]) -> String {
     out
 }
 
-/// A duration in milliseconds as people read it: `0.4s`, `1.3s`, `59.9s`, `2m05s`, `1h02m`.
-pub fn format_ms(ms: u64) -> String {
-    if ms < 60_000 {
-        // One decimal, rounded; 59_960 ms would round to "60.0s", so show it as a minute.
-        let tenths = (ms + 50) / 100;
-        if tenths < 600 {
-            return format!("{}.{}s", tenths / 10, tenths % 10);
-        }
-    }
-    let secs = (ms + 500) / 1000;
-    if secs < 3600 {
-        format!("{}m{:02}s", secs / 60, secs % 60)
-    } else {
-        format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60)
-    }
-}
+use crate::units::format_ms;
 
 /// A model's error on one line: its first non-empty line, cut at [`MAX_ERROR_CHARS`], with `…`
 /// when anything was left out.

@@ -13,17 +13,16 @@ mod diagnostic;
 mod expand;
 mod parse;
 mod tree;
-mod units;
 
 #[cfg(test)]
 mod tests;
 
+pub use crate::units::{parse_duration, parse_size, DURATION_FORMS, MAX_DURATION, SIZE_FORMS};
 pub use diagnostic::{ConfigErrors, Diagnostic};
 pub use expand::{expand, process_env, ExpandError, ExpandedCommand, KNOWN_MACROS};
 pub use parse::{
     load, parse, parse_with_env, DEFAULTS_KEYS, GROUP_KEYS, MODEL_KEYS, TOP_LEVEL_KEYS,
 };
-pub use units::{parse_duration, parse_size, DURATION_FORMS, SIZE_FORMS};
 
 /// `listen` when the config does not set it.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";

@@ -9,13 +9,13 @@ use std::time::Duration;
 use super::diagnostic::{closest, line_col, ConfigErrors, Diagnostic};
 use super::expand::{scan, Macro, Piece};
 use super::tree::{self, Field, Kind, Node};
-use super::units::{self, DURATION_FORMS, SIZE_FORMS};
 use super::{
     Config, GroupConfig, HealthCheck, ModelConfig, OnUnhealthy, DEFAULT_BODY_LIMIT,
     DEFAULT_HEALTH_FAILURES, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_PATH, DEFAULT_LISTEN,
     DEFAULT_PORT_RANGE, DEFAULT_QUEUE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, DEFAULT_STARTUP_TIMEOUT,
     DEFAULT_STOP_TIMEOUT, DEFAULT_TTL,
 };
+use crate::units::{self, DURATION_FORMS, SIZE_FORMS};
 
 /// Keys allowed at the top level of the file.
 pub const TOP_LEVEL_KEYS: &[&str] = &[
@@ -349,8 +349,7 @@ impl Parser<'_> {
 
     fn duration(&mut self, key: &str, n: &Node) -> Option<Duration> {
         let parsed = match &n.kind {
-            Kind::Int(i) if *i < 0 => Some(Err("a duration cannot be negative".to_string())),
-            Kind::Int(i) => Some(Ok(Duration::from_secs(*i as u64))),
+            Kind::Int(i) => Some(units::duration_from_secs(*i)),
             Kind::Float(x) => Some(units::duration_from_f64(*x)),
             Kind::Str(s) => Some(units::duration(s)),
             _ => None,
@@ -1295,8 +1294,8 @@ impl Parser<'_> {
                     format!(
                         "model `{}` needs {} of memory, more than memory_budget ({})",
                         m.id,
-                        human_size(mem.v),
-                        human_size(budget.v)
+                        units::format_size(mem.v),
+                        units::format_size(budget.v)
                     ),
                     "it could never be started: raise memory_budget or lower memory",
                 );
@@ -1400,28 +1399,6 @@ fn is_loopback(ip: IpAddr) -> bool {
         IpAddr::V4(v4) => v4.is_loopback(),
         IpAddr::V6(v6) => {
             v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-        }
-    }
-}
-
-/// `400 MiB`, `1.5 GiB`, `123 bytes`.
-fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = None;
-    for u in UNITS {
-        if value < 1024.0 {
-            break;
-        }
-        value /= 1024.0;
-        unit = Some(u);
-    }
-    match unit {
-        None => format!("{bytes} bytes"),
-        Some(u) => {
-            let s = format!("{value:.2}");
-            let s = s.trim_end_matches('0').trim_end_matches('.');
-            format!("{s} {u}")
         }
     }
 }

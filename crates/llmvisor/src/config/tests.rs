@@ -1011,3 +1011,41 @@ cmd = "srv --port ${PORT}"
     );
     assert!(d.message.contains("between 1 and 1000"), "{}", d.message);
 }
+
+#[test]
+fn durations_are_capped_at_a_year() {
+    // `ttl = i64::MAX` once passed `check` and then panicked the model's actor at its first idle
+    // moment (`Instant::now() + ttl` overflowed). Every form of a duration is capped.
+    for (value, col) in [
+        ("9223372036854775807", 7),
+        ("\"9223372036854775807\"", 7),
+        ("\"8761h\"", 7),
+        ("31536000.5", 7),
+        ("1e300", 7),
+    ] {
+        let d = one(&format!("{M}ttl = {value}\n"), 3, col);
+        assert!(
+            d.message.contains("invalid duration")
+                && d.message.contains("for `ttl`")
+                && d.message
+                    .contains("the longest duration allowed is 8760h (365 days)"),
+            "{value}: {d}"
+        );
+        assert!(help(&d).contains("\"250ms\""), "{d}");
+    }
+    for key in ["startup_timeout", "stop_timeout", "health_interval"] {
+        let d = one(&format!("{M}{key} = 99999999999\n"), 3, key.len() + 4);
+        assert!(d.message.contains("8760h"), "{d}");
+    }
+    for key in ["queue_timeout", "shutdown_grace"] {
+        let d = one(&format!("{key} = \"100000h\"\n"), 1, key.len() + 4);
+        assert!(d.message.contains("8760h"), "{d}");
+    }
+    // The maximum itself is fine, and so is the deadline it gives.
+    let ttl = ok(&format!("{M}ttl = \"8760h\"\n")).models[0].ttl;
+    assert_eq!(ttl, Some(MAX_DURATION));
+    assert!(std::time::Instant::now()
+        .checked_add(MAX_DURATION)
+        .is_some());
+    assert!(parse_duration("8761h").unwrap_err().contains("8760h"));
+}

@@ -133,12 +133,18 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
     }
     drop(listener);
     let grace = state.config().shutdown_grace;
-    tracing::info!("shutting down: waiting up to {grace:?} for in-flight requests");
+    tracing::info!(
+        "shutting down: waiting up to {} for in-flight requests",
+        crate::units::format_duration(grace)
+    );
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
     {
-        tracing::warn!("in-flight requests did not finish within {grace:?}; stopping anyway");
+        tracing::warn!(
+            "in-flight requests did not finish within {}; stopping anyway",
+            crate::units::format_duration(grace)
+        );
     }
     state.leases.clear();
     state.sup.shutdown().await;

@@ -87,7 +87,10 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
             StatusCode::REQUEST_TIMEOUT,
             "invalid_request_error",
             "body_timeout",
-            format!("the request body did not arrive within {BODY_READ_TIMEOUT:?}"),
+            format!(
+                "the request body did not arrive within {}",
+                crate::units::format_duration(BODY_READ_TIMEOUT)
+            ),
         )),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::cell::{Command, ModelCell};
 use super::Phase;
 use crate::config::Config;
+use crate::units::format_size;
 
 /// Why a start was not admitted.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -207,16 +208,16 @@ pub(crate) fn plan(id: &str, need: u64, others: &[Snapshot], limits: &Limits) ->
         if need > budget {
             return Plan::Never(format!(
                 "model `{id}` needs {} but memory_budget is {}: it can never fit (fix: raise memory_budget, or lower the model's `memory`)",
-                human_bytes(need),
-                human_bytes(budget)
+                format_size(need),
+                format_size(budget)
             ));
         }
         if need + pinned_mem > budget {
             return Plan::Never(format!(
                 "model `{id}` needs {} and pinned models hold {} of the {} budget",
-                human_bytes(need),
-                human_bytes(pinned_mem),
-                human_bytes(budget)
+                format_size(need),
+                format_size(pinned_mem),
+                format_size(budget)
             ));
         }
     }
@@ -440,21 +441,6 @@ impl Scheduler {
     }
 }
 
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
-
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -579,14 +565,14 @@ mod tests {
                 5,
                 vec![],
                 limits(None, Some(4), &[]),
-                Plan::Never("model `x` needs 5.0 GiB but memory_budget is 4.0 GiB: it can never fit (fix: raise memory_budget, or lower the model's `memory`)".into()),
+                Plan::Never("model `x` needs 5 GiB but memory_budget is 4 GiB: it can never fit (fix: raise memory_budget, or lower the model's `memory`)".into()),
             ),
             (
                 "pinned bytes leave no room: never",
                 3,
                 vec![pinned(loaded("p", 2, 0, 9))],
                 limits(None, Some(4), &[]),
-                Plan::Never("model `x` needs 3.0 GiB and pinned models hold 2.0 GiB of the 4.0 GiB budget".into()),
+                Plan::Never("model `x` needs 3 GiB and pinned models hold 2 GiB of the 4 GiB budget".into()),
             ),
             (
                 "exclusive partner goes even when everything fits",

@@ -52,7 +52,6 @@ use crate::spawn::Spawner;
 use crate::store::{InstanceRecord, Store, StoreError};
 use crate::sweep;
 use crate::upstream::{self, UpstreamClient};
-pub use admission::human_bytes;
 use admission::{Admission, Limits, Msg as AdmissionMsg};
 pub use memory::Memory;
 

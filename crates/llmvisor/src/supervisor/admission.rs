@@ -43,16 +43,50 @@ pub struct Limits {
     /// How long a start waits for a busy model to finish its work before draining it to make
     /// room (swap-aware admission; zero = drain at once).
     pub max_wait_for_swap: Duration,
-    /// Exclusive groups: at most one member admitted at a time.
-    pub exclusive_groups: Vec<Vec<String>>,
+    /// Groups of models and the rules they impose on each other.
+    pub groups: Vec<GroupRule>,
+}
+
+/// One `[groups.NAME]`: what starting a member means for the other models.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupRule {
+    pub members: Vec<String>,
+    /// At most one member loaded at a time (llama-swap's `swap: true`).
+    pub exclusive: bool,
+    /// Starting a member unloads every model outside the group, except pinned models and
+    /// members of persistent groups (llama-swap's `exclusive: true`).
+    pub unload_others: bool,
+    /// Its members are never unloaded to make room for a model outside the group.
+    pub persistent: bool,
+}
+
+impl GroupRule {
+    fn has(&self, model: &str) -> bool {
+        self.members.iter().any(|m| m == model)
+    }
 }
 
 impl Limits {
     /// True if `a` and `b` share an exclusive group.
     fn exclusive_with(&self, a: &str, b: &str) -> bool {
-        self.exclusive_groups
+        self.groups
             .iter()
-            .any(|g| g.iter().any(|m| m == a) && g.iter().any(|m| m == b))
+            .any(|g| g.exclusive && g.has(a) && g.has(b))
+    }
+
+    /// True if starting `starting` must unload `other` (a group of `starting` unloads the rest).
+    fn unloads(&self, starting: &str, other: &str) -> bool {
+        self.groups
+            .iter()
+            .any(|g| g.unload_others && g.has(starting) && !g.has(other))
+    }
+
+    /// True if `other` may not be unloaded to make room for `starting`: it is in a persistent
+    /// group that `starting` is not in.
+    fn protects(&self, starting: &str, other: &str) -> bool {
+        self.groups
+            .iter()
+            .any(|g| g.persistent && g.has(other) && !g.has(starting))
     }
 
     pub fn from_config(cfg: &Config) -> Self {
@@ -61,11 +95,14 @@ impl Limits {
             memory_budget: cfg.memory_budget,
             queue_timeout: cfg.queue_timeout,
             max_wait_for_swap: DEFAULT_MAX_WAIT_FOR_SWAP,
-            exclusive_groups: cfg
+            groups: cfg
                 .groups
                 .values()
-                .filter(|g| g.exclusive)
-                .map(|g| g.members.clone())
+                .map(|g| GroupRule {
+                    members: g.members.clone(),
+                    exclusive: g.exclusive,
+                    ..GroupRule::default()
+                })
                 .collect(),
         }
     }
@@ -229,11 +266,15 @@ pub(crate) fn plan(id: &str, need: u64, others: &[Snapshot], limits: &Limits) ->
             ));
         }
     }
-    // Exclusive group partners must go, whatever else.
+    // Exclusive group partners must go, whatever else; so must the models a group of this one
+    // unloads (but never pinned ones nor a persistent group's).
     let partners: Vec<&Snapshot> = loaded
         .iter()
         .copied()
-        .filter(|o| limits.exclusive_with(id, &o.id))
+        .filter(|o| {
+            limits.exclusive_with(id, &o.id)
+                || (limits.unloads(id, &o.id) && !o.pinned && !limits.protects(id, &o.id))
+        })
         .collect();
     if let Some(p) = partners.iter().find(|o| o.pinned) {
         return Plan::Never(format!(
@@ -253,7 +294,7 @@ pub(crate) fn plan(id: &str, need: u64, others: &[Snapshot], limits: &Limits) ->
     let mut candidates: Vec<&Snapshot> = loaded
         .iter()
         .copied()
-        .filter(|o| !o.pinned && !o.remote_held)
+        .filter(|o| !o.pinned && !o.remote_held && !limits.protects(id, &o.id))
         .filter(|o| !partners.iter().any(|p| p.id == o.id))
         .filter(|o| matches!(o.phase, Phase::Ready | Phase::Stopping))
         .collect();
@@ -486,9 +527,13 @@ mod tests {
             memory_budget: budget_gib.map(|g| g * GIB),
             queue_timeout: Duration::from_secs(60),
             max_wait_for_swap: Duration::ZERO,
-            exclusive_groups: groups
+            groups: groups
                 .iter()
-                .map(|g| g.iter().map(|m| m.to_string()).collect())
+                .map(|g| GroupRule {
+                    members: g.iter().map(|m| m.to_string()).collect(),
+                    exclusive: true,
+                    ..GroupRule::default()
+                })
                 .collect(),
         }
     }
@@ -616,6 +661,61 @@ mod tests {
                 expected,
                 "{name}"
             );
+        }
+    }
+
+    /// llama-swap's group semantics: `unload_others` (its `exclusive`) and `persistent`.
+    #[test]
+    fn groups_that_unload_others_and_persistent_groups() {
+        let rule = |members: &[&str], unload_others: bool, persistent: bool| GroupRule {
+            members: members.iter().map(|m| m.to_string()).collect(),
+            exclusive: false,
+            unload_others,
+            persistent,
+        };
+        let with = |max_loaded: Option<usize>, groups: Vec<GroupRule>| Limits {
+            groups,
+            ..limits(max_loaded, None, &[])
+        };
+        let others = vec![
+            loaded("mate", 1, 0, 1),
+            loaded("stranger", 1, 0, 1),
+            loaded("keeper", 1, 0, 1),
+            pinned(loaded("pinned", 1, 0, 1)),
+        ];
+        let cases: Vec<(&str, Limits, Plan)> = vec![
+            (
+                "a group that unloads others keeps its own members, pinned and persistent ones",
+                with(
+                    None,
+                    vec![
+                        rule(&["x", "mate"], true, false),
+                        rule(&["keeper"], false, true),
+                    ],
+                ),
+                wait(&["stranger"]),
+            ),
+            (
+                "without unload_others, everything fits",
+                with(None, vec![rule(&["x", "mate"], false, false)]),
+                Plan::Admit,
+            ),
+            (
+                "persistent members are never LRU victims for outsiders: wait (queue_timeout)",
+                with(
+                    Some(4),
+                    vec![rule(&["keeper", "stranger", "mate"], false, true)],
+                ),
+                Plan::Wait(vec![]),
+            ),
+            (
+                "a member of the persistent group may take its partner's room",
+                with(Some(4), vec![rule(&["x", "keeper"], false, true)]),
+                wait(&["mate"]),
+            ),
+        ];
+        for (name, limits, expected) in cases {
+            assert_eq!(plan("x", GIB, &others, &limits), expected, "{name}");
         }
     }
 }

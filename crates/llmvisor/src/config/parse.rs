@@ -52,20 +52,50 @@ pub const MODEL_KEYS: &[&str] = &[
     "on_unhealthy",
 ];
 
-/// Keys allowed in `[defaults]`: every per-model key but `cmd`, `aliases` and `port`.
-pub const DEFAULTS_KEYS: &[&str] = &[
-    "env",
-    "cwd",
-    "ttl",
-    "startup_timeout",
-    "stop_timeout",
-    "health_path",
-    "memory",
-    "pinned",
-    "health_interval",
-    "health_failures",
-    "on_unhealthy",
-];
+/// Per-model keys that differ for every model: not allowed in `[defaults]`.
+const MODEL_ONLY_KEYS: &[&str] = &["cmd", "aliases", "port"];
+
+/// Keys allowed in `[defaults]`: every per-model key but [`MODEL_ONLY_KEYS`] (derived from
+/// [`MODEL_KEYS`] at compile time, so the two lists cannot drift apart).
+pub const DEFAULTS_KEYS: &[&str] =
+    &without::<{ MODEL_KEYS.len() - MODEL_ONLY_KEYS.len() }>(MODEL_KEYS, MODEL_ONLY_KEYS);
+
+/// `all` without the entries of `drop`, in order. `N` must be the number left (checked at
+/// compile time).
+const fn without<const N: usize>(all: &[&'static str], drop: &[&'static str]) -> [&'static str; N] {
+    let mut out = [""; N];
+    let (mut i, mut n) = (0, 0);
+    while i < all.len() {
+        let mut dropped = false;
+        let mut j = 0;
+        while j < drop.len() {
+            dropped |= str_eq(all[i], drop[j]);
+            j += 1;
+        }
+        if !dropped {
+            out[n] = all[i];
+            n += 1;
+        }
+        i += 1;
+    }
+    assert!(n == N, "wrong number of keys left");
+    out
+}
+
+const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
 
 /// Keys allowed in a `[groups.NAME]` table.
 pub const GROUP_KEYS: &[&str] = &["members", "exclusive"];
@@ -819,7 +849,7 @@ impl Parser<'_> {
         for f in fields {
             let v = &f.value;
             match f.key.as_str() {
-                key @ ("cmd" | "aliases" | "port") if defaults => self.err_help(
+                key if defaults && MODEL_ONLY_KEYS.contains(&key) => self.err_help(
                     f.key_at(),
                     format!("`{key}` cannot be set in [defaults]"),
                     format!("`{key}` is different for every model: set it under [models.\"ID\"]"),

@@ -32,9 +32,10 @@ async fn a_member_ignoring_sigterm_is_killed_through_the_leaders_pidfd_after_the
     rustix::process::set_child_subreaper(Some(rustix::process::getpid())).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("member.pid");
-    // The leader dies of SIGTERM; the member it leaves in its group ignores SIGTERM.
+    // The leader dies of SIGTERM; the member it leaves in its group ignores SIGTERM (and
+    // writes its pid only once it does).
     let script = format!(
-        "(trap '' TERM; exec sleep 300) & echo $! > {}; exec sleep 300",
+        "sh -c 'trap \"\" TERM; echo $$ > {}; exec sleep 300' & exec sleep 300",
         pid_file.display()
     );
     let child = Command::new("sh")
@@ -52,7 +53,9 @@ async fn a_member_ignoring_sigterm_is_killed_through_the_leaders_pidfd_after_the
     assert_eq!(procfs::stat(member).map(|s| s.pgrp), Some(leader));
     assert_eq!(registry.live(), vec![leader]);
 
+    let began = std::time::Instant::now();
     let status = process.stop(Duration::from_millis(300)).await;
+    let took = began.elapsed();
     let member_alive = procfs::is_alive(member);
     if member_alive {
         // Clean up by pid, then fail.
@@ -69,6 +72,10 @@ async fn a_member_ignoring_sigterm_is_killed_through_the_leaders_pidfd_after_the
         );
     }
     assert!(!member_alive, "the member survived stop()");
+    assert!(
+        took >= Duration::from_millis(300),
+        "SIGTERM alone stopped the member"
+    );
     assert_eq!(status.signal(), Some(15), "the leader went on SIGTERM");
     assert!(registry.live().is_empty(), "the group is off the registry");
     assert!(procfs::live_group_members(leader).is_empty());

@@ -125,27 +125,28 @@ impl ChildProcess {
                 units::format_duration(grace)
             );
         }
-        self.finished(outcome).await
+        self.finished(outcome);
+        self.exited().await
     }
 
     /// SIGKILL to the whole group, then wait (bounded) until no live member is left.
     pub async fn kill_group_and_wait(&self) {
         let outcome = escalate::kill(&mut self.group_target()).await;
-        self.finished(outcome).await;
+        self.finished(outcome);
     }
 
     fn group_target(&self) -> GroupTarget<'_> {
         GroupTarget { child: self }
     }
 
-    /// After an escalation: the leader's status, once the group is off the registry.
-    async fn finished(&self, outcome: Outcome) -> ExitStatus {
+    /// After an escalation: a group that is gone (its leader reaped, no live member) leaves
+    /// the registry.
+    fn finished(&self, outcome: Outcome) {
         if outcome.all_gone() {
             self.registry.remove(self.pid);
         } else {
             tracing::warn!(pgid = self.pid, "processes of the group survived SIGKILL");
         }
-        self.exited().await
     }
 }
 

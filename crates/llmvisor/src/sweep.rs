@@ -1,7 +1,10 @@
 //! The orphan sweep: finds servers left behind by dead llmvisor instances of a state dir and
 //! stops them — never anything it cannot prove is theirs.
 //!
-//! Run at the start of every llmvisor on a state dir and by `llmvisor gc [--dry-run]`.
+//! Run at the start of every llmvisor on a state dir and by `llmvisor gc [--dry-run]`, in two
+//! steps: [`plan`] reads the store and `/proc` and decides what would be signalled and why, what
+//! records and instances would be removed, and what is left alone and why (a dry run prints
+//! this [`SweepPlan`]); [`execute`] carries it out (a real run).
 //!
 //! Candidates are processes of *dead* owners only (an owner is dead when its lock in
 //! `<state_dir>/owners/` is not held, see [`crate::owner`]); the own instance and live owners are
@@ -21,7 +24,7 @@
 //! *again*, so the pidfd surely names the proven process, and signals through it: a recycled pid
 //! can never be hit. A proven leader's group is signalled through the leader's pidfd (the kernel's
 //! group flag, Linux ≥ 6.9) when every live member is of our uid; otherwise each proven process is
-//! signalled on its own. Stop = SIGTERM, up to `grace`, then SIGKILL.
+//! signalled on its own. Stop = SIGTERM, up to `grace`, then SIGKILL ([`escalate`]).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -29,22 +32,18 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::Duration;
 
-use rustix::io::Errno;
-use rustix::process::Signal;
-use tokio::time::Instant;
-
+use crate::escalate::{escalate, Targets};
 use crate::owner::{self, Liveness};
 use crate::pidfd;
 use crate::procfs::{self, ProcStat};
 use crate::spawn::INSTANCE_ENV;
 use crate::store::{ChildRecord, Store};
+use crate::units;
+use rustix::io::Errno;
+use rustix::process::Signal;
 
 /// How long a process gets between SIGTERM and SIGKILL, unless told otherwise.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
-/// How long to wait for the kernel to finish processes off after SIGKILL.
-const KILL_WAIT: Duration = Duration::from_secs(2);
-/// Poll interval while waiting for processes to go.
-const POLL: Duration = Duration::from_millis(20);
 
 /// How a sweep runs.
 #[derive(Debug, Clone)]
@@ -170,7 +169,8 @@ impl fmt::Display for Finding {
                 killed_after: Some(grace),
             } => write!(
                 f,
-                "stopped pid {pid} ({subject}) with SIGKILL ({grace:?} after SIGTERM)"
+                "stopped pid {pid} ({subject}) with SIGKILL ({} after SIGTERM)",
+                units::format_duration(*grace)
             ),
             Self::WouldStop { pid, subject } => write!(f, "would stop pid {pid} ({subject})"),
             Self::NotStopped {
@@ -395,24 +395,109 @@ struct Proven {
     fd: OwnedFd,
 }
 
-/// Sweeps `state_dir` as `opts` say. See the module docs for what is proven and how.
+/// Sweeps `state_dir` as `opts` say: [`plan`], then, unless a dry run, [`execute`]. See the
+/// module docs for what is proven and how.
 pub async fn run_with(state_dir: &Path, store: &Store, opts: &SweepOptions) -> SweepReport {
-    let dry_run = opts.dry_run;
-    let mut report = SweepReport {
-        dry_run,
-        findings: Vec::new(),
-    };
-    let own = opts.own_instance.as_deref();
+    let plan = plan(state_dir, store, opts.own_instance.as_deref()).await;
+    if opts.dry_run {
+        plan.report()
+    } else {
+        execute(plan, state_dir, store, opts.grace).await
+    }
+}
 
+/// What a sweep would do, decided from the store and `/proc` alone: nothing is signalled and
+/// nothing in the store is changed to make it. `Display` prints it as a dry run reports it.
+#[derive(Debug)]
+pub struct SweepPlan {
+    /// What needs no signal: processes left alone (and why), records to remove (and why),
+    /// problems met while planning. In the order found.
+    findings: Vec<Finding>,
+    /// Proven processes of dead owners, to be stopped.
+    stop: Vec<Candidate>,
+    /// Candidates whose proof no longer held at the end of planning (most likely: they
+    /// exited). Not reported by a dry run; a real run drops their records.
+    vanished: Vec<Candidate>,
+    /// Live members of a proven leader's group, of our uid, found while planning. A real run
+    /// finds them again after opening the leaders' pidfds (and again before SIGKILL).
+    members: Vec<(u32, Subject)>,
+    /// Records to remove: (instance, pid).
+    drop_rows: Vec<(String, u32)>,
+    /// Dead instances, to remove from the store once nothing of theirs is left.
+    dead: BTreeSet<String>,
+    guard: Guard,
+}
+
+impl SweepPlan {
+    /// The processes that would be stopped, with what proves them a dead owner's: proven ones
+    /// first, then members of their groups.
+    pub fn would_stop(&self) -> Vec<(u32, &Subject)> {
+        self.stop
+            .iter()
+            .map(|c| (c.pid, &c.subject))
+            .chain(self.members.iter().map(|(pid, s)| (*pid, s)))
+            .collect()
+    }
+
+    /// What needs no signal: processes left alone, records to remove, problems met.
+    pub fn findings(&self) -> &[Finding] {
+        &self.findings
+    }
+
+    /// The dead instances that would be removed.
+    pub fn dead_instances(&self) -> impl Iterator<Item = &str> {
+        self.dead.iter().map(String::as_str)
+    }
+
+    /// The plan as a dry run reports it.
+    pub fn report(&self) -> SweepReport {
+        let mut findings = self.findings.clone();
+        findings.extend(
+            self.would_stop()
+                .into_iter()
+                .map(|(pid, subject)| Finding::WouldStop {
+                    pid,
+                    subject: subject.clone(),
+                }),
+        );
+        findings.extend(self.dead.iter().map(|id| Finding::InstanceRemoved {
+            id: id.clone(),
+            dry_run: true,
+        }));
+        SweepReport {
+            dry_run: true,
+            findings,
+        }
+    }
+}
+
+impl fmt::Display for SweepPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.report().fmt(f)
+    }
+}
+
+/// Decides what a sweep of `state_dir` would do (see [`SweepPlan`]). `own_instance` is the
+/// caller's instance id (`None` for `llmvisor gc`): never looked at. Never fails: problems are
+/// findings of the plan.
+pub async fn plan(state_dir: &Path, store: &Store, own_instance: Option<&str>) -> SweepPlan {
+    let mut plan = SweepPlan {
+        findings: Vec::new(),
+        stop: Vec::new(),
+        vanished: Vec::new(),
+        members: Vec::new(),
+        drop_rows: Vec::new(),
+        dead: BTreeSet::new(),
+        guard: Guard::new(),
+    };
     let rows = store.children().await.unwrap_or_else(|e| {
-        report.findings.push(Finding::Error(format!(
+        plan.findings.push(Finding::Error(format!(
             "cannot read the recorded servers: {e}"
         )));
         Vec::new()
     });
     let instances = store.instances().await.unwrap_or_else(|e| {
-        report
-            .findings
+        plan.findings
             .push(Finding::Error(format!("cannot read the instances: {e}")));
         Vec::new()
     });
@@ -424,89 +509,29 @@ pub async fn run_with(state_dir: &Path, store: &Store, opts: &SweepOptions) -> S
         .chain(rows.iter().map(|r| r.instance_id.clone()))
         .chain(owner::lock_files(state_dir))
         .collect();
-    if let Some(own) = own {
+    if let Some(own) = own_instance {
         known.remove(own);
     }
-    let mut dead: BTreeSet<String> = known
+    plan.dead = known
         .iter()
         .filter(|id| owner::probe(state_dir, id) != Liveness::Alive)
         .cloned()
         .collect();
 
-    // Records of dead owners.
-    let guard = Guard::new();
     let boot = procfs::boot_id();
-    let mut drop_rows: Vec<(String, u32)> = Vec::new();
-    let mut candidates: Vec<Candidate> = Vec::new();
-    for row in rows.iter().filter(|r| dead.contains(&r.instance_id)) {
-        let removed = |reason| Finding::RecordRemoved {
-            pid: row.pid,
-            model: row.model.clone(),
-            owner: row.instance_id.clone(),
-            reason,
-            dry_run,
-        };
-        let key = (row.instance_id.clone(), row.pid);
-        let earlier_boot = boot
-            .as_deref()
-            .is_some_and(|b| !row.boot_id.is_empty() && row.boot_id != b);
-        if earlier_boot {
-            report.findings.push(removed(RECORD_EARLIER_BOOT));
-            drop_rows.push(key);
-            continue;
-        }
-        match procfs::stat(row.pid).filter(|s| !s.is_zombie()) {
-            Some(s) if s.start_time == row.start_time => {
-                match guard.unproven(row.pid, row.start_time, Some(&row.instance_id)) {
-                    None => candidates.push(record_candidate(row)),
-                    Some(why) => {
-                        report.findings.push(Finding::LeftAlone {
-                            pid: row.pid,
-                            reason: format!(
-                                "recorded as model {} of owner {}, but {why}",
-                                row.model, row.instance_id
-                            ),
-                        });
-                        report.findings.push(removed(RECORD_UNPROVEN));
-                        drop_rows.push(key);
-                    }
-                }
-            }
-            // Someone else's pid now — unless it carries this dead owner's marker itself, in
-            // which case the marker scan below proves it.
-            Some(_)
-                if procfs::environ_var(row.pid, INSTANCE_ENV).as_ref()
-                    == Some(&row.instance_id) =>
-            {
-                report.findings.push(removed(RECORD_PID_REUSED));
-                drop_rows.push(key);
-            }
-            Some(_) => {
-                report.findings.push(Finding::LeftAlone {
-                    pid: row.pid,
-                    reason: format!(
-                        "start time differs from the record (pid reused; the record was model {} \
-                         of owner {})",
-                        row.model, row.instance_id
-                    ),
-                });
-                report.findings.push(removed(RECORD_PID_REUSED));
-                drop_rows.push(key);
-            }
-            None => {
-                report.findings.push(removed(RECORD_GONE));
-                drop_rows.push(key);
-            }
+    for row in &rows {
+        if plan.dead.contains(&row.instance_id) {
+            plan.judge_record(row, boot.as_deref());
         }
     }
 
     // Processes carrying a dead owner's marker.
     let hits = {
-        let skip = guard.protected.clone();
+        let skip = plan.guard.protected.clone();
         match tokio::task::spawn_blocking(move || scan_markers(&skip)).await {
             Ok(hits) => hits,
             Err(e) => {
-                report.findings.push(Finding::Error(format!(
+                plan.findings.push(Finding::Error(format!(
                     "cannot scan processes for {INSTANCE_ENV}: {e}"
                 )));
                 Vec::new()
@@ -514,30 +539,120 @@ pub async fn run_with(state_dir: &Path, store: &Store, opts: &SweepOptions) -> S
         }
     };
     for (pid, stat, id) in hits {
-        if Some(id.as_str()) == own || candidates.iter().any(|c| c.pid == pid) {
+        if Some(id.as_str()) == own_instance || plan.stop.iter().any(|c| c.pid == pid) {
             continue;
         }
-        if !dead.contains(&id) {
+        if !plan.dead.contains(&id) {
             // A live owner's, or an instance this state dir does not know (another state dir's):
             // not ours to judge. A lock file that appeared since the listing may still tell.
             if known.contains(&id) || owner::probe(state_dir, &id) != Liveness::Dead {
                 continue;
             }
             known.insert(id.clone());
-            dead.insert(id.clone());
+            plan.dead.insert(id.clone());
         }
-        if let Some(why) = guard.unproven(pid, stat.start_time, Some(&id)) {
-            report.findings.push(Finding::LeftAlone {
+        plan.judge_marked(pid, stat, id, &rows);
+    }
+
+    // The proofs, checked once more now that the list is complete; then the groups.
+    let guard = &plan.guard;
+    let (stop, vanished) = std::mem::take(&mut plan.stop)
+        .into_iter()
+        .partition(|c| c.holds(guard));
+    (plan.stop, plan.vanished) = (stop, vanished);
+    let mut listed: HashSet<u32> = plan.stop.iter().map(|c| c.pid).collect();
+    for c in &plan.stop {
+        if !(c.leads_group() && guard.forbids(c.pid).is_none()) {
+            continue;
+        }
+        for m in procfs::live_group_members(c.pid) {
+            let ours = guard.forbids(m).is_none() && guard.owns(m);
+            if ours && listed.insert(m) {
+                plan.members.push((m, member_subject(c, m)));
+            }
+        }
+    }
+    plan
+}
+
+impl SweepPlan {
+    /// A `children` record of a dead owner: a candidate if the live process proves it, else
+    /// left alone; a record naming nothing (any more) is dropped.
+    fn judge_record(&mut self, row: &ChildRecord, boot: Option<&str>) {
+        let removed = |reason| Finding::RecordRemoved {
+            pid: row.pid,
+            model: row.model.clone(),
+            owner: row.instance_id.clone(),
+            reason,
+            dry_run: true,
+        };
+        let key = (row.instance_id.clone(), row.pid);
+        let earlier_boot = boot.is_some_and(|b| !row.boot_id.is_empty() && row.boot_id != b);
+        let reason = if earlier_boot {
+            RECORD_EARLIER_BOOT
+        } else {
+            match procfs::stat(row.pid).filter(|s| !s.is_zombie()) {
+                Some(s) if s.start_time == row.start_time => {
+                    match self
+                        .guard
+                        .unproven(row.pid, row.start_time, Some(&row.instance_id))
+                    {
+                        None => {
+                            self.stop.push(record_candidate(row));
+                            return;
+                        }
+                        Some(why) => {
+                            self.findings.push(Finding::LeftAlone {
+                                pid: row.pid,
+                                reason: format!(
+                                    "recorded as model {} of owner {}, but {why}",
+                                    row.model, row.instance_id
+                                ),
+                            });
+                            RECORD_UNPROVEN
+                        }
+                    }
+                }
+                // Someone else's pid now — unless it carries this dead owner's marker itself, in
+                // which case the marker scan proves it.
+                Some(_)
+                    if procfs::environ_var(row.pid, INSTANCE_ENV).as_ref()
+                        == Some(&row.instance_id) =>
+                {
+                    RECORD_PID_REUSED
+                }
+                Some(_) => {
+                    self.findings.push(Finding::LeftAlone {
+                        pid: row.pid,
+                        reason: format!(
+                            "start time differs from the record (pid reused; the record was \
+                             model {} of owner {})",
+                            row.model, row.instance_id
+                        ),
+                    });
+                    RECORD_PID_REUSED
+                }
+                None => RECORD_GONE,
+            }
+        };
+        self.findings.push(removed(reason));
+        self.drop_rows.push(key);
+    }
+
+    /// A live process carrying dead owner `id`'s marker: a candidate if it is ours to signal.
+    fn judge_marked(&mut self, pid: u32, stat: ProcStat, id: String, rows: &[ChildRecord]) {
+        if let Some(why) = self.guard.unproven(pid, stat.start_time, Some(&id)) {
+            self.findings.push(Finding::LeftAlone {
                 pid,
                 reason: format!("it carries {INSTANCE_ENV} of dead owner {id}, but {why}"),
             });
-            continue;
+            return;
         }
         let model = rows
             .iter()
             .find(|r| r.instance_id == id && r.pgid == stat.pgrp)
             .map(|r| r.model.clone());
-        candidates.push(Candidate {
+        self.stop.push(Candidate {
             pid,
             start_time: stat.start_time,
             marker: Some(id.clone()),
@@ -550,60 +665,66 @@ pub async fn run_with(state_dir: &Path, store: &Store, opts: &SweepOptions) -> S
             },
         });
     }
+}
 
-    if dry_run {
-        let mut listed: HashSet<u32> = HashSet::new();
-        for c in &candidates {
-            if !c.holds(&guard) {
-                continue;
-            }
-            listed.insert(c.pid);
-            report.findings.push(Finding::WouldStop {
-                pid: c.pid,
-                subject: c.subject.clone(),
-            });
-        }
-        let proven_now: Vec<&Candidate> = candidates
-            .iter()
-            .filter(|c| listed.contains(&c.pid))
-            .collect();
-        for c in proven_now {
-            if c.leads_group() && guard.forbids(c.pid).is_none() {
-                for m in procfs::live_group_members(c.pid) {
-                    let ours = guard.forbids(m).is_none() && guard.owns(m);
-                    if ours && listed.insert(m) {
-                        report.findings.push(Finding::WouldStop {
-                            pid: m,
-                            subject: member_subject(c, m),
-                        });
-                    }
+/// Carries out `plan`: proves every process again through a pidfd, stops what is proven
+/// ([`escalate`]: SIGTERM, up to `grace`, SIGKILL), then forgets in the store what is gone.
+pub async fn execute(
+    plan: SweepPlan,
+    state_dir: &Path,
+    store: &Store,
+    grace: Duration,
+) -> SweepReport {
+    let SweepPlan {
+        findings,
+        stop,
+        vanished,
+        members: _,
+        mut drop_rows,
+        dead,
+        guard,
+    } = plan;
+    let removed = |pid, subject: &Subject, reason| Finding::RecordRemoved {
+        pid,
+        model: subject.model.clone().unwrap_or_default(),
+        owner: subject.owner.clone(),
+        reason,
+        dry_run: false,
+    };
+    let mut report = SweepReport {
+        dry_run: false,
+        findings: findings
+            .into_iter()
+            .map(|mut f| {
+                if let Finding::RecordRemoved { dry_run, .. } = &mut f {
+                    *dry_run = false;
                 }
-            }
-        }
-        for id in &dead {
-            report.findings.push(Finding::InstanceRemoved {
-                id: id.clone(),
-                dry_run,
-            });
-        }
-        return report;
-    }
+                f
+            })
+            .collect(),
+    };
 
     // Prove again through a pidfd; collect the groups of proven leaders.
-    let mut proven: Vec<Proven> = Vec::new();
+    let mut targets = Sweeping {
+        proven: Vec::new(),
+        guard: &guard,
+        termed: None,
+        grace,
+    };
     let mut keep_instance: HashSet<String> = HashSet::new();
-    for c in candidates {
-        match open_proven(&c, &guard) {
-            Ok(fd) => proven.push(Proven { cand: c, fd }),
+    let vanished = vanished.into_iter().map(|c| (c, Err(None)));
+    let opened = stop.into_iter().map(|c| {
+        let fd = open_proven(&c, &guard);
+        (c, fd)
+    });
+    for (c, fd) in vanished.chain(opened) {
+        match fd {
+            Ok(fd) => targets.proven.push(Proven { cand: c, fd }),
             Err(None) => {
                 if let Some(key) = c.record.clone() {
-                    report.findings.push(Finding::RecordRemoved {
-                        pid: c.pid,
-                        model: c.subject.model.clone().unwrap_or_default(),
-                        owner: c.subject.owner.clone(),
-                        reason: RECORD_GONE,
-                        dry_run,
-                    });
+                    report
+                        .findings
+                        .push(removed(c.pid, &c.subject, RECORD_GONE));
                     drop_rows.push(key);
                 }
             }
@@ -618,40 +739,18 @@ pub async fn run_with(state_dir: &Path, store: &Store, opts: &SweepOptions) -> S
             }
         }
     }
-    add_group_members(&mut proven, &guard);
+    add_group_members(&mut targets.proven, &guard);
 
-    // SIGTERM, the grace, SIGKILL for what is left.
-    signal_all(&proven, Signal::TERM, &guard);
-    let deadline = Instant::now() + opts.grace;
-    while Instant::now() < deadline && !proven.iter().all(|p| p.cand.gone()) {
-        tokio::time::sleep(POLL).await;
-    }
-    let termed: HashSet<u32> = proven
-        .iter()
-        .filter(|p| p.cand.gone())
-        .map(|p| p.cand.pid)
-        .collect();
-    if termed.len() < proven.len() {
-        add_group_members(&mut proven, &guard);
-        let left: Vec<&Proven> = proven.iter().filter(|p| !p.cand.gone()).collect();
-        tracing::info!(
-            pids = ?left.iter().map(|p| p.cand.pid).collect::<Vec<_>>(),
-            "still running {:?} after SIGTERM; sending SIGKILL", opts.grace
-        );
-        signal_all(&proven, Signal::KILL, &guard);
-        let give_up = Instant::now() + KILL_WAIT;
-        while Instant::now() < give_up && !proven.iter().all(|p| p.cand.gone()) {
-            tokio::time::sleep(POLL).await;
-        }
-    }
+    escalate(&mut targets, grace).await;
 
-    for p in &proven {
+    for p in &targets.proven {
         let c = &p.cand;
         if c.gone() {
+            let termed = targets.termed.as_ref().is_none_or(|t| t.contains(&c.pid));
             report.findings.push(Finding::Stopped {
                 pid: c.pid,
                 subject: c.subject.clone(),
-                killed_after: (!termed.contains(&c.pid)).then_some(opts.grace),
+                killed_after: (!termed).then_some(grace),
             });
             if let Some(key) = c.record.clone() {
                 drop_rows.push(key);
@@ -680,7 +779,7 @@ pub async fn run_with(state_dir: &Path, store: &Store, opts: &SweepOptions) -> S
                 owner::remove_if_stale(state_dir, id);
                 report.findings.push(Finding::InstanceRemoved {
                     id: id.clone(),
-                    dry_run,
+                    dry_run: false,
                 });
             }
             Err(e) => report.findings.push(Finding::Error(format!(
@@ -689,6 +788,48 @@ pub async fn run_with(state_dir: &Path, store: &Store, opts: &SweepOptions) -> S
         }
     }
     report
+}
+
+/// The proven processes of a real run, as [`escalate`] stops them.
+struct Sweeping<'a> {
+    proven: Vec<Proven>,
+    guard: &'a Guard,
+    /// Once the grace is over: the pids SIGTERM stopped. `None`: SIGTERM stopped them all.
+    termed: Option<HashSet<u32>>,
+    grace: Duration,
+}
+
+impl Targets for Sweeping<'_> {
+    fn signal(&mut self, sig: Signal) {
+        signal_all(&self.proven, sig, self.guard);
+    }
+
+    fn all_gone(&self) -> bool {
+        self.proven.iter().all(|p| p.cand.gone())
+    }
+
+    fn grace_over(&mut self) {
+        self.termed = Some(
+            self.proven
+                .iter()
+                .filter(|p| p.cand.gone())
+                .map(|p| p.cand.pid)
+                .collect(),
+        );
+        // Members that joined a proven group since SIGTERM get SIGKILL too.
+        add_group_members(&mut self.proven, self.guard);
+        let left: Vec<u32> = self
+            .proven
+            .iter()
+            .filter(|p| !p.cand.gone())
+            .map(|p| p.cand.pid)
+            .collect();
+        tracing::info!(
+            pids = ?left,
+            "still running {} after SIGTERM; sending SIGKILL",
+            units::format_duration(self.grace)
+        );
+    }
 }
 
 fn record_candidate(row: &ChildRecord) -> Candidate {

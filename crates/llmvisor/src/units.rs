@@ -29,6 +29,14 @@ const NS_PER_SEC: u128 = 1_000_000_000;
 /// an `Instant` plus a year is far inside its range. `0` still means "never" where a key says so.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// `now + d`, never overflowing: a `d` beyond what an instant can hold (only a programmatic config
+/// can carry one: the parser caps durations at [`MAX_DURATION`]) is taken as [`MAX_DURATION`],
+/// which every monotonic clock holds with centuries to spare. Use it for every deadline computed
+/// from a configured duration.
+pub fn deadline(now: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    now.checked_add(d).unwrap_or_else(|| now + MAX_DURATION)
+}
+
 /// The reason given for a duration over [`MAX_DURATION`].
 fn too_long() -> String {
     "it is too large: the longest duration allowed is 8760h (365 days)".to_string()
@@ -281,6 +289,16 @@ pub fn format_ms(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deadline_never_overflows() {
+        let now = tokio::time::Instant::now();
+        assert_eq!(
+            deadline(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        assert_eq!(deadline(now, Duration::MAX), now + MAX_DURATION);
+    }
 
     #[test]
     fn durations_format_exactly_and_parse_back() {

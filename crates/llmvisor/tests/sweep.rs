@@ -932,3 +932,62 @@ async fn a_marked_process_of_another_uid_is_left_alone() {
         "{report}"
     );
 }
+
+#[tokio::test]
+async fn the_plan_is_what_a_dry_run_prints_and_what_a_real_run_executes() {
+    subreaper();
+    let dir = tempdir();
+    let store = Store::open(dir.path()).await.unwrap();
+    let dead = dead_instance(dir.path(), &store, "plan").await;
+    let mut procs = Procs::default();
+    let recorded = procs.spawn(marked("sleep", &["1000"], Some(&dead)));
+    record(&store, &dead, "gemma", recorded).await;
+    let gc_file = dir.path().join("gc.pid");
+    let script = format!("sleep 1000 & echo $! > {}; wait", gc_file.display());
+    let wrapper = procs.spawn(marked("sh", &["-c", &script], Some(&dead)));
+    let grandchild = read_pid_file(&gc_file);
+    procs.adopt(grandchild);
+    let mut decoy = Command::new("setsid");
+    decoy.args(["sleep", "1000"]).env_remove(INSTANCE_ENV);
+    let stranger = procs.spawn(decoy);
+    forge(&store, &dead, stranger).await;
+
+    // Planning reads the store and /proc: nothing is signalled, nothing removed.
+    let plan = sweep::plan(dir.path(), &store, None).await;
+    let mut would: Vec<u32> = plan.would_stop().iter().map(|(pid, _)| *pid).collect();
+    would.sort_unstable();
+    let mut expected = vec![recorded, wrapper, grandchild];
+    expected.sort_unstable();
+    assert_eq!(would, expected, "{plan}");
+    assert!(
+        plan.findings()
+            .iter()
+            .any(|f| matches!(f, Finding::LeftAlone { pid, .. } if *pid == stranger)),
+        "{plan}"
+    );
+    assert_eq!(
+        plan.dead_instances().collect::<Vec<_>>(),
+        vec![dead.as_str()]
+    );
+    for pid in [recorded, wrapper, grandchild, stranger] {
+        assert!(alive(pid), "planning signalled {pid}");
+    }
+    assert_eq!(store.children().await.unwrap().len(), 2);
+    // A dry run prints the plan, line for line.
+    let dry = sweep::run_with(dir.path(), &store, &options(None, true)).await;
+    assert_eq!(lines(&dry), plan.to_string().lines().collect::<Vec<_>>());
+
+    // Executing it stops what it lists, and only that.
+    let report = sweep::execute(plan, dir.path(), &store, Duration::from_secs(3)).await;
+    let mut stopped = report.stopped();
+    stopped.sort_unstable();
+    assert_eq!(stopped, expected, "{report}");
+    assert!(alive(stranger), "the stranger was signalled: {report}");
+    assert!(store.children().await.unwrap().is_empty(), "{report}");
+    assert!(
+        report
+            .to_string()
+            .contains(&format!("removed dead instance {dead}")),
+        "{report}"
+    );
+}

@@ -201,8 +201,8 @@ impl Daemon {
                 Some(io::ErrorKind::TimedOut) => ClientError::Connect {
                     url: self.base.clone(),
                     reason: format!(
-                        "no answer within {}s (is the address right?)",
-                        CONNECT_TIMEOUT.as_secs()
+                        "no answer within {} (is the address right?)",
+                        crate::units::format_duration(CONNECT_TIMEOUT)
                     ),
                 },
                 _ => ClientError::Connect {

@@ -10,10 +10,8 @@ use super::diagnostic::{closest, line_col, ConfigErrors, Diagnostic};
 use super::expand::{scan, Macro, Piece};
 use super::tree::{self, Field, Kind, Node};
 use super::{
-    Config, GroupConfig, HealthCheck, ModelConfig, OnUnhealthy, DEFAULT_BODY_LIMIT,
-    DEFAULT_HEALTH_FAILURES, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_PATH, DEFAULT_LISTEN,
-    DEFAULT_PORT_RANGE, DEFAULT_QUEUE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, DEFAULT_STARTUP_TIMEOUT,
-    DEFAULT_STOP_TIMEOUT, DEFAULT_TTL,
+    Config, GroupConfig, ModelConfig, OnUnhealthy, DEFAULT_BODY_LIMIT, DEFAULT_LISTEN,
+    DEFAULT_PORT_RANGE, DEFAULT_QUEUE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
 };
 use crate::units::{self, DURATION_FORMS, SIZE_FORMS};
 
@@ -54,20 +52,50 @@ pub const MODEL_KEYS: &[&str] = &[
     "on_unhealthy",
 ];
 
-/// Keys allowed in `[defaults]`: every per-model key but `cmd`, `aliases` and `port`.
-pub const DEFAULTS_KEYS: &[&str] = &[
-    "env",
-    "cwd",
-    "ttl",
-    "startup_timeout",
-    "stop_timeout",
-    "health_path",
-    "memory",
-    "pinned",
-    "health_interval",
-    "health_failures",
-    "on_unhealthy",
-];
+/// Per-model keys that differ for every model: not allowed in `[defaults]`.
+const MODEL_ONLY_KEYS: &[&str] = &["cmd", "aliases", "port"];
+
+/// Keys allowed in `[defaults]`: every per-model key but [`MODEL_ONLY_KEYS`] (derived from
+/// [`MODEL_KEYS`] at compile time, so the two lists cannot drift apart).
+pub const DEFAULTS_KEYS: &[&str] =
+    &without::<{ MODEL_KEYS.len() - MODEL_ONLY_KEYS.len() }>(MODEL_KEYS, MODEL_ONLY_KEYS);
+
+/// `all` without the entries of `drop`, in order. `N` must be the number left (checked at
+/// compile time).
+const fn without<const N: usize>(all: &[&'static str], drop: &[&'static str]) -> [&'static str; N] {
+    let mut out = [""; N];
+    let (mut i, mut n) = (0, 0);
+    while i < all.len() {
+        let mut dropped = false;
+        let mut j = 0;
+        while j < drop.len() {
+            dropped |= str_eq(all[i], drop[j]);
+            j += 1;
+        }
+        if !dropped {
+            out[n] = all[i];
+            n += 1;
+        }
+        i += 1;
+    }
+    assert!(n == N, "wrong number of keys left");
+    out
+}
+
+const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
 
 /// Keys allowed in a `[groups.NAME]` table.
 pub const GROUP_KEYS: &[&str] = &["members", "exclusive"];
@@ -177,6 +205,38 @@ struct Settings {
     on_unhealthy: Option<OnUnhealthy>,
     /// Some template of this table was malformed (its ${PORT}/${SOCKET} uses are unknown).
     template_error: bool,
+}
+
+impl Settings {
+    /// Sets in `m` every plain value this table sets (`[defaults]` first, then the model's own
+    /// table, onto [`ModelConfig::new`]'s defaults). Templates, aliases, the port and memory,
+    /// which carry positions for later checks, are merged by [`Parser::model`].
+    fn apply_to(&self, m: &mut ModelConfig) {
+        if let Some(ttl) = self.ttl {
+            m.ttl = ttl;
+        }
+        if let Some(t) = self.startup_timeout {
+            m.startup_timeout = t;
+        }
+        if let Some(t) = self.stop_timeout {
+            m.stop_timeout = t;
+        }
+        if let Some(path) = &self.health_path {
+            m.health_path.clone_from(path);
+        }
+        if let Some(pinned) = self.pinned {
+            m.pinned = pinned;
+        }
+        if let Some(interval) = self.health_interval {
+            m.health.interval = interval;
+        }
+        if let Some(n) = self.health_failures {
+            m.health.failures = n;
+        }
+        if let Some(action) = self.on_unhealthy {
+            m.health.on_unhealthy = action;
+        }
+    }
 }
 
 struct RawModel {
@@ -789,7 +849,7 @@ impl Parser<'_> {
         for f in fields {
             let v = &f.value;
             match f.key.as_str() {
-                key @ ("cmd" | "aliases" | "port") if defaults => self.err_help(
+                key if defaults && MODEL_ONLY_KEYS.contains(&key) => self.err_help(
                     f.key_at(),
                     format!("`{key}` cannot be set in [defaults]"),
                     format!("`{key}` is different for every model: set it under [models.\"ID\"]"),
@@ -1212,6 +1272,9 @@ impl Parser<'_> {
                 .collect::<Vec<_>>()
         };
         let s = m.s;
+        let mut config = ModelConfig::new(m.id.clone(), Vec::new());
+        d.apply_to(&mut config);
+        s.apply_to(&mut config);
         let mut marks: Vec<Mark> = Vec::new();
         let (cmd, cmd_at) = match s.cmd {
             Some((argv, cmd_marks)) => {
@@ -1315,43 +1378,12 @@ impl Parser<'_> {
         }
 
         let fixed = s.port.as_ref().map(|p| (p.v, p.at));
-        let config = ModelConfig {
-            id: m.id,
-            aliases: s.aliases.into_iter().map(|a| a.v).collect(),
-            cmd,
-            env: env.into_iter().map(|(k, (v, _))| (k, v)).collect(),
-            cwd,
-            port: s.port.map(|p| p.v),
-            ttl: s.ttl.or(d.ttl).unwrap_or(Some(DEFAULT_TTL)),
-            startup_timeout: s
-                .startup_timeout
-                .or(d.startup_timeout)
-                .unwrap_or(DEFAULT_STARTUP_TIMEOUT),
-            stop_timeout: s
-                .stop_timeout
-                .or(d.stop_timeout)
-                .unwrap_or(DEFAULT_STOP_TIMEOUT),
-            health_path: s
-                .health_path
-                .or_else(|| d.health_path.clone())
-                .unwrap_or_else(|| DEFAULT_HEALTH_PATH.to_string()),
-            memory: memory.map(|b| b.v),
-            pinned: s.pinned.or(d.pinned).unwrap_or(false),
-            health: HealthCheck {
-                interval: s
-                    .health_interval
-                    .or(d.health_interval)
-                    .unwrap_or(Some(DEFAULT_HEALTH_INTERVAL)),
-                failures: s
-                    .health_failures
-                    .or(d.health_failures)
-                    .unwrap_or(DEFAULT_HEALTH_FAILURES),
-                on_unhealthy: s
-                    .on_unhealthy
-                    .or(d.on_unhealthy)
-                    .unwrap_or(OnUnhealthy::Restart),
-            },
-        };
+        config.cmd = cmd;
+        config.aliases = s.aliases.into_iter().map(|a| a.v).collect();
+        config.env = env.into_iter().map(|(k, (v, _))| (k, v)).collect();
+        config.cwd = cwd;
+        config.port = s.port.map(|p| p.v);
+        config.memory = memory.map(|b| b.v);
         (config, fixed)
     }
 

@@ -1049,3 +1049,44 @@ fn durations_are_capped_at_a_year() {
         .is_some());
     assert!(parse_duration("8761h").unwrap_err().contains("8760h"));
 }
+
+#[test]
+fn every_listed_key_is_read_and_the_lists_agree() {
+    let unknown = |text: &str| match parse_with_env(text, None, &test_env) {
+        Ok(_) => false,
+        Err(e) => e
+            .into_diagnostics()
+            .iter()
+            .any(|d| d.message.starts_with("unknown key")),
+    };
+    for key in MODEL_KEYS {
+        assert!(!unknown(&format!("{M}{key} = 1\n")), "model key {key}");
+    }
+    for key in DEFAULTS_KEYS {
+        assert!(MODEL_KEYS.contains(key), "{key}");
+        assert!(
+            !unknown(&format!("[defaults]\n{key} = 1\n{M}")),
+            "defaults key {key}"
+        );
+    }
+    assert_eq!(
+        DEFAULTS_KEYS,
+        &[
+            "env",
+            "cwd",
+            "ttl",
+            "startup_timeout",
+            "stop_timeout",
+            "health_path",
+            "memory",
+            "pinned",
+            "health_interval",
+            "health_failures",
+            "on_unhealthy",
+        ]
+    );
+    for key in TOP_LEVEL_KEYS {
+        assert!(!unknown(&format!("{key} = 1\n{M}")), "top-level key {key}");
+    }
+    assert!(unknown(&format!("{M}colour = 1\n")));
+}

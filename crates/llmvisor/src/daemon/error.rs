@@ -75,7 +75,10 @@ impl ApiError {
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
             "body_too_large",
-            format!("request body is larger than the limit of {limit} bytes (config: body_limit)"),
+            format!(
+                "request body is larger than the limit of {} (config: body_limit)",
+                crate::units::format_size(limit as u64)
+            ),
         )
     }
 

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::error::ApiError;
+use super::extract::{Path, Query};
 use super::leases::ttl_from_secs;
 use super::state::AppState;
 use crate::metrics::label;
@@ -129,7 +130,21 @@ pub struct LeaseRequest {
     ttl_s: Option<f64>,
 }
 
-pub async fn create_lease(State(st): St, body: Bytes) -> Result<Response, ApiError> {
+/// Largest body of the lease routes (a model id and a number).
+const LEASE_BODY_LIMIT: usize = 64 * 1024;
+
+/// The body of a lease route: JSON (when there is one), at most [`LEASE_BODY_LIMIT`].
+async fn lease_body(req: Request) -> Result<Bytes, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = super::proxy::read_body(body, &parts.headers, LEASE_BODY_LIMIT).await?;
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        super::browser::require_json(&parts.headers)?;
+    }
+    Ok(body)
+}
+
+pub async fn create_lease(State(st): St, req: Request) -> Result<Response, ApiError> {
+    let body = lease_body(req).await?;
     let req: LeaseRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
             "invalid_json",
@@ -149,8 +164,9 @@ pub struct RenewRequest {
 pub async fn renew_lease(
     State(st): St,
     Path(id): Path<String>,
-    body: Bytes,
+    req: Request,
 ) -> Result<Response, ApiError> {
+    let body = lease_body(req).await?;
     let req: RenewRequest = if body.iter().all(u8::is_ascii_whitespace) {
         RenewRequest::default()
     } else {
@@ -161,7 +177,11 @@ pub async fn renew_lease(
             )
         })?
     };
-    let ttl = ttl_from_secs(req.ttl_s).map_err(|m| ApiError::bad_request("invalid_ttl", m))?;
+    // No ttl_s: the lease's own ttl again.
+    let ttl = match req.ttl_s {
+        None => None,
+        s => Some(ttl_from_secs(s).map_err(|m| ApiError::bad_request("invalid_ttl", m))?),
+    };
     let info = st.leases.renew(&id, ttl).ok_or_else(|| {
         ApiError::not_found(format!("no lease `{id}` (it expired or was released)"))
     })?;

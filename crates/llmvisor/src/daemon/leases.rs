@@ -27,6 +27,8 @@ struct Entry {
     url: String,
     deadline: watch::Sender<Instant>,
     expires_at: f64,
+    /// The TTL asked for at creation (or at the last renewal that named one).
+    ttl: Duration,
     _lease: Lease,
 }
 
@@ -60,6 +62,7 @@ impl HttpLeases {
                 url: info.url.clone(),
                 deadline,
                 expires_at: info.expires_at,
+                ttl,
                 _lease: lease,
             },
         );
@@ -85,10 +88,12 @@ impl HttpLeases {
         info
     }
 
-    /// Moves the deadline of lease `id` to now + `ttl`.
-    pub fn renew(&self, id: &str, ttl: Duration) -> Option<LeaseInfo> {
+    /// Moves the deadline of lease `id` to now + `ttl` (by default the lease's own TTL).
+    pub fn renew(&self, id: &str, ttl: Option<Duration>) -> Option<LeaseInfo> {
         let mut table = self.table.lock().unwrap();
         let entry = table.get_mut(id)?;
+        let ttl = ttl.unwrap_or(entry.ttl);
+        entry.ttl = ttl;
         entry.deadline.send_replace(Instant::now() + ttl);
         entry.expires_at = unix_in(ttl);
         Some(LeaseInfo {

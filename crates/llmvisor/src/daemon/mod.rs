@@ -12,7 +12,9 @@
 
 mod api;
 mod auth;
+mod browser;
 mod error;
+mod extract;
 mod leases;
 mod proxy;
 mod state;
@@ -85,16 +87,33 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Every request: API keys first, then counts its status.
+/// Every request: browser rules (`Host`, `Origin`, CORS preflight), then API keys; counts its
+/// status.
 async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let cfg = st.config();
     let scope = auth::scope_of(req.uri().path());
-    let resp = if auth::allowed(scope, req.headers(), &cfg.api_keys, &cfg.admin_keys) {
+    let keyless = auth::allowed(
+        scope,
+        &http::HeaderMap::new(),
+        &cfg.api_keys,
+        &cfg.admin_keys,
+    );
+    let origin = req.headers().get(http::header::ORIGIN).cloned();
+    let mut resp = if let Err(e) = browser::check(req.headers(), keyless, &cfg.http.cors_origins) {
+        e.into_response()
+    } else if origin.is_some() && browser::is_preflight(req.method(), req.headers()) {
+        let mut r = http::StatusCode::NO_CONTENT.into_response();
+        browser::preflight_headers(r.headers_mut());
+        r
+    } else if auth::allowed(scope, req.headers(), &cfg.api_keys, &cfg.admin_keys) {
         drop(cfg);
         next.run(req).await
     } else {
         ApiError::unauthorized().into_response()
     };
+    if let Some(o) = origin.filter(|_| resp.status() != http::StatusCode::FORBIDDEN) {
+        browser::cors_headers(resp.headers_mut(), &o);
+    }
     st.metrics.count_status(resp.status().as_u16());
     resp
 }
@@ -102,6 +121,9 @@ async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
 /// Serves `listener` until `shutdown` resolves, then drains and stops every server (see the
 /// module doc).
 pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
+    if let Ok(addr) = listener.local_addr() {
+        state.set_bound(addr);
+    }
     let app = router(state.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -246,6 +268,17 @@ pub async fn reload(
             return;
         }
     };
+    // The listener keeps its address across a reload: the new keys must fit that address, not
+    // the one the file names now.
+    if let Some(bound) = state.bound() {
+        if !bound.ip().is_loopback() && new.api_keys.is_empty() && !new.allow_insecure {
+            tracing::error!(
+                "config reload rejected; keeping the running config:\n{}",
+                DaemonError::Insecure(bound)
+            );
+            return;
+        }
+    }
     let old = state.config();
     for (what, changed) in [
         ("listen", old.listen != new.listen),

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, StatusCode};
@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 
 use super::error::ApiError;
+use super::extract::Path;
 use super::state::{AppState, InFlight};
 use crate::supervisor::Lease;
 
@@ -30,6 +31,9 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 pub async fn v1(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let began = Instant::now();
     let (parts, body) = req.into_parts();
+    if let Err(e) = super::browser::require_json(&parts.headers) {
+        return e.into_response();
+    }
     let limit = st.config().body_limit;
     let body = match read_body(body, &parts.headers, limit).await {
         Ok(b) => b,
@@ -51,29 +55,45 @@ pub async fn v1(State(st): State<Arc<AppState>>, req: Request) -> Response {
 /// `ANY /upstream/{model}/{*path}`: passthrough, request body streamed.
 pub async fn upstream(
     State(st): State<Arc<AppState>>,
-    Path((model, path)): Path<(String, String)>,
+    Path((model, _decoded)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    upstream_root(State(st), Path(model), req).await
+}
+
+/// `ANY /upstream/{model}` (no path): the server's root; also the body of [`upstream`].
+pub async fn upstream_root(
+    State(st): State<Arc<AppState>>,
+    Path(model): Path<String>,
     req: Request,
 ) -> Response {
     let began = Instant::now();
     let (parts, body) = req.into_parts();
-    let mut target = format!("/{path}");
-    if let Some(q) = parts.uri.query() {
-        target.push('?');
-        target.push_str(q);
-    }
+    let target = upstream_target(&parts.uri);
     forward(st, &model, parts, body, &target, began).await
 }
 
-/// `ANY /upstream/{model}` (no path): the server's root.
-pub async fn upstream_root(
-    state: State<Arc<AppState>>,
-    Path(model): Path<String>,
-    req: Request,
-) -> Response {
-    upstream(state, Path((model, String::new())), req).await
+/// The path and query sent upstream for `/upstream/{model}/{tail}?{query}`: the tail exactly as
+/// the client wrote it (still percent-encoded: `%2F`, `%3F` and `%23` keep their meaning).
+fn upstream_target(uri: &http::Uri) -> String {
+    let raw = uri.path();
+    let after = raw.strip_prefix("/upstream/").unwrap_or("");
+    let mut target = match after.find('/') {
+        Some(i) => after[i..].to_owned(),
+        None => "/".to_owned(),
+    };
+    if let Some(q) = uri.query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    target
 }
 
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -231,11 +251,12 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, strip_auth: bool) {
     }
 }
 
+/// Removes hop-by-hop headers and the upstream's own CORS headers from a response.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed = connection_listed(headers);
     let names: Vec<HeaderName> = headers
         .keys()
-        .filter(|n| is_hop_by_hop(n, &listed))
+        .filter(|n| is_hop_by_hop(n, &listed) || super::browser::is_upstream_cors(n))
         .cloned()
         .collect();
     for n in names {
@@ -343,6 +364,28 @@ mod tests {
         assert_eq!(routed_model(b"{nope").unwrap_err().code, "invalid_json");
         assert_eq!(routed_model(b"[1,2]").unwrap_err().code, "invalid_json");
         assert_eq!(routed_model(b"").unwrap_err().code, "invalid_json");
+    }
+
+    #[test]
+    fn upstream_cors_headers_are_not_passed_through() {
+        let mut h = HeaderMap::new();
+        h.insert("access-control-allow-origin", "*".parse().unwrap());
+        h.insert("access-control-allow-credentials", "true".parse().unwrap());
+        h.insert("content-type", "application/json".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+    }
+
+    #[test]
+    fn upstream_tail_is_forwarded_raw() {
+        let t = |u: &str| upstream_target(&u.parse().unwrap());
+        assert_eq!(
+            t("/upstream/m/a%3Fb%23c%252F?x=%26"),
+            "/a%3Fb%23c%252F?x=%26"
+        );
+        assert_eq!(t("/upstream/m"), "/");
+        assert_eq!(t("/upstream/m/"), "/");
+        assert_eq!(t("/upstream/m?q=1"), "/?q=1");
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub struct AppState {
     pub client: UpstreamClient,
     pub metrics: DaemonMetrics,
     pub leases: HttpLeases,
+    /// The address the listener is bound to (set by `run`): what a reload is checked against.
+    bound: RwLock<Option<std::net::SocketAddr>>,
 }
 
 impl AppState {
@@ -25,12 +27,21 @@ impl AppState {
             client: upstream::client(),
             metrics: DaemonMetrics::default(),
             leases: HttpLeases::default(),
+            bound: RwLock::new(None),
         })
     }
 
     /// The configuration in force (replaced as a whole by a reload).
     pub fn config(&self) -> Arc<Config> {
         self.config.read().unwrap().clone()
+    }
+
+    pub fn bound(&self) -> Option<std::net::SocketAddr> {
+        *self.bound.read().unwrap()
+    }
+
+    pub fn set_bound(&self, addr: std::net::SocketAddr) {
+        *self.bound.write().unwrap() = Some(addr);
     }
 
     pub fn set_config(&self, config: Config) {

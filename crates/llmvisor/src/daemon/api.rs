@@ -143,7 +143,38 @@ async fn lease_body(req: Request) -> Result<Bytes, ApiError> {
     Ok(body)
 }
 
+/// Who holds an HTTP lease: the key presented, else the client's IP address.
+fn caller_of(req: &Request) -> String {
+    if let Some(key) = super::auth::bearer(req.headers()) {
+        return format!("key:{key}");
+    }
+    match req.extensions().get::<super::Peer>() {
+        Some(p) => format!("ip:{}", p.0.ip()),
+        None => "unknown".into(),
+    }
+}
+
+fn too_many_leases(cap: usize) -> ApiError {
+    ApiError {
+        retry_after: Some(std::time::Duration::from_secs(1)),
+        ..ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "too_many_leases",
+            format!(
+                "this caller already holds {cap} leases (config: leases_per_caller); release or \
+                 let one expire first"
+            ),
+        )
+    }
+}
+
 pub async fn create_lease(State(st): St, req: Request) -> Result<Response, ApiError> {
+    let caller = caller_of(&req);
+    let cap = st.config().http.leases_per_caller;
+    if st.leases.held_by(&caller) >= cap {
+        return Err(too_many_leases(cap));
+    }
     let body = lease_body(req).await?;
     let req: LeaseRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
@@ -153,7 +184,11 @@ pub async fn create_lease(State(st): St, req: Request) -> Result<Response, ApiEr
     })?;
     let ttl = ttl_from_secs(req.ttl_s).map_err(|m| ApiError::bad_request("invalid_ttl", m))?;
     let lease = st.sup.acquire(&req.model).await?;
-    Ok(Json(st.leases.insert(lease, ttl)).into_response())
+    let info = st
+        .leases
+        .insert(lease, ttl, &caller, cap)
+        .ok_or_else(|| too_many_leases(cap))?;
+    Ok(Json(info).into_response())
 }
 
 #[derive(Deserialize, Default)]
@@ -297,6 +332,8 @@ pub async fn metrics(State(st): St) -> Response {
         "llmvisor_http_in_flight {}",
         st.metrics.in_flight.load(Ordering::Relaxed)
     );
+    out.push_str("# HELP llmvisor_http_body_bytes Bytes of request bodies buffered now (config: body_budget).\n# TYPE llmvisor_http_body_bytes gauge\n");
+    let _ = writeln!(out, "llmvisor_http_body_bytes {}", st.body_bytes_buffered());
     out.push_str("# HELP llmvisor_http_leases HTTP leases held for clients.\n# TYPE llmvisor_http_leases gauge\n");
     let _ = writeln!(out, "llmvisor_http_leases {}", st.leases.count());
     out.push_str("# HELP llmvisor_proxy_overhead_seconds Time spent in llmvisor's request handler per proxied request: body read, routing, forwarding (model start, server work and HTTP parsing excluded).\n# TYPE llmvisor_proxy_overhead_seconds histogram\n");

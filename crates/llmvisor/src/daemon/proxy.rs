@@ -18,6 +18,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::ApiError;
 use super::extract::Path;
@@ -35,10 +36,12 @@ pub async fn v1(State(st): State<Arc<AppState>>, req: Request) -> Response {
         return e.into_response();
     }
     let limit = st.config().body_limit;
-    let body = match read_body(body, &parts.headers, limit).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
+    // The permit holds the body's bytes in the global budget until the answer's head is back.
+    let (body, _budget) =
+        match read_body_budgeted(body, &parts.headers, limit, &st.body_budget).await {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        };
     let model = match routed_model(&body) {
         Ok(m) => m,
         Err(e) => return e.into_response(),
@@ -103,12 +106,7 @@ pub(super) async fn read_body(
     }
     let read = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await;
     match read {
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "invalid_request_error",
-            "body_timeout",
-            format!("the request body did not arrive within {BODY_READ_TIMEOUT:?}"),
-        )),
+        Err(_) => Err(body_timeout()),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
             Err(ApiError::too_large(limit))
@@ -117,6 +115,81 @@ pub(super) async fn read_body(
             "body_read_failed",
             format!("could not read the request body: {e}"),
         )),
+    }
+}
+
+/// Reads a body like [`read_body`], each byte counted in `budget` while it is held; a body that
+/// finds no room is answered 503 at once (`Retry-After`) instead of waiting with its bytes.
+async fn read_body_budgeted(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    budget: &Arc<Semaphore>,
+) -> Result<(Bytes, OwnedSemaphorePermit), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    let reserve = |n: usize| {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        budget
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| budget_exhausted())
+    };
+    let mut held = reserve(declared.unwrap_or(0) as usize)?;
+    let read = async {
+        let mut body = body;
+        let mut buf = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError::bad_request(
+                    "body_read_failed",
+                    format!("could not read the request body: {e}"),
+                )
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if buf.len() + data.len() > limit {
+                return Err(ApiError::too_large(limit));
+            }
+            let need = (buf.len() + data.len()).saturating_sub(held.num_permits());
+            if need > 0 {
+                held.merge(reserve(need)?);
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(buf.freeze())
+    };
+    match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+        Err(_) => Err(body_timeout()),
+        Ok(Ok(bytes)) => Ok((bytes, held)),
+        Ok(Err(e)) => Err(e),
+    }
+}
+
+fn body_timeout() -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "invalid_request_error",
+        "body_timeout",
+        format!("the request body did not arrive within {BODY_READ_TIMEOUT:?}"),
+    )
+}
+
+fn budget_exhausted() -> ApiError {
+    ApiError {
+        retry_after: Some(Duration::from_secs(1)),
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "body_budget_exhausted",
+            "too many request bodies are being received at once (config: body_budget); retry",
+        )
     }
 }
 

@@ -367,3 +367,47 @@ async fn http_leases_are_capped_per_caller() {
     assert_eq!(r.status, 200, "{}", r.text());
     finish(d, &s).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argv_secrets_are_not_shown_to_non_admin_callers() {
+    let s = Scratch::new();
+    let mut m = llmvisor::config::ModelConfig::new(
+        "m",
+        [
+            "sh",
+            "-c",
+            "echo \"starting with $0 $1\"; exit 1",
+            "--api-key",
+            "SEKRET-123456",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    m.startup_timeout = Duration::from_secs(10);
+    let mut cfg = s.config(vec![m]);
+    cfg.api_keys = vec!["sk".into()];
+    cfg.admin_keys = vec!["adm".into()];
+    let d = TestDaemon::start(cfg).await;
+    let r = request(
+        "POST",
+        &format!("{}/v1/chat/completions", d.url),
+        &[JSON, ("authorization", "Bearer sk")],
+        CHAT,
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let msg = r.error()["message"].as_str().unwrap().to_owned();
+    assert!(msg.contains("starting with --api-key"), "{msg}");
+    assert!(!msg.contains("SEKRET"), "{msg}");
+    // The admin sees the server's output as it was.
+    let r = request(
+        "POST",
+        &format!("{}/api/models/m/load", d.url),
+        &[("authorization", "Bearer adm")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("SEKRET-123456"), "{}", r.text());
+    finish(d, &s).await;
+}

@@ -18,6 +18,7 @@ mod error;
 mod extract;
 mod leases;
 mod proxy;
+mod redact;
 mod state;
 
 use std::future::Future;

@@ -229,7 +229,7 @@ async fn forward(
     let acquire_began = Instant::now();
     let lease = match st.sup.acquire(model).await {
         Ok(l) => l,
-        Err(e) => return ApiError::from(e).into_response(),
+        Err(e) => return acquire_error(&st, model, &parts.headers, e).into_response(),
     };
     let acquire_took = acquire_began.elapsed();
     let uri = match lease.endpoint().uri(path_and_query) {
@@ -280,6 +280,30 @@ async fn forward(
         .proxy_overhead
         .observe(before_upstream + answered.elapsed());
     Response::from_parts(head, Body::new(body))
+}
+
+/// A failed acquire as the caller sees it: secrets of the model's command line are cut from the
+/// message (which quotes the server's output) unless the caller may use the admin routes.
+fn acquire_error(
+    st: &AppState,
+    model: &str,
+    headers: &HeaderMap,
+    e: crate::supervisor::AcquireError,
+) -> ApiError {
+    let mut err = ApiError::from(e);
+    let cfg = st.config();
+    let admin = super::auth::allowed(
+        super::auth::Scope::Admin,
+        headers,
+        &cfg.api_keys,
+        &cfg.admin_keys,
+    );
+    if !admin {
+        if let Some(m) = cfg.model(model) {
+            err.message = super::redact::redact(&err.message, &super::redact::secrets(m));
+        }
+    }
+    err
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).

@@ -157,12 +157,9 @@ impl LogFile {
     }
 }
 
+/// Opens (creating 0600) the log file; a symbolic link in its place is not followed.
 fn open_append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
+    crate::statedir::nofollow(OpenOptions::new().create(true).append(true).mode(0o600)).open(path)
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ pub mod procfs;
 pub mod readiness;
 pub mod reaper;
 pub mod spawn;
+pub mod statedir;
 pub mod store;
 pub mod supervisor;
 pub mod sweep;

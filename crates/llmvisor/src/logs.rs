@@ -18,6 +18,9 @@ use tokio::sync::broadcast;
 pub const RING_LINES: usize = 1000;
 /// The log file is rotated when it grows past this.
 pub const FILE_CAP_BYTES: u64 = 8 * 1024 * 1024;
+/// Bytes kept of one line; the rest of a longer line is dropped (and counted in a marker), so a
+/// server printing without newlines cannot grow llmvisor's memory.
+pub const LINE_CAP_BYTES: usize = 16 * 1024;
 
 pub struct LogSink {
     ring: Mutex<VecDeque<String>>,
@@ -81,21 +84,47 @@ impl LogSink {
 
     /// Copies `reader` into the sink line by line until it ends. Invalid UTF-8 is replaced, not
     /// fatal: a server's output is shown, never trusted.
+    /// A line longer than [`LINE_CAP_BYTES`] keeps its first bytes and a marker.
     pub async fn capture(&self, reader: impl AsyncRead + Unpin) {
         let mut reader = BufReader::new(reader);
         let mut buf = Vec::with_capacity(256);
+        let mut dropped = 0usize;
         loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    while matches!(buf.last(), Some(b'\n' | b'\r')) {
-                        buf.pop();
-                    }
-                    self.push(String::from_utf8_lossy(&buf).into_owned());
-                }
+            let chunk = match reader.fill_buf().await {
+                Ok([]) | Err(_) => break,
+                Ok(c) => c,
+            };
+            let (part, ended) = match chunk.iter().position(|&b| b == b'\n') {
+                Some(i) => (&chunk[..i], true),
+                None => (chunk, false),
+            };
+            let room = LINE_CAP_BYTES.saturating_sub(buf.len());
+            buf.extend_from_slice(&part[..part.len().min(room)]);
+            dropped += part.len().saturating_sub(room);
+            let used = part.len() + usize::from(ended);
+            reader.consume(used);
+            if ended {
+                self.push_line(&mut buf, &mut dropped);
             }
         }
+        if !buf.is_empty() || dropped > 0 {
+            self.push_line(&mut buf, &mut dropped);
+        }
+    }
+
+    fn push_line(&self, buf: &mut Vec<u8>, dropped: &mut usize) {
+        while matches!(buf.last(), Some(b'\r')) {
+            buf.pop();
+        }
+        let mut line = String::from_utf8_lossy(buf).into_owned();
+        if *dropped > 0 {
+            line.push_str(&format!(
+                " … [llmvisor: {dropped} more bytes of this line dropped]"
+            ));
+        }
+        self.push(line);
+        buf.clear();
+        *dropped = 0;
     }
 }
 
@@ -128,12 +157,9 @@ impl LogFile {
     }
 }
 
+/// Opens (creating 0600) the log file; a symbolic link in its place is not followed.
 fn open_append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
+    crate::statedir::nofollow(OpenOptions::new().create(true).append(true).mode(0o600)).open(path)
 }
 
 #[cfg(test)]
@@ -175,6 +201,27 @@ mod tests {
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o600
         );
+    }
+
+    #[tokio::test]
+    async fn a_line_without_end_is_capped() {
+        let sink = LogSink::new(None);
+        let mut input = vec![b'x'; 4 << 20];
+        input.extend_from_slice(b"\nnext\n");
+        sink.capture(&input[..]).await;
+        let tail = sink.tail(10);
+        assert_eq!(
+            tail.len(),
+            2,
+            "{:?}",
+            tail.iter().map(String::len).collect::<Vec<_>>()
+        );
+        assert!(tail[0].len() < LINE_CAP_BYTES + 100, "{}", tail[0].len());
+        assert!(tail[0].ends_with(&format!(
+            "{} more bytes of this line dropped]",
+            (4 << 20) - LINE_CAP_BYTES
+        )));
+        assert_eq!(tail[1], "next");
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! The `llmvisor` binary: parses arguments, sets up logging, runs one command from
 //! [`llmvisor::cli`] and turns its outcome into an exit code. Everything else lives in the library.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -12,7 +12,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {}", cli::error_chain(&err));
+            // A closed stderr is no reason to panic.
+            let _ = writeln!(std::io::stderr(), "error: {}", cli::error_chain(&err));
             ExitCode::from(1)
         }
     }

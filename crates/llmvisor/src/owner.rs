@@ -215,7 +215,7 @@ fn check(state_dir: &Path, instance_id: &str, remove_stale: bool) -> Liveness {
     let Some(path) = lock_path(state_dir, instance_id) else {
         return Liveness::NoLockFile;
     };
-    let file = match File::open(&path) {
+    let file = match crate::statedir::open_read(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Liveness::NoLockFile,
         // Cannot tell: never declare someone dead on a guess.
@@ -243,11 +243,7 @@ fn is_same_file(file: &File, path: &Path) -> bool {
 }
 
 fn create_private_dir(dir: &Path) -> io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    crate::statedir::ensure(dir).map_err(io::Error::from)
 }
 
 #[cfg(test)]

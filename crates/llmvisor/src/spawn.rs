@@ -108,20 +108,25 @@ fn spawn_here(spec: &SpawnSpec, instance: &str, parent: Pid) -> Result<Child, Sp
     unsafe {
         cmd.pre_exec(move || {
             rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
-            // If llmvisor died between fork and prctl the signal will never come: our parent is
-            // already someone else. Refuse to run rather than become an orphan.
-            if rustix::process::getppid() != Some(parent) {
-                return Err(io::Error::other(
-                    "llmvisor exited while starting this child",
-                ));
-            }
-            Ok(())
+            still_child_of(parent)
         });
     }
     cmd.spawn().map_err(|source| SpawnError::Exec {
         program: spec.program.clone(),
         source,
     })
+}
+
+/// In the forked child: fails when `parent` is no longer our parent (llmvisor died between fork
+/// and prctl, so the death signal will never come: refuse to run rather than become an orphan).
+/// Runs between fork and exec, so it must not allocate: the error is a bare errno (`ESRCH`),
+/// which `Command::spawn` reports to the parent through its pipe.
+fn still_child_of(parent: Pid) -> io::Result<()> {
+    if rustix::process::getppid() == Some(parent) {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(libc::ESRCH))
+    }
 }
 
 /// Sends `signal` to every process in the group led by `pgid`. A group that no longer exists is
@@ -153,5 +158,19 @@ pub fn describe_exit(status: ExitStatus) -> String {
         format!("signal {sig}{name}")
     } else {
         format!("{status}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_orphan_check_fails_with_a_bare_errno() {
+        assert!(still_child_of(rustix::process::getppid().unwrap()).is_ok());
+        let not_parent = Pid::from_raw(std::process::id() as i32).unwrap();
+        let e = still_child_of(not_parent).unwrap_err();
+        // A bare OS error carries no heap payload (nothing was allocated after fork).
+        assert_eq!(e.raw_os_error(), Some(libc::ESRCH));
     }
 }

@@ -249,7 +249,11 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
 pub fn check(path: &Path) -> ExitCode {
     match load_config_or_report(path) {
         Ok(config) => {
-            println!("{}: ok ({})", path.display(), models_summary(&config));
+            let _ = print_stdout(&format!(
+                "{}: ok ({})\n",
+                path.display(),
+                models_summary(&config)
+            ));
             ExitCode::SUCCESS
         }
         Err(_) => ExitCode::from(1),
@@ -459,15 +463,15 @@ async fn gc(args: &GcArgs) -> anyhow::Result<ExitCode> {
         }
     };
     if !dir.join("state.db").exists() {
-        println!(
-            "nothing to clean up (no llmvisor state in {})",
+        print_stdout(&format!(
+            "nothing to clean up (no llmvisor state in {})\n",
             dir.display()
-        );
+        ))?;
         return Ok(ExitCode::SUCCESS);
     }
     let store = crate::store::Store::open(&dir).await?;
     let report = crate::sweep::run(&dir, &store, None, args.dry_run).await;
-    println!("{report}");
+    print_stdout(&format!("{report}\n"))?;
     Ok(if report.has_errors() {
         ExitCode::from(1)
     } else {

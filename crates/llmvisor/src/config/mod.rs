@@ -68,6 +68,45 @@ pub struct Config {
     pub groups: BTreeMap<String, GroupConfig>,
     /// Sorted by id.
     pub models: Vec<ModelConfig>,
+    /// Limits and browser rules of the HTTP front end.
+    pub http: HttpSettings,
+}
+
+/// The HTTP front end's limits and browser rules (top-level keys of the same names).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpSettings {
+    /// Browser origins allowed to call the API (`Origin` header values, e.g.
+    /// `"http://localhost:3000"`); any other `Origin` is refused.
+    pub cors_origins: Vec<String>,
+    /// A response the client does not read for this long is cut (like nginx's `send_timeout`).
+    pub send_timeout: Duration,
+    /// Open client connections at most; more wait in the kernel's accept queue.
+    pub max_clients: usize,
+    /// Bytes of request bodies buffered at once, over all requests.
+    pub body_budget: u64,
+    /// HTTP leases (`POST /api/leases`) one caller may hold at once.
+    pub leases_per_caller: usize,
+}
+
+/// `send_timeout` when the config does not set it.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// `max_clients` when the config does not set it.
+pub const DEFAULT_MAX_CLIENTS: usize = 1024;
+/// `body_budget` when the config does not set it (256 MiB).
+pub const DEFAULT_BODY_BUDGET: u64 = 256 << 20;
+/// `leases_per_caller` when the config does not set it.
+pub const DEFAULT_LEASES_PER_CALLER: usize = 64;
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            cors_origins: Vec::new(),
+            send_timeout: DEFAULT_SEND_TIMEOUT,
+            max_clients: DEFAULT_MAX_CLIENTS,
+            body_budget: DEFAULT_BODY_BUDGET,
+            leases_per_caller: DEFAULT_LEASES_PER_CALLER,
+        }
+    }
 }
 
 impl Config {

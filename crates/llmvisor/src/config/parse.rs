@@ -32,6 +32,11 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "groups",
     "defaults",
     "models",
+    "cors_origins",
+    "send_timeout",
+    "max_clients",
+    "body_budget",
+    "leases_per_caller",
 ];
 
 /// Keys allowed in a `[models."ID"]` table.
@@ -272,6 +277,7 @@ struct Top {
     groups: Vec<RawGroup>,
     defaults: Settings,
     models: Vec<RawModel>,
+    http: crate::config::HttpSettings,
 }
 
 #[derive(Clone, Copy)]
@@ -618,6 +624,31 @@ impl Parser<'_> {
                 }
             }
             "models" => top.models = self.models(n),
+            "cors_origins" => {
+                let list = self.string_list("cors_origins", n).unwrap_or_default();
+                top.http.cors_origins = list.into_iter().map(|o| o.v).collect();
+            }
+            "send_timeout" => match self.duration("send_timeout", n) {
+                Some(d) if !d.is_zero() => top.http.send_timeout = d,
+                Some(_) => self.err(n.at(), "`send_timeout` must be more than 0"),
+                None => {}
+            },
+            "max_clients" | "leases_per_caller" => match &n.kind {
+                Kind::Int(i) if *i >= 1 => {
+                    let v = usize::try_from(*i).unwrap_or(usize::MAX);
+                    if f.key == "max_clients" {
+                        top.http.max_clients = v;
+                    } else {
+                        top.http.leases_per_caller = v;
+                    }
+                }
+                _ => self.type_err(&format!("`{}`", f.key), n, "an integer of at least 1"),
+            },
+            "body_budget" => match self.size("body_budget", n) {
+                Some(b) if b > 0 => top.http.body_budget = b,
+                Some(_) => self.err(n.at(), "`body_budget` must be more than 0 bytes"),
+                None => {}
+            },
             _ => self.unknown_key(f, Scope::Top),
         }
     }
@@ -1229,6 +1260,7 @@ impl Parser<'_> {
             shutdown_grace: top.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             groups,
             models,
+            http: top.http,
         }
     }
 

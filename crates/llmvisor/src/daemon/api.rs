@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::error::ApiError;
+use super::extract::{Path, Query};
 use super::leases::ttl_from_secs;
 use super::state::AppState;
 use crate::metrics::label;
@@ -129,7 +130,52 @@ pub struct LeaseRequest {
     ttl_s: Option<f64>,
 }
 
-pub async fn create_lease(State(st): St, body: Bytes) -> Result<Response, ApiError> {
+/// Largest body of the lease routes (a model id and a number).
+const LEASE_BODY_LIMIT: usize = 64 * 1024;
+
+/// The body of a lease route: JSON (when there is one), at most [`LEASE_BODY_LIMIT`].
+async fn lease_body(req: Request) -> Result<Bytes, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = super::proxy::read_body(body, &parts.headers, LEASE_BODY_LIMIT).await?;
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        super::browser::require_json(&parts.headers)?;
+    }
+    Ok(body)
+}
+
+/// Who holds an HTTP lease: the key presented, else the client's IP address.
+fn caller_of(req: &Request) -> String {
+    if let Some(key) = super::auth::bearer(req.headers()) {
+        return format!("key:{key}");
+    }
+    match req.extensions().get::<super::Peer>() {
+        Some(p) => format!("ip:{}", p.0.ip()),
+        None => "unknown".into(),
+    }
+}
+
+fn too_many_leases(cap: usize) -> ApiError {
+    ApiError {
+        retry_after: Some(std::time::Duration::from_secs(1)),
+        ..ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "too_many_leases",
+            format!(
+                "this caller already holds {cap} leases (config: leases_per_caller); release or \
+                 let one expire first"
+            ),
+        )
+    }
+}
+
+pub async fn create_lease(State(st): St, req: Request) -> Result<Response, ApiError> {
+    let caller = caller_of(&req);
+    let cap = st.config().http.leases_per_caller;
+    if st.leases.held_by(&caller) >= cap {
+        return Err(too_many_leases(cap));
+    }
+    let body = lease_body(req).await?;
     let req: LeaseRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
             "invalid_json",
@@ -138,7 +184,11 @@ pub async fn create_lease(State(st): St, body: Bytes) -> Result<Response, ApiErr
     })?;
     let ttl = ttl_from_secs(req.ttl_s).map_err(|m| ApiError::bad_request("invalid_ttl", m))?;
     let lease = st.sup.acquire(&req.model).await?;
-    Ok(Json(st.leases.insert(lease, ttl)).into_response())
+    let info = st
+        .leases
+        .insert(lease, ttl, &caller, cap)
+        .ok_or_else(|| too_many_leases(cap))?;
+    Ok(Json(info).into_response())
 }
 
 #[derive(Deserialize, Default)]
@@ -149,8 +199,9 @@ pub struct RenewRequest {
 pub async fn renew_lease(
     State(st): St,
     Path(id): Path<String>,
-    body: Bytes,
+    req: Request,
 ) -> Result<Response, ApiError> {
+    let body = lease_body(req).await?;
     let req: RenewRequest = if body.iter().all(u8::is_ascii_whitespace) {
         RenewRequest::default()
     } else {
@@ -161,7 +212,11 @@ pub async fn renew_lease(
             )
         })?
     };
-    let ttl = ttl_from_secs(req.ttl_s).map_err(|m| ApiError::bad_request("invalid_ttl", m))?;
+    // No ttl_s: the lease's own ttl again.
+    let ttl = match req.ttl_s {
+        None => None,
+        s => Some(ttl_from_secs(s).map_err(|m| ApiError::bad_request("invalid_ttl", m))?),
+    };
     let info = st.leases.renew(&id, ttl).ok_or_else(|| {
         ApiError::not_found(format!("no lease `{id}` (it expired or was released)"))
     })?;
@@ -277,6 +332,8 @@ pub async fn metrics(State(st): St) -> Response {
         "llmvisor_http_in_flight {}",
         st.metrics.in_flight.load(Ordering::Relaxed)
     );
+    out.push_str("# HELP llmvisor_http_body_bytes Bytes of request bodies buffered now (config: body_budget).\n# TYPE llmvisor_http_body_bytes gauge\n");
+    let _ = writeln!(out, "llmvisor_http_body_bytes {}", st.body_bytes_buffered());
     out.push_str("# HELP llmvisor_http_leases HTTP leases held for clients.\n# TYPE llmvisor_http_leases gauge\n");
     let _ = writeln!(out, "llmvisor_http_leases {}", st.leases.count());
     out.push_str("# HELP llmvisor_proxy_overhead_seconds Time spent in llmvisor's request handler per proxied request: body read, routing, forwarding (model start, server work and HTTP parsing excluded).\n# TYPE llmvisor_proxy_overhead_seconds histogram\n");

@@ -27,6 +27,10 @@ struct Entry {
     url: String,
     deadline: watch::Sender<Instant>,
     expires_at: f64,
+    /// Who asked for it (the key presented, else the IP address), for the per-caller cap.
+    caller: String,
+    /// The TTL asked for at creation (or at the last renewal that named one).
+    ttl: Duration,
     _lease: Lease,
 }
 
@@ -42,8 +46,25 @@ pub struct LeaseInfo {
 }
 
 impl HttpLeases {
-    /// Holds `lease` for `ttl`.
-    pub fn insert(&self, lease: Lease, ttl: Duration) -> LeaseInfo {
+    /// Leases held by `caller`.
+    pub fn held_by(&self, caller: &str) -> usize {
+        let table = self.table.lock().unwrap();
+        table.values().filter(|e| e.caller == caller).count()
+    }
+
+    /// Holds `lease` for `ttl` for `caller`, unless `caller` already holds `cap` leases (then
+    /// the lease is dropped and `None` returned).
+    pub fn insert(
+        &self,
+        lease: Lease,
+        ttl: Duration,
+        caller: &str,
+        cap: usize,
+    ) -> Option<LeaseInfo> {
+        let mut table = self.table.lock().unwrap();
+        if table.values().filter(|e| e.caller == caller).count() >= cap {
+            return None;
+        }
         let id = format!("lease-{}", crate::ids::random_hex(12));
         let (deadline, mut rx) = watch::channel(Instant::now() + ttl);
         let info = LeaseInfo {
@@ -53,16 +74,19 @@ impl HttpLeases {
             expires_at: unix_in(ttl),
             ttl_s: ttl.as_secs_f64(),
         };
-        self.table.lock().unwrap().insert(
+        table.insert(
             id.clone(),
             Entry {
+                caller: caller.to_owned(),
                 model: info.model.clone(),
                 url: info.url.clone(),
                 deadline,
                 expires_at: info.expires_at,
+                ttl,
                 _lease: lease,
             },
         );
+        drop(table);
         let table = self.table.clone();
         tokio::spawn(async move {
             loop {
@@ -82,13 +106,15 @@ impl HttpLeases {
                 }
             }
         });
-        info
+        Some(info)
     }
 
-    /// Moves the deadline of lease `id` to now + `ttl`.
-    pub fn renew(&self, id: &str, ttl: Duration) -> Option<LeaseInfo> {
+    /// Moves the deadline of lease `id` to now + `ttl` (by default the lease's own TTL).
+    pub fn renew(&self, id: &str, ttl: Option<Duration>) -> Option<LeaseInfo> {
         let mut table = self.table.lock().unwrap();
         let entry = table.get_mut(id)?;
+        let ttl = ttl.unwrap_or(entry.ttl);
+        entry.ttl = ttl;
         entry.deadline.send_replace(Instant::now() + ttl);
         entry.expires_at = unix_in(ttl);
         Some(LeaseInfo {

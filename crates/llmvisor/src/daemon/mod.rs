@@ -12,9 +12,13 @@
 
 mod api;
 mod auth;
+mod browser;
+mod conn;
 mod error;
+mod extract;
 mod leases;
 mod proxy;
+mod redact;
 mod state;
 
 use std::future::Future;
@@ -23,13 +27,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, delete, get, post};
 use axum::Router;
+use http::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -38,6 +42,10 @@ pub use state::AppState;
 
 use crate::config::{self, Config, ConfigErrors};
 use crate::supervisor::{Supervisor, SupervisorError};
+
+/// The client's address, in every request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
 
 /// A slow client gets this long to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -85,16 +93,37 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Every request: API keys first, then counts its status.
-async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+/// Every request: browser rules (`Host`, `Origin`, CORS preflight), then API keys; counts its
+/// status.
+async fn guard(
+    State(st): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
     let cfg = st.config();
     let scope = auth::scope_of(req.uri().path());
-    let resp = if auth::allowed(scope, req.headers(), &cfg.api_keys, &cfg.admin_keys) {
+    let keyless = auth::allowed(
+        scope,
+        &http::HeaderMap::new(),
+        &cfg.api_keys,
+        &cfg.admin_keys,
+    );
+    let origin = req.headers().get(http::header::ORIGIN).cloned();
+    let mut resp = if let Err(e) = browser::check(req.headers(), keyless, &cfg.http.cors_origins) {
+        e.into_response()
+    } else if origin.is_some() && browser::is_preflight(req.method(), req.headers()) {
+        let mut r = http::StatusCode::NO_CONTENT.into_response();
+        browser::preflight_headers(r.headers_mut());
+        r
+    } else if auth::allowed(scope, req.headers(), &cfg.api_keys, &cfg.admin_keys) {
         drop(cfg);
         next.run(req).await
     } else {
         ApiError::unauthorized().into_response()
     };
+    if let Some(o) = origin.filter(|_| resp.status() != http::StatusCode::FORBIDDEN) {
+        browser::cors_headers(resp.headers_mut(), &o);
+    }
     st.metrics.count_status(resp.status().as_u16());
     resp
 }
@@ -102,11 +131,24 @@ async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
 /// Serves `listener` until `shutdown` resolves, then drains and stops every server (see the
 /// module doc).
 pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
+    if let Ok(addr) = listener.local_addr() {
+        state.set_bound(addr);
+    }
     let app = router(state.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let cfg = state.config();
+    // Open client connections; past the cap, new ones wait in the kernel's accept queue.
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.http.max_clients));
     loop {
-        let (stream, _peer) = tokio::select! {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -118,19 +160,26 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
             },
             () = &mut shutdown => break,
         };
-        let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        conn::tune(&stream);
+        let io = conn::SendTimeout::new(stream, state.config().http.send_timeout);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(Peer(peer));
+            tower_service::Service::call(&mut app.clone(), req)
+        });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service);
+            .serve_connection(TokioIo::new(io), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!("connection ended: {e}");
             }
+            drop(slot);
         });
     }
+    drop(cfg);
     drop(listener);
     let grace = state.config().shutdown_grace;
     tracing::info!(
@@ -187,6 +236,7 @@ pub async fn serve_forever(
     state_dir: Option<PathBuf>,
 ) -> Result<(), DaemonError> {
     let cfg = with_overrides(config, listen, state_dir.clone())?;
+    raise_open_files_limit();
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
@@ -225,6 +275,22 @@ pub async fn serve_forever(
     Ok(())
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: every client connection, upstream
+/// connection and child pipe is a descriptor, and the usual soft 1024 is below `max_clients`'
+/// default plus what the models need.
+pub fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        let from = lim.current;
+        lim.current = lim.maximum;
+        match setrlimit(Resource::Nofile, lim) {
+            Ok(()) => tracing::debug!("open files limit raised from {from:?} to {:?}", lim.current),
+            Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+        }
+    }
+}
+
 /// Starts the config's `preload` models in the background (failures are logged).
 pub fn preload(state: &AppState) {
     for id in state.config().preload.clone() {
@@ -252,6 +318,17 @@ pub async fn reload(
             return;
         }
     };
+    // The listener keeps its address across a reload: the new keys must fit that address, not
+    // the one the file names now.
+    if let Some(bound) = state.bound() {
+        if !bound.ip().is_loopback() && new.api_keys.is_empty() && !new.allow_insecure {
+            tracing::error!(
+                "config reload rejected; keeping the running config:\n{}",
+                DaemonError::Insecure(bound)
+            );
+            return;
+        }
+    }
     let old = state.config();
     for (what, changed) in [
         ("listen", old.listen != new.listen),

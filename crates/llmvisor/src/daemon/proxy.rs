@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, StatusCode};
@@ -18,8 +18,10 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::ApiError;
+use super::extract::Path;
 use super::state::{AppState, InFlight};
 use crate::supervisor::Lease;
 
@@ -30,11 +32,16 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 pub async fn v1(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let began = Instant::now();
     let (parts, body) = req.into_parts();
+    if let Err(e) = super::browser::require_json(&parts.headers) {
+        return e.into_response();
+    }
     let limit = st.config().body_limit;
-    let body = match read_body(body, &parts.headers, limit).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
+    // The permit holds the body's bytes in the global budget until the answer's head is back.
+    let (body, _budget) =
+        match read_body_budgeted(body, &parts.headers, limit, &st.body_budget).await {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        };
     let model = match routed_model(&body) {
         Ok(m) => m,
         Err(e) => return e.into_response(),
@@ -51,29 +58,45 @@ pub async fn v1(State(st): State<Arc<AppState>>, req: Request) -> Response {
 /// `ANY /upstream/{model}/{*path}`: passthrough, request body streamed.
 pub async fn upstream(
     State(st): State<Arc<AppState>>,
-    Path((model, path)): Path<(String, String)>,
+    Path((model, _decoded)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    upstream_root(State(st), Path(model), req).await
+}
+
+/// `ANY /upstream/{model}` (no path): the server's root; also the body of [`upstream`].
+pub async fn upstream_root(
+    State(st): State<Arc<AppState>>,
+    Path(model): Path<String>,
     req: Request,
 ) -> Response {
     let began = Instant::now();
     let (parts, body) = req.into_parts();
-    let mut target = format!("/{path}");
-    if let Some(q) = parts.uri.query() {
-        target.push('?');
-        target.push_str(q);
-    }
+    let target = upstream_target(&parts.uri);
     forward(st, &model, parts, body, &target, began).await
 }
 
-/// `ANY /upstream/{model}` (no path): the server's root.
-pub async fn upstream_root(
-    state: State<Arc<AppState>>,
-    Path(model): Path<String>,
-    req: Request,
-) -> Response {
-    upstream(state, Path((model, String::new())), req).await
+/// The path and query sent upstream for `/upstream/{model}/{tail}?{query}`: the tail exactly as
+/// the client wrote it (still percent-encoded: `%2F`, `%3F` and `%23` keep their meaning).
+fn upstream_target(uri: &http::Uri) -> String {
+    let raw = uri.path();
+    let after = raw.strip_prefix("/upstream/").unwrap_or("");
+    let mut target = match after.find('/') {
+        Some(i) => after[i..].to_owned(),
+        None => "/".to_owned(),
+    };
+    if let Some(q) = uri.query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    target
 }
 
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -83,15 +106,7 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     }
     let read = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await;
     match read {
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "invalid_request_error",
-            "body_timeout",
-            format!(
-                "the request body did not arrive within {}",
-                crate::units::format_duration(BODY_READ_TIMEOUT)
-            ),
-        )),
+        Err(_) => Err(body_timeout()),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
             Err(ApiError::too_large(limit))
@@ -100,6 +115,84 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
             "body_read_failed",
             format!("could not read the request body: {e}"),
         )),
+    }
+}
+
+/// Reads a body like [`read_body`], each byte counted in `budget` while it is held; a body that
+/// finds no room is answered 503 at once (`Retry-After`) instead of waiting with its bytes.
+async fn read_body_budgeted(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    budget: &Arc<Semaphore>,
+) -> Result<(Bytes, OwnedSemaphorePermit), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    let reserve = |n: usize| {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        budget
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| budget_exhausted())
+    };
+    let mut held = reserve(declared.unwrap_or(0) as usize)?;
+    let read = async {
+        let mut body = body;
+        let mut buf = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError::bad_request(
+                    "body_read_failed",
+                    format!("could not read the request body: {e}"),
+                )
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if buf.len() + data.len() > limit {
+                return Err(ApiError::too_large(limit));
+            }
+            let need = (buf.len() + data.len()).saturating_sub(held.num_permits());
+            if need > 0 {
+                held.merge(reserve(need)?);
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(buf.freeze())
+    };
+    match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+        Err(_) => Err(body_timeout()),
+        Ok(Ok(bytes)) => Ok((bytes, held)),
+        Ok(Err(e)) => Err(e),
+    }
+}
+
+fn body_timeout() -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "invalid_request_error",
+        "body_timeout",
+        format!(
+            "the request body did not arrive within {}",
+            crate::units::format_duration(BODY_READ_TIMEOUT)
+        ),
+    )
+}
+
+fn budget_exhausted() -> ApiError {
+    ApiError {
+        retry_after: Some(Duration::from_secs(1)),
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "body_budget_exhausted",
+            "too many request bodies are being received at once (config: body_budget); retry",
+        )
     }
 }
 
@@ -139,7 +232,7 @@ async fn forward(
     let acquire_began = Instant::now();
     let lease = match st.sup.acquire(model).await {
         Ok(l) => l,
-        Err(e) => return ApiError::from(e).into_response(),
+        Err(e) => return acquire_error(&st, model, &parts.headers, e).into_response(),
     };
     let acquire_took = acquire_began.elapsed();
     let uri = match lease.endpoint().uri(path_and_query) {
@@ -192,6 +285,30 @@ async fn forward(
     Response::from_parts(head, Body::new(body))
 }
 
+/// A failed acquire as the caller sees it: secrets of the model's command line are cut from the
+/// message (which quotes the server's output) unless the caller may use the admin routes.
+fn acquire_error(
+    st: &AppState,
+    model: &str,
+    headers: &HeaderMap,
+    e: crate::supervisor::AcquireError,
+) -> ApiError {
+    let mut err = ApiError::from(e);
+    let cfg = st.config();
+    let admin = super::auth::allowed(
+        super::auth::Scope::Admin,
+        headers,
+        &cfg.api_keys,
+        &cfg.admin_keys,
+    );
+    if !admin {
+        if let Some(m) = cfg.model(model) {
+            err.message = super::redact::redact(&err.message, &super::redact::secrets(m));
+        }
+    }
+    err
+}
+
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -234,11 +351,12 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, strip_auth: bool) {
     }
 }
 
+/// Removes hop-by-hop headers and the upstream's own CORS headers from a response.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed = connection_listed(headers);
     let names: Vec<HeaderName> = headers
         .keys()
-        .filter(|n| is_hop_by_hop(n, &listed))
+        .filter(|n| is_hop_by_hop(n, &listed) || super::browser::is_upstream_cors(n))
         .cloned()
         .collect();
     for n in names {
@@ -346,6 +464,28 @@ mod tests {
         assert_eq!(routed_model(b"{nope").unwrap_err().code, "invalid_json");
         assert_eq!(routed_model(b"[1,2]").unwrap_err().code, "invalid_json");
         assert_eq!(routed_model(b"").unwrap_err().code, "invalid_json");
+    }
+
+    #[test]
+    fn upstream_cors_headers_are_not_passed_through() {
+        let mut h = HeaderMap::new();
+        h.insert("access-control-allow-origin", "*".parse().unwrap());
+        h.insert("access-control-allow-credentials", "true".parse().unwrap());
+        h.insert("content-type", "application/json".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+    }
+
+    #[test]
+    fn upstream_tail_is_forwarded_raw() {
+        let t = |u: &str| upstream_target(&u.parse().unwrap());
+        assert_eq!(
+            t("/upstream/m/a%3Fb%23c%252F?x=%26"),
+            "/a%3Fb%23c%252F?x=%26"
+        );
+        assert_eq!(t("/upstream/m"), "/");
+        assert_eq!(t("/upstream/m/"), "/");
+        assert_eq!(t("/upstream/m?q=1"), "/?q=1");
     }
 
     #[test]

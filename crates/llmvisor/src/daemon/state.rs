@@ -15,22 +15,46 @@ pub struct AppState {
     pub client: UpstreamClient,
     pub metrics: DaemonMetrics,
     pub leases: HttpLeases,
+    /// The address the listener is bound to (set by `run`): what a reload is checked against.
+    bound: RwLock<Option<std::net::SocketAddr>>,
+    /// Bytes of request bodies buffered at once (`body_budget`), one permit per byte.
+    pub body_budget: Arc<tokio::sync::Semaphore>,
+    body_budget_total: usize,
 }
 
 impl AppState {
     pub fn new(sup: Supervisor, config: Config) -> Arc<Self> {
+        let budget = usize::try_from(config.http.body_budget)
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
         Arc::new(Self {
             sup,
             config: RwLock::new(Arc::new(config)),
             client: upstream::client(),
             metrics: DaemonMetrics::default(),
             leases: HttpLeases::default(),
+            bound: RwLock::new(None),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
+            body_budget_total: budget,
         })
     }
 
     /// The configuration in force (replaced as a whole by a reload).
     pub fn config(&self) -> Arc<Config> {
         self.config.read().unwrap().clone()
+    }
+
+    /// Bytes of request bodies buffered right now.
+    pub fn body_bytes_buffered(&self) -> usize {
+        self.body_budget_total - self.body_budget.available_permits()
+    }
+
+    pub fn bound(&self) -> Option<std::net::SocketAddr> {
+        *self.bound.read().unwrap()
+    }
+
+    pub fn set_bound(&self, addr: std::net::SocketAddr) {
+        *self.bound.write().unwrap() = Some(addr);
     }
 
     pub fn set_config(&self, config: Config) {

@@ -2,7 +2,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
@@ -238,34 +238,23 @@ pub(super) fn classify(path: &Path, e: rusqlite::Error) -> StoreError {
     }
 }
 
-/// Creates the state dir (0700) if needed and proves we can create files in it.
+/// Creates the state dir (0700) if needed, refuses one that is not ours alone, and proves we
+/// can create files in it (see [`crate::statedir`]).
 fn prepare_dir(dir: &Path) -> io::Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    if !fs::metadata(dir)?.is_dir() {
-        return Err(io::Error::other("not a directory"));
-    }
-    let probe = dir.join(format!(".store-probe-{}", std::process::id()));
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&probe)?;
-    fs::remove_file(&probe)
+    crate::statedir::ensure(dir).map_err(io::Error::from)
 }
 
 /// An exclusive lock on `<state_dir>/state.db.init`, held while opening.
 fn init_lock(state_dir: &Path) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(state_dir.join(format!("{DB_FILE}.init")))?;
+    let file = crate::statedir::nofollow(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600),
+    )
+    .open(state_dir.join(format!("{DB_FILE}.init")))?;
     rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
     Ok(file)
 }
@@ -274,6 +263,21 @@ fn init_lock(state_dir: &Path) -> io::Result<File> {
 /// A new database must not pick up a -wal or -shm left behind by one that was moved aside: SQLite
 /// would replay that log into it.
 fn create_db_file(path: &Path) -> io::Result<()> {
+    // SQLite opens these by name and follows links: a link planted in their place is refused.
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut p = PathBuf::from(path).into_os_string();
+        p.push(suffix);
+        if fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is a symbolic link; llmvisor does not follow links in its state dir \
+                     (fix: remove it)",
+                    PathBuf::from(p).display()
+                ),
+            ));
+        }
+    }
     if !path.exists() {
         for suffix in ["-wal", "-shm"] {
             let mut side = PathBuf::from(path).into_os_string();
@@ -285,13 +289,15 @@ fn create_db_file(path: &Path) -> io::Result<()> {
             }
         }
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)?;
+    let file = crate::statedir::nofollow(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600),
+    )
+    .open(path)?;
     let mode = file.metadata()?.permissions().mode();
     if mode & 0o077 != 0 {
         file.set_permissions(fs::Permissions::from_mode(0o600))?;

@@ -172,9 +172,9 @@ impl Supervisor {
             state_dir.join("logs"),
             state_dir.join("sockets"),
         ] {
-            create_private_dir(&dir).map_err(|source| SupervisorError::StateDir {
+            crate::statedir::ensure(&dir).map_err(|e| SupervisorError::StateDir {
+                source: e.into(),
                 path: dir.clone(),
-                source,
             })?;
         }
         let instance_id = new_instance_id();
@@ -430,22 +430,6 @@ impl Drop for Shared {
         }
         self.reaper.abort();
     }
-}
-
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let meta = std::fs::metadata(dir)?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    }
-    // Fail now, not at the first start, if we cannot write here.
-    let probe = dir.join(format!(".write-probe-{}", std::process::id()));
-    std::fs::write(&probe, b"")?;
-    std::fs::remove_file(&probe)
 }
 
 /// A unique id for this llmvisor instance: pid plus randomness (pids are recycled).

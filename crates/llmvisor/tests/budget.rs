@@ -246,6 +246,7 @@ async fn exclusive_group_members_take_turns() {
         GroupConfig {
             members: vec!["a".into(), "b".into()],
             exclusive: true,
+            ..GroupConfig::default()
         },
     );
     let sup = Supervisor::new(&cfg).await.unwrap();

@@ -30,6 +30,12 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_PORT_RANGE: (u16, u16) = (10500, 10999);
 /// `queue_timeout` when the config does not set it.
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// `max_wait_for_swap` when the config does not set it: how long a start waits for a busy
+/// model to finish its work before that model is drained to make room.
+pub const DEFAULT_MAX_WAIT_FOR_SWAP: Duration = Duration::from_secs(30);
+/// A model's `drain_timeout` when neither it nor `[defaults]` sets one: how long a stop
+/// (unload, eviction, reload) waits for in-flight requests before it cuts them.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 /// `body_limit` when the config does not set it (32 MiB).
 pub const DEFAULT_BODY_LIMIT: usize = 32 << 20;
 /// `shutdown_grace` when the config does not set it.
@@ -60,6 +66,7 @@ pub struct Config {
     /// Bytes.
     pub memory_budget: Option<u64>,
     pub queue_timeout: Duration,
+    pub max_wait_for_swap: Duration,
     pub preload: Vec<String>,
     /// Largest request body the router reads, in bytes (default 32 MiB).
     pub body_limit: usize,
@@ -130,10 +137,16 @@ impl Config {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct GroupConfig {
     pub members: Vec<String>,
+    /// At most one member loaded at a time.
     pub exclusive: bool,
+    /// Starting a member unloads every model outside the group (but pinned ones and members of
+    /// persistent groups).
+    pub unload_others: bool,
+    /// Members are never unloaded to make room for models outside the group.
+    pub persistent: bool,
 }
 
 /// One model's settings, with `[defaults]` already applied.
@@ -152,6 +165,8 @@ pub struct ModelConfig {
     pub ttl: Option<Duration>,
     pub startup_timeout: Duration,
     pub stop_timeout: Duration,
+    /// How long a stop waits for in-flight requests (draining) before it cuts them.
+    pub drain_timeout: Duration,
     pub health_path: String,
     /// Bytes, as declared.
     pub memory: Option<u64>,
@@ -207,6 +222,7 @@ impl ModelConfig {
             ttl: Some(DEFAULT_TTL),
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
             stop_timeout: DEFAULT_STOP_TIMEOUT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             health_path: DEFAULT_HEALTH_PATH.to_string(),
             memory: None,
             pinned: false,

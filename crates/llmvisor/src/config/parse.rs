@@ -11,7 +11,7 @@ use super::expand::{scan, Macro, Piece};
 use super::tree::{self, Field, Kind, Node};
 use super::{
     Config, GroupConfig, ModelConfig, OnUnhealthy, DEFAULT_BODY_LIMIT, DEFAULT_LISTEN,
-    DEFAULT_PORT_RANGE, DEFAULT_QUEUE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_MAX_WAIT_FOR_SWAP, DEFAULT_PORT_RANGE, DEFAULT_QUEUE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
 };
 use crate::units::{self, DURATION_FORMS, SIZE_FORMS};
 
@@ -26,6 +26,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "max_loaded",
     "memory_budget",
     "queue_timeout",
+    "max_wait_for_swap",
     "preload",
     "body_limit",
     "shutdown_grace",
@@ -49,6 +50,7 @@ pub const MODEL_KEYS: &[&str] = &[
     "ttl",
     "startup_timeout",
     "stop_timeout",
+    "drain_timeout",
     "health_path",
     "memory",
     "pinned",
@@ -103,7 +105,7 @@ const fn str_eq(a: &str, b: &str) -> bool {
 }
 
 /// Keys allowed in a `[groups.NAME]` table.
-pub const GROUP_KEYS: &[&str] = &["members", "exclusive"];
+pub const GROUP_KEYS: &[&str] = &["members", "exclusive", "unload_others", "persistent"];
 
 const CMD_EXAMPLE: &str =
     "e.g. cmd = [\"llama-server\", \"-m\", \"/models/model.gguf\", \"--port\", \"${PORT}\"]";
@@ -202,6 +204,7 @@ struct Settings {
     ttl: Option<Option<Duration>>,
     startup_timeout: Option<Duration>,
     stop_timeout: Option<Duration>,
+    drain_timeout: Option<Duration>,
     health_path: Option<String>,
     memory: Option<Sp<u64>>,
     pinned: Option<bool>,
@@ -225,6 +228,9 @@ impl Settings {
         }
         if let Some(t) = self.stop_timeout {
             m.stop_timeout = t;
+        }
+        if let Some(t) = self.drain_timeout {
+            m.drain_timeout = t;
         }
         if let Some(path) = &self.health_path {
             m.health_path.clone_from(path);
@@ -255,6 +261,8 @@ struct RawGroup {
     name_at: usize,
     members: Vec<Sp<String>>,
     exclusive: bool,
+    unload_others: bool,
+    persistent: bool,
 }
 
 #[derive(Default)]
@@ -271,6 +279,7 @@ struct Top {
     max_loaded: Option<usize>,
     memory_budget: Option<Sp<u64>>,
     queue_timeout: Option<Duration>,
+    max_wait_for_swap: Option<Duration>,
     preload: Vec<Sp<String>>,
     body_limit: Option<usize>,
     shutdown_grace: Option<Duration>,
@@ -605,6 +614,7 @@ impl Parser<'_> {
                 top.memory_budget = self.size("memory_budget", n).map(|v| Sp { v, at: n.at() })
             }
             "queue_timeout" => top.queue_timeout = self.duration("queue_timeout", n),
+            "max_wait_for_swap" => top.max_wait_for_swap = self.duration("max_wait_for_swap", n),
             "preload" => top.preload = self.string_list("preload", n).unwrap_or_default(),
             "body_limit" => {
                 if let Some(b) = self.size("body_limit", n) {
@@ -796,6 +806,8 @@ impl Parser<'_> {
                 name_at: g.key_at(),
                 members: Vec::new(),
                 exclusive: false,
+                unload_others: false,
+                persistent: false,
             };
             let mut has_members = false;
             for f in keys {
@@ -806,6 +818,13 @@ impl Parser<'_> {
                     }
                     "exclusive" => {
                         group.exclusive = self.boolean("exclusive", &f.value).unwrap_or(false)
+                    }
+                    "unload_others" => {
+                        group.unload_others =
+                            self.boolean("unload_others", &f.value).unwrap_or(false)
+                    }
+                    "persistent" => {
+                        group.persistent = self.boolean("persistent", &f.value).unwrap_or(false)
                     }
                     _ => self.unknown_key(f, Scope::Group(&g.key)),
                 }
@@ -920,6 +939,7 @@ impl Parser<'_> {
                     })
                 }
                 "stop_timeout" => s.stop_timeout = self.duration("stop_timeout", v),
+                "drain_timeout" => s.drain_timeout = self.duration("drain_timeout", v),
                 "health_path" => {
                     if let Some(h) = self.string("health_path", v) {
                         if h.starts_with('/') && !h.chars().any(char::is_whitespace) {
@@ -1200,6 +1220,8 @@ impl Parser<'_> {
                 GroupConfig {
                     members,
                     exclusive: g.exclusive,
+                    unload_others: g.unload_others,
+                    persistent: g.persistent,
                 },
             );
         }
@@ -1255,6 +1277,7 @@ impl Parser<'_> {
             max_loaded: top.max_loaded,
             memory_budget: top.memory_budget.map(|b| b.v),
             queue_timeout: top.queue_timeout.unwrap_or(DEFAULT_QUEUE_TIMEOUT),
+            max_wait_for_swap: top.max_wait_for_swap.unwrap_or(DEFAULT_MAX_WAIT_FOR_SWAP),
             preload,
             body_limit: top.body_limit.unwrap_or(DEFAULT_BODY_LIMIT),
             shutdown_grace: top.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),

@@ -1077,6 +1077,7 @@ fn every_listed_key_is_read_and_the_lists_agree() {
             "ttl",
             "startup_timeout",
             "stop_timeout",
+            "drain_timeout",
             "health_path",
             "memory",
             "pinned",
@@ -1089,4 +1090,27 @@ fn every_listed_key_is_read_and_the_lists_agree() {
         assert!(!unknown(&format!("{key} = 1\n{M}")), "top-level key {key}");
     }
     assert!(unknown(&format!("{M}colour = 1\n")));
+}
+
+#[test]
+fn swap_drain_and_group_rule_keys() {
+    let c = ok(&format!(
+        "max_wait_for_swap = \"45s\"\n[defaults]\ndrain_timeout = \"2m\"\n\
+         [groups.big]\nmembers = [\"m\"]\nunload_others = true\npersistent = true\n{M}"
+    ));
+    assert_eq!(c.max_wait_for_swap, Duration::from_secs(45));
+    assert_eq!(c.models[0].drain_timeout, Duration::from_secs(120));
+    let g = &c.groups["big"];
+    assert!(g.unload_others && g.persistent && !g.exclusive);
+    let plain = ok(M);
+    assert_eq!(
+        plain.max_wait_for_swap,
+        crate::config::DEFAULT_MAX_WAIT_FOR_SWAP
+    );
+    assert_eq!(
+        plain.models[0].drain_timeout,
+        crate::config::DEFAULT_DRAIN_TIMEOUT
+    );
+    let d = one("[groups.g]\nmembers = []\npersistent = \"yes\"\n", 3, 14);
+    assert!(d.message.contains("persistent"), "{d}");
 }

@@ -22,6 +22,7 @@ use super::Context;
 use crate::config::{ModelConfig, OnUnhealthy};
 use crate::readiness::probe;
 use crate::spawn::describe_exit;
+use crate::units;
 
 /// How often the owner of a server looks for other instances' leases on it.
 const REMOTE_LEASE_CHECK: Duration = Duration::from_secs(1);
@@ -143,6 +144,7 @@ impl Actor {
         match &self.state {
             State::Ready { ttl, .. } => *ttl,
             State::Stopped { restart_at } => *restart_at,
+            State::Draining { until, .. } => Some(*until),
             State::Failed { until } => Some(*until),
             _ => None,
         }
@@ -304,14 +306,26 @@ impl Actor {
                     return self.begin_stop(running, why);
                 }
                 let _ = ttl;
-                State::Draining { running, why }
+                State::Draining {
+                    running,
+                    why,
+                    until: units::deadline(Instant::now(), self.cfg.drain_timeout),
+                }
             }
-            State::Draining { running, why: old } => {
+            State::Draining {
+                running,
+                why: old,
+                until,
+            } => {
                 let why = old.merge(why);
                 if force {
                     return self.begin_stop(running, why);
                 }
-                State::Draining { running, why }
+                State::Draining {
+                    running,
+                    why,
+                    until,
+                }
             }
             State::Stopping { running, why: old } => State::Stopping {
                 running,
@@ -352,6 +366,7 @@ impl Actor {
                 State::Draining {
                     running,
                     why: Why::Evict,
+                    ..
                 } => {
                     self.enter(State::Ready { running, ttl: None });
                     if self.cell.lock().leases == 0 {
@@ -434,7 +449,7 @@ impl Actor {
         }
         self.measure_when_due();
         match self.take() {
-            State::Draining { running, why } => self.begin_stop(running, why),
+            State::Draining { running, why, .. } => self.begin_stop(running, why),
             state @ State::Ready { .. } => {
                 self.state = state;
                 self.arm_ttl();
@@ -598,9 +613,9 @@ impl Actor {
                         .start_failures
                         .fetch_add(1, Ordering::Relaxed);
                     let backoff = self.policy.start_failed(error.clone());
-                    tracing::warn!(model = %self.cfg.id, "start failed: {error}; backing off {backoff:?}");
+                    tracing::warn!(model = %self.cfg.id, "start failed: {error}; backing off {}", units::format_duration(backoff));
                     State::Failed {
-                        until: Instant::now() + backoff,
+                        until: units::deadline(Instant::now(), backoff),
                     }
                 };
                 match then {
@@ -700,7 +715,7 @@ impl Actor {
     fn on_ended(&mut self, status: Option<std::process::ExitStatus>) {
         let (running, why) = match self.take() {
             State::Ready { running, .. } => (running, None),
-            State::Draining { running, why } => (running, Some(why)),
+            State::Draining { running, why, .. } => (running, Some(why)),
             other => {
                 self.state = other;
                 return;
@@ -765,15 +780,15 @@ impl Actor {
                 tracing::error!(model = %self.cfg.id, "{error}");
                 self.cell.lock().error = Some(error.to_string());
                 self.policy.crash_loop_error(error);
-                let until = Instant::now() + CRASH_LOOP_COOLDOWN;
+                let until = units::deadline(Instant::now(), CRASH_LOOP_COOLDOWN);
                 self.server_gone(State::Failed { until }, false);
             }
             AfterCrash::RestartIn(wait) => {
                 self.cell.lock().error = Some(reason);
                 let restart_at = (self.cfg.health.on_unhealthy == OnUnhealthy::Restart)
-                    .then(|| Instant::now() + wait);
+                    .then(|| units::deadline(Instant::now(), wait));
                 if restart_at.is_some() {
-                    tracing::info!(model = %self.cfg.id, "restarting in {wait:?}");
+                    tracing::info!(model = %self.cfg.id, "restarting in {}", units::format_duration(wait));
                 }
                 self.server_gone(State::Stopped { restart_at }, false);
             }
@@ -795,6 +810,17 @@ impl Actor {
             State::Failed { .. } => {
                 tracing::info!(model = %self.cfg.id, "cool-down over; the next request starts it again");
                 self.enter(State::Stopped { restart_at: None });
+            }
+            State::Draining { running, why, .. } => {
+                // In-flight requests had drain_timeout to finish: the stop goes ahead, and the
+                // streams still open are cut (their leases see the server go).
+                let leases = self.cell.lock().leases;
+                tracing::warn!(
+                    model = %self.cfg.id,
+                    "stopping ({why}) with {leases} requests still in flight: they did not finish within drain_timeout ({})",
+                    units::format_duration(self.cfg.drain_timeout)
+                );
+                self.begin_stop(running, why);
             }
             State::Ready { running, .. } => {
                 let local = running.server.local().is_some();
@@ -847,7 +873,7 @@ impl Actor {
             idle
         };
         if idle {
-            tracing::info!(model = %self.cfg.id, "idle for {:?}; stopping", self.cfg.ttl.unwrap_or_default());
+            tracing::info!(model = %self.cfg.id, "idle for {}; stopping", units::format_duration(self.cfg.ttl.unwrap_or_default()));
             self.begin_stop(running, Why::Idle);
         } else {
             self.state = State::Ready { running, ttl };
@@ -857,7 +883,7 @@ impl Actor {
     /// Ready and idle: the TTL starts (never for a pinned model, nor without a ttl).
     fn arm_ttl(&mut self) {
         let deadline = match (self.cfg.pinned, self.cfg.ttl) {
-            (false, Some(ttl)) => Instant::now().checked_add(ttl),
+            (false, Some(ttl)) => Some(units::deadline(Instant::now(), ttl)),
             _ => None,
         };
         if let State::Ready { ttl, .. } = &mut self.state {

@@ -26,7 +26,7 @@ pub enum AdmitError {
     /// It can never fit (bigger than the budget, or the pinned models leave no room).
     #[error("{0}")]
     Never(String),
-    #[error("waited {waited:?} (queue_timeout) for room to start it; {why}")]
+    #[error("waited {} (queue_timeout) for room to start it; {why}", crate::units::format_elapsed(*waited))]
     TimedOut { waited: Duration, why: String },
     #[error("too many starts are already waiting for room ({0}); try again later")]
     QueueFull(usize),
@@ -94,22 +94,20 @@ impl Limits {
             max_loaded: cfg.max_loaded,
             memory_budget: cfg.memory_budget,
             queue_timeout: cfg.queue_timeout,
-            max_wait_for_swap: DEFAULT_MAX_WAIT_FOR_SWAP,
+            max_wait_for_swap: cfg.max_wait_for_swap,
             groups: cfg
                 .groups
                 .values()
                 .map(|g| GroupRule {
                     members: g.members.clone(),
                     exclusive: g.exclusive,
-                    ..GroupRule::default()
+                    unload_others: g.unload_others,
+                    persistent: g.persistent,
                 })
                 .collect(),
         }
     }
 }
-
-/// Default of `max_wait_for_swap`.
-pub const DEFAULT_MAX_WAIT_FOR_SWAP: Duration = Duration::from_secs(30);
 
 /// Starts waiting for room, at most (requests wait inside their model's start, so this bounds
 /// the number of *models* queued; each model bounds its own waiters).
@@ -458,8 +456,8 @@ impl Scheduler {
                         "waiting for room: models are stopping to make it".to_owned()
                     } else {
                         format!(
-                            "waiting up to {:?} (max_wait_for_swap) for {} to finish before swapping",
-                            self.limits.max_wait_for_swap,
+                            "waiting up to {} (max_wait_for_swap) for {} to finish before swapping",
+                            crate::units::format_duration(self.limits.max_wait_for_swap),
                             serving.join(", ")
                         )
                     };

@@ -20,7 +20,8 @@ pub enum AcquireError {
     },
 
     #[error(
-        "model `{model}` did not become ready within {after:?} (its server was stopped){}",
+        "model `{model}` did not become ready within {} (its server was stopped){}",
+        crate::units::format_duration(*after),
         tail_suffix(log_tail)
     )]
     StartTimeout {

@@ -98,8 +98,13 @@ pub enum State {
         running: Running,
         ttl: Option<Instant>,
     },
-    /// Takes no new lease; stops when its last lease ends.
-    Draining { running: Running, why: Why },
+    /// Takes no new lease; stops when its last lease ends, or at `until` (`drain_timeout`)
+    /// whatever is still in flight.
+    Draining {
+        running: Running,
+        why: Why,
+        until: Instant,
+    },
     /// The stop task runs (SIGTERM to the group, `stop_timeout`, SIGKILL) and reports back.
     Stopping { running: Running, why: Why },
     /// The actor has ended.

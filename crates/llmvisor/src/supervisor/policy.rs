@@ -111,7 +111,10 @@ impl RestartPolicy {
                 log_tail,
             }) => AcquireError::StartFailed {
                 model,
-                reason: format!("it did not become ready within {after:?} last time"),
+                reason: format!(
+                    "it did not become ready within {} last time",
+                    crate::units::format_duration(after)
+                ),
                 log_tail,
                 retry_after: Some(retry_after),
             },

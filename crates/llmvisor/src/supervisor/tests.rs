@@ -543,3 +543,25 @@ async fn swap_aware_admission_serves_each_models_queue_before_swapping() {
         "thrash: FIFO {fifo_starts} starts {fifo_wall:?}; swap-aware {starts} starts {wall:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_that_outlasts_drain_timeout_is_cut() {
+    let mut h = harness(Limits::default(), secs(1)).await;
+    let mut cfg = model("m");
+    cfg.drain_timeout = 2 * MIN;
+    let cell = h.single(cfg);
+    let stuck = cell.acquire(false).await.unwrap();
+    let unloading = tokio::spawn({
+        let cell = cell.clone();
+        async move { unload(&cell, false).await }
+    });
+    wait_phase(&cell, Phase::Stopping).await;
+    pass(2 * MIN - secs(1)).await;
+    assert!(stuck.is_up(), "cut before drain_timeout");
+    assert!(!unloading.is_finished());
+    pass(secs(2)).await;
+    unloading.await.unwrap();
+    assert_eq!(cell.phase(), Phase::Stopped);
+    assert!(!stuck.is_up(), "the stuck request's server is gone");
+    assert!(!h.launches.server(0).is_running());
+}

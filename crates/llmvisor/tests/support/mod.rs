@@ -124,6 +124,7 @@ impl Scratch {
             max_loaded: None,
             memory_budget: None,
             queue_timeout: Duration::from_secs(300),
+            max_wait_for_swap: llmvisor::config::DEFAULT_MAX_WAIT_FOR_SWAP,
             preload: Vec::new(),
             body_limit: 32 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(5),

@@ -291,6 +291,13 @@ pub async fn metrics(State(st): St) -> Response {
     );
     per_model(
         &mut out,
+        "llmvisor_model_swaps_total",
+        "counter",
+        "Starts that had to wait for other models to stop (swaps); their wait is in llmvisor_model_queue_wait_seconds.",
+        cells.iter().map(|c| (&*c.id, count(&c.stats.swaps))),
+    );
+    per_model(
+        &mut out,
         "llmvisor_model_queued",
         "gauge",
         "Requests waiting for room to start the model.",

@@ -38,6 +38,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 pub use error::ApiError;
+pub use proxy::routed_model;
 pub use state::AppState;
 
 use crate::config::{self, Config, ConfigErrors};

@@ -194,7 +194,7 @@ fn budget_exhausted() -> ApiError {
 }
 
 /// The `model` of a JSON request body, without parsing the rest into values.
-fn routed_model(body: &[u8]) -> Result<String, ApiError> {
+pub fn routed_model(body: &[u8]) -> Result<String, ApiError> {
     #[derive(Deserialize)]
     struct Routed {
         model: Option<serde_json::Value>,

@@ -110,17 +110,20 @@ pub fn preflight_headers(headers: &mut HeaderMap) {
     );
 }
 
-/// Refuses a body that does not declare itself JSON (415).
+/// Refuses a body declared as anything but JSON (415): the types a web page can send without a
+/// CORS preflight (`text/plain`, forms) are all refused. A request without `Content-Type` passes
+/// (curl-less scripts and older clients send none); a browser sending one without a type also
+/// sends `Origin`, which [`check`] has already judged.
 pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let ct = String::from_utf8_lossy(ct.as_bytes());
     let essence = ct.split(';').next().unwrap_or("").trim();
     if essence.eq_ignore_ascii_case("application/json") {
         Ok(())
     } else {
-        Err(ApiError::unsupported_media_type(ct))
+        Err(ApiError::unsupported_media_type(&ct))
     }
 }
 

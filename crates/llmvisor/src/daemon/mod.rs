@@ -329,6 +329,8 @@ pub async fn reload(
         ("listen", old.listen != new.listen),
         ("state_dir", old.state_dir != new.state_dir),
         ("port_range", old.port_range != new.port_range),
+        ("max_clients", old.http.max_clients != new.http.max_clients),
+        ("body_budget", old.http.body_budget != new.http.body_budget),
     ] {
         if changed {
             tracing::warn!("{what} changed; it takes effect only after a restart of llmvisor");

@@ -23,13 +23,17 @@ ttl = "10m"              # stop a server after 10 idle minutes
 startup_timeout = "120s"
 
 # Two "models" from one GGUF file with different context sizes: each is its own llama-server.
+# This GGUF carries no chat template (llama-server would fall back to ChatML, which Gemma does
+# not know): "--no-jinja --chat-template gemma" selects llama.cpp's built-in Gemma template.
+# "-n 256" caps a reply whose request sets no max_tokens (a 270M model otherwise rambles on
+# until the context is full: minutes on a small CPU).
 [models."gemma-3-270m"]
-cmd = ["$LLAMA_SERVER", "-m", "$LLAMA_MODEL", "--host", "127.0.0.1", "--port", "\${PORT}", "-c", "2048", "-t", "2"]
+cmd = ["$LLAMA_SERVER", "-m", "$LLAMA_MODEL", "--host", "127.0.0.1", "--port", "\${PORT}", "-c", "2048", "-t", "2", "--no-jinja", "--chat-template", "gemma", "-n", "256"]
 aliases = ["gemma"]
 
 [models."gemma-3-270m-8k"]
 # Reached over a unix socket: no port at all, so no port can ever conflict.
-cmd = ["$LLAMA_SERVER", "-m", "$LLAMA_MODEL", "--host", "\${SOCKET}", "-c", "8192", "-t", "2"]
+cmd = ["$LLAMA_SERVER", "-m", "$LLAMA_MODEL", "--host", "\${SOCKET}", "-c", "8192", "-t", "2", "--no-jinja", "--chat-template", "gemma", "-n", "256"]
 TOML
   echo "run: wrote $config" >&2
 else
@@ -41,13 +45,13 @@ cat >&2 <<EOT
 llmvisor is starting on http://127.0.0.1:8080 — models load on first use.
 
   curl -s http://127.0.0.1:8080/v1/chat/completions -H 'content-type: application/json' \\
-    -d '{"model": "gemma", "messages": [{"role": "user", "content": "Say hello in five words."}]}'
+    -d '{"model": "gemma", "max_tokens": 64, "messages": [{"role": "user", "content": "Say hello in five words."}]}'
 
   $LLAMA_VENV/bin/python - <<'PY'
 from openai import OpenAI
 client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused")
 for chunk in client.chat.completions.create(
-        model="gemma", stream=True,
+        model="gemma", stream=True, max_tokens=64,
         messages=[{"role": "user", "content": "Say hello in five words."}]):
     print(chunk.choices[0].delta.content or "", end="", flush=True)
 print()

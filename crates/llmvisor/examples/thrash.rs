@@ -29,7 +29,8 @@ struct Outcome {
 
 #[tokio::main]
 async fn main() {
-    let fake = find_fake_llm().expect("build the fake server first: cargo build --release -p fake-llm");
+    let fake =
+        find_fake_llm().expect("build the fake server first: cargo build --release -p fake-llm");
     let rounds: usize = std::env::var("ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())

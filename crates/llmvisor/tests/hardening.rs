@@ -92,6 +92,17 @@ async fn browser_rules_host_origin_content_type() {
     assert_eq!(r.error()["code"], "unsupported_media_type");
     let r = request(
         "POST",
+        &v1,
+        &[("content-type", "application/x-www-form-urlencoded")],
+        CHAT,
+    )
+    .await;
+    assert_eq!(r.status, 415, "{}", r.text());
+    // No type at all (scripts, older clients): accepted; a browser would have sent Origin.
+    let r = request("POST", &v1, &[], CHAT).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = request(
+        "POST",
         &format!("{}/api/leases", d.url),
         &[("content-type", "application/x-www-form-urlencoded")],
         r#"{"model":"m"}"#,

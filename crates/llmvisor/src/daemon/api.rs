@@ -134,9 +134,10 @@ pub struct LeaseRequest {
 const LEASE_BODY_LIMIT: usize = 64 * 1024;
 
 /// The body of a lease route: JSON (when there is one), at most [`LEASE_BODY_LIMIT`].
-async fn lease_body(req: Request) -> Result<Bytes, ApiError> {
+async fn lease_body(st: &AppState, req: Request) -> Result<Bytes, ApiError> {
     let (parts, body) = req.into_parts();
-    let body = super::proxy::read_body(body, &parts.headers, LEASE_BODY_LIMIT).await?;
+    let (body, _budget) =
+        super::proxy::read_body(body, &parts.headers, LEASE_BODY_LIMIT, &st.body_budget).await?;
     if !body.iter().all(u8::is_ascii_whitespace) {
         super::browser::require_json(&parts.headers)?;
     }
@@ -175,7 +176,7 @@ pub async fn create_lease(State(st): St, req: Request) -> Result<Response, ApiEr
     if st.leases.held_by(&caller) >= cap {
         return Err(too_many_leases(cap));
     }
-    let body = lease_body(req).await?;
+    let body = lease_body(&st, req).await?;
     let req: LeaseRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(
             "invalid_json",
@@ -201,7 +202,7 @@ pub async fn renew_lease(
     Path(id): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let body = lease_body(req).await?;
+    let body = lease_body(&st, req).await?;
     let req: RenewRequest = if body.iter().all(u8::is_ascii_whitespace) {
         RenewRequest::default()
     } else {

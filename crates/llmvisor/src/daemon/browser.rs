@@ -110,22 +110,22 @@ pub fn preflight_headers(headers: &mut HeaderMap) {
     );
 }
 
-/// Refuses a body that declares itself anything but JSON (415): the content types a web page
-/// may send cross-site without a CORS preflight (`text/plain`, forms) never reach a JSON route.
-/// A body with no `Content-Type` at all is taken as JSON: browsers always label what they send,
-/// and scripts and SDKs that omit the header are not an attack vector.
+/// Refuses a body declared as anything but JSON (415): the types a web page can send without a
+/// CORS preflight (`text/plain`, forms) are all refused. A request without `Content-Type` passes
+/// (scripts and older clients send none); a browser sending one without a type also sends
+/// `Origin`, which [`check`] has already judged.
 pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else {
         return Ok(());
     };
-    let ct = value.to_str().unwrap_or("");
+    let ct = String::from_utf8_lossy(ct.as_bytes());
     let essence = ct.split(';').next().unwrap_or("").trim();
     let essence = essence.to_ascii_lowercase();
     let json = essence == "application/json" || essence.ends_with("+json");
     if json {
         Ok(())
     } else {
-        Err(ApiError::unsupported_media_type(ct))
+        Err(ApiError::unsupported_media_type(&ct))
     }
 }
 

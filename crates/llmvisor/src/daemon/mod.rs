@@ -38,6 +38,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 pub use error::ApiError;
+pub use proxy::routed_model;
 pub use state::AppState;
 
 use crate::config::{self, Config, ConfigErrors};
@@ -334,6 +335,8 @@ pub async fn reload(
         ("listen", old.listen != new.listen),
         ("state_dir", old.state_dir != new.state_dir),
         ("port_range", old.port_range != new.port_range),
+        ("max_clients", old.http.max_clients != new.http.max_clients),
+        ("body_budget", old.http.body_budget != new.http.body_budget),
     ] {
         if changed {
             tracing::warn!("{what} changed; it takes effect only after a restart of llmvisor");

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -37,11 +37,10 @@ pub async fn v1(State(st): State<Arc<AppState>>, req: Request) -> Response {
     }
     let limit = st.config().body_limit;
     // The permit holds the body's bytes in the global budget until the answer's head is back.
-    let (body, _budget) =
-        match read_body_budgeted(body, &parts.headers, limit, &st.body_budget).await {
-            Ok(b) => b,
-            Err(e) => return e.into_response(),
-        };
+    let (body, _budget) = match read_body(body, &parts.headers, limit, &st.body_budget).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
     let model = match routed_model(&body) {
         Ok(m) => m,
         Err(e) => return e.into_response(),
@@ -92,35 +91,10 @@ fn upstream_target(uri: &http::Uri) -> String {
     target
 }
 
+/// Reads a whole request body of at most `limit` bytes (413 beyond, 408 when it does not arrive
+/// in time), each byte counted in `budget` while the returned permit is held; a body that finds
+/// no room is answered 503 at once (`Retry-After`) instead of waiting with its bytes.
 pub(super) async fn read_body(
-    body: Body,
-    headers: &HeaderMap,
-    limit: usize,
-) -> Result<Bytes, ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::too_large(limit));
-    }
-    let read = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await;
-    match read {
-        Err(_) => Err(body_timeout()),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ApiError::too_large(limit))
-        }
-        Ok(Err(e)) => Err(ApiError::bad_request(
-            "body_read_failed",
-            format!("could not read the request body: {e}"),
-        )),
-    }
-}
-
-/// Reads a body like [`read_body`], each byte counted in `budget` while it is held; a body that
-/// finds no room is answered 503 at once (`Retry-After`) instead of waiting with its bytes.
-async fn read_body_budgeted(
     body: Body,
     headers: &HeaderMap,
     limit: usize,
@@ -197,7 +171,7 @@ fn budget_exhausted() -> ApiError {
 }
 
 /// The `model` of a JSON request body, without parsing the rest into values.
-fn routed_model(body: &[u8]) -> Result<String, ApiError> {
+pub fn routed_model(body: &[u8]) -> Result<String, ApiError> {
     #[derive(Deserialize)]
     struct Routed {
         model: Option<serde_json::Value>,

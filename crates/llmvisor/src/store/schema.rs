@@ -244,9 +244,9 @@ fn prepare_dir(dir: &Path) -> io::Result<()> {
     crate::statedir::ensure(dir).map_err(io::Error::from)
 }
 
-/// An exclusive lock on `<state_dir>/state.db.init`, held while opening.
-fn init_lock(state_dir: &Path) -> io::Result<File> {
-    let file = crate::statedir::nofollow(
+/// Opens `path` for reading and writing, creating it 0600, never following a link there.
+fn open_private(path: &Path) -> io::Result<File> {
+    crate::statedir::nofollow(
         OpenOptions::new()
             .read(true)
             .write(true)
@@ -254,7 +254,12 @@ fn init_lock(state_dir: &Path) -> io::Result<File> {
             .truncate(false)
             .mode(0o600),
     )
-    .open(state_dir.join(format!("{DB_FILE}.init")))?;
+    .open(path)
+}
+
+/// An exclusive lock on `<state_dir>/state.db.init`, held while opening.
+fn init_lock(state_dir: &Path) -> io::Result<File> {
+    let file = open_private(&state_dir.join(format!("{DB_FILE}.init")))?;
     rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
     Ok(file)
 }
@@ -289,15 +294,7 @@ fn create_db_file(path: &Path) -> io::Result<()> {
             }
         }
     }
-    let file = crate::statedir::nofollow(
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600),
-    )
-    .open(path)?;
+    let file = open_private(path)?;
     let mode = file.metadata()?.permissions().mode();
     if mode & 0o077 != 0 {
         file.set_permissions(fs::Permissions::from_mode(0o600))?;

@@ -98,36 +98,22 @@ impl Core {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The URL of the app lease held on `id`, if its server is still up.
-    fn held_url(&self, id: &str) -> Option<String> {
-        let gone = {
-            let mut held = self.held();
-            match held.get(id) {
-                Some(lease) if lease.is_up() => return Some(lease.url()),
-                Some(_) => held.remove(id),
-                None => None,
-            }
-        };
-        drop(gone);
-        None
-    }
-
-    /// Keeps `lease` as the app lease of its model (unless one that is up is already held, when
-    /// the new one is dropped) and returns the held lease's URL.
+    /// Keeps `lease` as the app lease of its model and returns its URL. An app lease already
+    /// held on the same server is kept instead (the new one is dropped); one on an earlier
+    /// server (it exited, or its owner process died) is replaced.
     fn hold(&self, lease: Lease) -> String {
-        let mut held = self.held();
-        if let Some(current) = held.get(lease.model()) {
-            if current.is_up() {
-                let url = current.url();
-                drop(held);
-                drop(lease);
-                return url;
-            }
-        }
         let url = lease.url();
-        let replaced = held.insert(lease.model().to_owned(), lease);
+        let mut held = self.held();
+        let keep_current = held
+            .get(lease.model())
+            .is_some_and(|current| current.is_up() && current.endpoint() == lease.endpoint());
+        let dropped = if keep_current {
+            Some(lease)
+        } else {
+            held.insert(lease.model().to_owned(), lease)
+        };
         drop(held);
-        drop(replaced);
+        drop(dropped);
         url
     }
 
@@ -211,9 +197,6 @@ impl PySupervisor {
     ) -> PyResult<String> {
         let core = self.core()?;
         let cell = core.sup().model(model).map_err(|e| acquire_error(py, e))?;
-        if let Some(url) = core.held_url(&cell.id) {
-            return Ok(url);
-        }
         let lease = match cell.try_acquire_ready() {
             Some(lease) => lease,
             None => {

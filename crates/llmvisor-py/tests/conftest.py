@@ -59,12 +59,15 @@ class Scratch:
 
     def config_text(self, models: dict[str, str], extra: str = "", model_extra: str = "") -> str:
         """One fake-llm model per `id -> extra fake-llm flags`."""
-        text = f'state_dir = "{self.state_dir}"\nport_range = [{self.ports[0]}, {self.ports[1]}]\n{extra}\n'
+        text = (
+            f'state_dir = "{self.state_dir}"\nport_range = [{self.ports[0]}, {self.ports[1]}]\n'
+            f'{extra}\n[defaults]\nstartup_timeout = "30s"\nstop_timeout = "2s"\n'
+        )
         for model, flags in models.items():
             text += (
                 f"[models.{model}]\n"
                 f'cmd = "{self.fake_llm} --port ${{PORT}} --pid-file {self.pid_file(model)} {flags}"\n'
-                f'startup_timeout = "30s"\nstop_timeout = "2s"\n{model_extra}\n'
+                f"{model_extra}\n"
             )
         return text
 

@@ -61,3 +61,27 @@ def kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def supervisor_worker(config_path: str, conn) -> None:
+    """A chat-app process (run by multiprocessing): one Supervisor on the shared state dir,
+    driven by commands on `conn`."""
+    import urllib.request
+
+    import llmvisor
+
+    sup = llmvisor.Supervisor(config_path)
+    conn.send(("up", os.getpid()))
+    while True:
+        cmd = conn.recv()
+        try:
+            if cmd == "ensure":
+                url = sup.ensure_server_running("m", timeout=60)
+                with urllib.request.urlopen(url + "/health", timeout=10) as resp:
+                    conn.send(("ok", url, resp.status))
+            elif cmd == "close":
+                sup.close()
+                conn.send(("closed",))
+                return
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            conn.send(("error", repr(e), sup.status(), sup.logs("m")[-5:]))

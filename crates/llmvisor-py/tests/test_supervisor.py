@@ -153,3 +153,125 @@ def test_close_stops_every_server_and_later_calls_fail(sup_factory, scratch):
     sup.close()  # idempotent
     with pytest.raises(llmvisor.ClosedError):
         sup.ensure_server_running("a")
+
+
+def test_lease_holds_the_model_and_shutdown_server_waits_for_it(sup_factory, scratch):
+    sup = sup_factory({"m": ""})
+    url = sup.ensure_server_running("m")
+    lease = sup.lease("m", timeout=30)
+    assert lease.url == url and lease.model == "m"
+    assert sup.status()[0]["leases"] == 2
+    stopped = threading.Event()
+
+    def stop():
+        sup.shutdown_server("m")
+        stopped.set()
+
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    # shutdown_server gave up the app lease and now waits for ours.
+    assert not stopped.wait(0.5)
+    assert sup.status()[0]["state"] in ("ready", "stopping")
+    assert alive(scratch.pids("m")[0])
+    with lease:
+        pass  # leaving the block releases it
+    assert stopped.wait(10)
+    stopper.join()
+    assert sup.status()[0]["state"] == "stopped"
+    assert not alive(scratch.pids("m")[0])
+    assert not lease.active
+
+
+def test_force_shutdown_does_not_wait_for_leases(sup_factory, scratch):
+    sup = sup_factory({"m": ""})
+    with sup.lease("m") as lease:
+        sup.shutdown_server("m", force=True)
+        assert not lease.active
+    assert sup.status()[0]["state"] == "stopped"
+    # And it starts again on demand.
+    assert sup.ensure_server_running("m").startswith("http://")
+    assert len(scratch.pids("m")) == 2
+
+
+def test_aliases_name_the_same_server(sup_factory):
+    sup = sup_factory({"gemma-3-270m": ""}, model_extra='aliases = ["gemma"]')
+    assert sup.ensure_server_running("gemma") == sup.ensure_server_running("gemma-3-270m")
+    assert sup.status()[0]["leases"] == 1
+
+
+def test_a_server_that_cannot_start_raises_start_error_with_its_output(sup_factory):
+    sup = sup_factory({"bad": "--log-lines 2 --exit-at-startup 7"})
+    with pytest.raises(llmvisor.StartError) as err:
+        sup.ensure_server_running("bad")
+    text = str(err.value)
+    assert "model `bad` failed to start" in text
+    assert "fake-llm log line 2" in text or "exit" in text
+    assert err.value.model == "bad"
+    assert err.value.reason
+    assert isinstance(err.value.log_tail, list)
+
+
+def test_start_timeout_is_a_timeout_error(sup_factory):
+    sup = sup_factory({"slow": "--startup-delay 30s"}, model_extra='startup_timeout = "1s"')
+    with pytest.raises(TimeoutError) as err:
+        sup.ensure_server_running("slow")
+    assert isinstance(err.value, llmvisor.StartTimeoutError)
+    assert "did not become ready within" in str(err.value)
+
+
+def test_the_callers_timeout_bounds_the_wait_and_the_start_goes_on(sup_factory, scratch):
+    sup = sup_factory({"slow": "--startup-delay 2s"})
+    began = time.monotonic()
+    with pytest.raises(llmvisor.StartTimeoutError, match="within the 0.3s timeout"):
+        sup.ensure_server_running("slow", timeout=0.3)
+    assert time.monotonic() - began < 2
+    assert sup.status()[0]["state"] == "starting"
+    assert sup.status()[0]["leases"] == 0
+    sup.ensure_server_running("slow")
+    assert len(scratch.pids("slow")) == 1
+
+
+def test_asyncio_acquire_and_lease_async(sup_factory):
+    import asyncio
+
+    sup = sup_factory({"a": "--startup-delay 300ms", "b": "--startup-delay 300ms"})
+
+    async def main():
+        async with sup.lease_async("a") as lease_a:
+            lease_b = await sup.acquire("b")
+            both = await asyncio.gather(*(sup.acquire(m) for m in "abab"))
+            assert {l.url for l in both} == {lease_a.url, lease_b.url}
+            leases = {s["id"]: s["leases"] for s in sup.status()}
+            assert leases == {"a": 3, "b": 3}
+            for l in both:
+                l.release()
+            lease_b.release()
+        return {s["id"]: s["leases"] for s in sup.status()}
+
+    assert asyncio.run(main()) == {"a": 0, "b": 0}
+
+
+def test_the_global_manager_is_one_per_process(scratch):
+    path = scratch.write_config({"m": ""})
+    got = run_threads(8, lambda i: llmvisor.get_global_server_manager(path))
+    try:
+        assert all(s is got[0] for s in got)
+        assert llmvisor.get_global_server_manager() is got[0]
+        with pytest.raises(ValueError):
+            llmvisor.get_global_server_manager(config_text=scratch.config_text({"x": ""}))
+    finally:
+        got[0].close()
+    fresh = llmvisor.get_global_server_manager(path)
+    try:
+        assert fresh is not got[0]
+    finally:
+        fresh.close()
+
+
+def test_context_manager_closes(scratch):
+    with llmvisor.Supervisor(config_text=scratch.config_text({"m": ""})) as sup:
+        sup.ensure_server_running("m")
+        [pid] = scratch.pids("m")
+        assert alive(pid)
+    assert sup.closed
+    assert not alive(pid)

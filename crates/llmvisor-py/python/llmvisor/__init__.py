@@ -142,7 +142,8 @@ class Supervisor:
         return False
 
     def __repr__(self):
-        return repr(self._native)
+        native = getattr(self, "_native", None)
+        return repr(native) if native is not None else "<llmvisor.Supervisor (not created)>"
 
 
 def _release_result(future):

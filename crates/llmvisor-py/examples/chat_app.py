@@ -28,7 +28,7 @@ WORKSPACE = HERE.parent.parent.parent
 # Each chat: the models its user opens, in order, with a pause before each.
 CHATS = {
     "chat 1": [("gemma", 0.0), ("qwen", 0.5)],
-    "chat 2": [("gemma", 0.0), ("gemma", 2.0), ("qwen", 0.1)],
+    "chat 2": [("qwen", 0.0), ("gemma", 0.2), ("gemma", 0.0)],
 }
 
 
@@ -62,18 +62,24 @@ def ask(url: str, model: str, text: str) -> str:
         return json.load(resp)["choices"][0]["message"]["content"].strip()
 
 
+_asked = set()
+_asked_lock = threading.Lock()
+
+
 def chat(name: str, picks, sup: llmvisor.Supervisor, began: float, out_lock: threading.Lock):
     for model, pause in picks:
         time.sleep(pause)
+        with _asked_lock:
+            first = model not in _asked
+            _asked.add(model)
         state = next(s["state"] for s in sup.status() if s["id"] == model)
         t = time.monotonic()
         lines = []
         url = sup.ensure_server_running(model, log_callback=lines.append)
         took = time.monotonic() - t
-        started_here = any(l.startswith("llmvisor: starting") for l in lines)
-        how = ("started it" if started_here else
-               "joined the start under way" if state == "starting" else
-               "reused the running server")
+        how = ("started it" if first else
+               "reused the running server" if state == "ready" else
+               "joined the start under way")
         answer = ask(url, model, f"hello from {name}")
         with out_lock:
             print(f"[{time.monotonic() - began:5.2f}s] [{name}] {model}: {how} at {url} "

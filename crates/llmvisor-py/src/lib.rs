@@ -69,6 +69,8 @@ create_exception!(
 
 /// How long one wait with the GIL released lasts before signals and deadlines are checked.
 const SLICE: Duration = Duration::from_millis(50);
+/// The same off the main thread, where no signal handler can run: only the deadline matters.
+const NO_SIGNALS_SLICE: Duration = Duration::from_secs(3600);
 /// How long closing waits for the runtime's worker threads once every server is stopped.
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(2);
 
@@ -439,14 +441,21 @@ fn wait<T: Send + 'static>(
         Lines(Vec<String>),
         Tick,
     }
+    // Python runs signal handlers on its main thread only: other threads need not wake up to
+    // check (with a thousand waiting threads, their wake-ups would fight over the GIL).
+    let slice_len = if on_main_thread(py)? {
+        SLICE
+    } else {
+        NO_SIGNALS_SLICE
+    };
     let mut task = handle.spawn(fut);
     loop {
         let slice = match deadline {
             Some(d) => match d.checked_duration_since(Instant::now()) {
-                Some(left) => left.min(SLICE),
+                Some(left) => left.min(slice_len),
                 None => return Ok(None),
             },
-            None => SLICE,
+            None => slice_len,
         };
         let step = py.allow_threads(|| {
             handle.block_on(async {
@@ -475,6 +484,13 @@ fn wait<T: Send + 'static>(
         }
         py.check_signals()?;
     }
+}
+
+fn on_main_thread(py: Python<'_>) -> PyResult<bool> {
+    let threading = PyModule::import(py, "threading")?;
+    let main = threading.call_method0("main_thread")?;
+    let current = threading.call_method0("current_thread")?;
+    Ok(main.is(&current))
 }
 
 /// The next log lines: at least one (pending forever without a receiver or once it is closed).

@@ -275,3 +275,17 @@ def test_context_manager_closes(scratch):
         assert alive(pid)
     assert sup.closed
     assert not alive(pid)
+
+
+def test_an_exception_in_log_callback_propagates_and_leaks_no_lease(sup_factory, scratch):
+    sup = sup_factory({"m": "--log-lines 2 --startup-delay 500ms"})
+
+    def broken(line):
+        raise RuntimeError("the UI is gone")
+
+    with pytest.raises(RuntimeError, match="the UI is gone"):
+        sup.ensure_server_running("m", log_callback=broken)
+    assert sup.status()[0]["leases"] == 0
+    # The start went on; the next call gets the same server.
+    sup.ensure_server_running("m")
+    assert len(scratch.pids("m")) == 1

@@ -1,6 +1,7 @@
 """Type stubs of the llmvisor package."""
 
 import os
+import pathlib
 from types import TracebackType
 from typing import Any, AsyncContextManager, Callable, Dict, List, Optional, Type, Union
 
@@ -74,7 +75,7 @@ class Supervisor:
     def logs(self, model: str) -> List[str]: ...
     def models(self) -> List[str]: ...
     @property
-    def state_dir(self) -> str: ...
+    def state_dir(self) -> pathlib.Path: ...
     @property
     def instance_id(self) -> str: ...
     @property

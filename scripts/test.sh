@@ -7,7 +7,7 @@
 # LLMVISOR_SKIP_LLAMA=1 skips that step; the end-to-end tests then skip themselves (never in CI).
 #
 # Then the Python package: a venv outside the source tree (LLMVISOR_PY_VENV, default
-# ~/.cache/llmvisor/py-venv) gets maturin, pytest and openai from PyPI, the wheel is built from
+# ~/.cache/llmvisor/py-venv) gets maturin, pytest, openai and mypy from PyPI, the wheel is built from
 # crates/llmvisor-py (debug profile, sharing the build above; LLMVISOR_PY_PROFILE=release for an
 # optimised one) and installed, and its pytest suite runs. LLMVISOR_SKIP_PYTHON=1 skips it.
 set -euo pipefail
@@ -32,9 +32,9 @@ if [ "${LLMVISOR_SKIP_PYTHON:-0}" != 1 ]; then
   if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
   fi
-  if ! { [ -x "$venv/bin/maturin" ] && "$venv/bin/python" -c "import pytest, openai" 2>/dev/null; }; then
+  if ! { [ -x "$venv/bin/maturin" ] && "$venv/bin/python" -c "import pytest, openai, mypy" 2>/dev/null; }; then
     "$venv/bin/python" -m pip install --quiet --upgrade pip
-    "$venv/bin/python" -m pip install --quiet maturin pytest openai
+    "$venv/bin/python" -m pip install --quiet maturin pytest openai mypy
   fi
   profile=()
   [ "${LLMVISOR_PY_PROFILE:-debug}" = release ] && profile=(--release)

@@ -3,7 +3,19 @@
 import os
 import pathlib
 from types import TracebackType
-from typing import Any, AsyncContextManager, Callable, Dict, List, Optional, Type, Union
+from typing import Any, AsyncContextManager, Callable, Dict, List, Optional, Type, Union, final
+
+__all__ = [
+    "Supervisor",
+    "Lease",
+    "get_global_server_manager",
+    "LlmvisorError",
+    "ConfigError",
+    "UnknownModelError",
+    "StartError",
+    "StartTimeoutError",
+    "ClosedError",
+]
 
 _Path = Union[str, "os.PathLike[str]"]
 
@@ -32,6 +44,7 @@ class StartTimeoutError(TimeoutError):
 class ClosedError(LlmvisorError):
     """The Supervisor was closed."""
 
+@final
 class Lease:
     """While it lives, its model's server is not stopped."""
     @property

@@ -119,6 +119,18 @@ impl Core {
         url
     }
 
+    /// The runtime, unless this is a forked child of the process that made it (a child has
+    /// the parent's memory but none of its threads: waiting on the runtime would hang).
+    fn handle(&self) -> PyResult<&Handle> {
+        if self.forked() {
+            return Err(LlmvisorError::new_err(
+                "this Supervisor belongs to the parent process (the process was forked): \
+                 make a new llmvisor.Supervisor in the child",
+            ));
+        }
+        Ok(&self.handle)
+    }
+
     fn forked(&self) -> bool {
         std::process::id() != self.pid
     }
@@ -207,7 +219,7 @@ impl PySupervisor {
                 let waiting = cell.clone();
                 let outcome = wait(
                     py,
-                    &core.handle,
+                    core.handle()?,
                     async move { waiting.acquire(false).await },
                     deadline,
                     logs,
@@ -241,7 +253,7 @@ impl PySupervisor {
         let id = cell.id.to_string();
         let outcome = wait(
             py,
-            &core.handle,
+            core.handle()?,
             async move { sup.unload(&id, force).await },
             deadline,
             None,
@@ -270,7 +282,7 @@ impl PySupervisor {
                 let waiting = cell.clone();
                 let outcome = wait(
                     py,
-                    &core.handle,
+                    core.handle()?,
                     async move { waiting.acquire(false).await },
                     deadline,
                     None,

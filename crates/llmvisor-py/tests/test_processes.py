@@ -159,3 +159,35 @@ def test_ctrl_c_during_a_load_raises_keyboard_interrupt_and_leaks_no_lease(scrat
     finally:
         kill(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+FORK_SCRIPT = """
+    import os, llmvisor
+    sup = llmvisor.Supervisor({config!r})
+    pid = os.fork()
+    if pid == 0:
+        try:
+            sup.ensure_server_running("m", timeout=5)
+            print("CHILD started", flush=True)
+        except llmvisor.LlmvisorError as e:
+            print("CHILD refused:", e, flush=True)
+        sup.close()  # nothing: the servers are the parent's
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print("PARENT", sup.ensure_server_running("m"), flush=True)
+"""
+
+
+def test_a_forked_child_is_told_to_make_its_own_supervisor(scratch):
+    config = scratch.write_config({"m": ""})
+    proc = run_python(FORK_SCRIPT.format(config=str(config)))
+    try:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "CHILD refused: this Supervisor belongs to the parent process" in out, (out, err)
+        assert "PARENT http://127.0.0.1:" in out
+        assert len(scratch.pids("m")) == 1
+        wait_gone(scratch.pids("m"), 5.0)
+    finally:
+        kill(proc.pid, signal.SIGKILL)
+        proc.wait()

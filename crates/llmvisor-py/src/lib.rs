@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use llmvisor::config::{self, Config, ConfigErrors};
-use llmvisor::{AcquireError, Lease, Supervisor};
+use llmvisor::{AcquireError, Lease, Phase, Supervisor};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyKeyError, PyRuntimeError, PyTimeoutError, PyTypeError};
 use pyo3::prelude::*;
@@ -214,7 +214,17 @@ impl PySupervisor {
         let lease = match cell.try_acquire_ready() {
             Some(lease) => lease,
             None => {
-                let logs = log_callback.as_ref().map(|_| cell.logs.follow().1);
+                let logs = match &log_callback {
+                    Some(callback) => {
+                        let (recent, rx) = cell.logs.follow();
+                        // Joining a start under way: its lines so far come first.
+                        if cell.phase() == Phase::Starting {
+                            deliver(py, Some(callback), current_start(recent, &cell.id))?;
+                        }
+                        Some(rx)
+                    }
+                    None => None,
+                };
                 let deadline = deadline_after(timeout)?;
                 let waiting = cell.clone();
                 let outcome = wait(
@@ -540,6 +550,16 @@ fn drain(logs: &mut Option<broadcast::Receiver<String>>) -> Vec<String> {
             }
             Err(_) => return out,
         }
+    }
+}
+
+/// The lines of the start under way: from the supervisor's last "llmvisor: starting ID (…"
+/// line on (none if it is not among `recent`).
+fn current_start(recent: Vec<String>, id: &str) -> Vec<String> {
+    let marker = format!("llmvisor: starting {id} (");
+    match recent.iter().rposition(|l| l.starts_with(&marker)) {
+        Some(at) => recent.into_iter().skip(at).collect(),
+        None => Vec::new(),
     }
 }
 

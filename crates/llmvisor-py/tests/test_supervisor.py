@@ -289,3 +289,20 @@ def test_an_exception_in_log_callback_propagates_and_leaks_no_lease(sup_factory,
     # The start went on; the next call gets the same server.
     sup.ensure_server_running("m")
     assert len(scratch.pids("m")) == 1
+
+
+def test_a_caller_joining_a_start_gets_its_lines_so_far_then_the_rest(sup_factory):
+    sup = sup_factory({"m": "--log-lines 3 --startup-delay 1s"})
+    first = threading.Thread(target=sup.ensure_server_running, args=("m",))
+    first.start()
+    try:
+        while "fake-llm log line 3" not in sup.logs("m"):
+            time.sleep(0.005)
+        assert sup.status()[0]["state"] == "starting"
+        lines = []
+        sup.ensure_server_running("m", log_callback=lines.append)
+        assert lines[0].startswith("llmvisor: starting m (attempt 1)"), lines
+        assert [l for l in lines if "log line" in l] == [f"fake-llm log line {i}" for i in (1, 2, 3)]
+        assert any("ready" in l for l in lines[-2:]), lines
+    finally:
+        first.join()

@@ -72,7 +72,8 @@ class Supervisor:
 
         The server is kept up until ``shutdown_server(model)`` or ``close()``. While it loads,
         ``log_callback(line)`` gets each line of its output (on this thread, never after the
-        call returns). ``timeout`` (seconds) bounds the wait; the start goes on regardless.
+        call returns; joining a start under way, its lines so far first). ``timeout``
+        (seconds) bounds the wait; the start goes on regardless.
         """
         return self._native.ensure_server_running(model, log_callback, timeout)
 

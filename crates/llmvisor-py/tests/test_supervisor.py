@@ -10,7 +10,7 @@ import pytest
 
 import llmvisor
 from conftest import WORKSPACE
-from helpers import alive
+from helpers import alive, wait_gone
 
 
 def run_threads(n, target):
@@ -306,3 +306,15 @@ def test_a_caller_joining_a_start_gets_its_lines_so_far_then_the_rest(sup_factor
         assert any("ready" in l for l in lines[-2:]), lines
     finally:
         first.join()
+
+
+def test_a_supervisor_garbage_collected_unclosed_kills_its_servers(scratch):
+    import gc
+
+    sup = llmvisor.Supervisor(config_text=scratch.config_text({"m": ""}))
+    sup.ensure_server_running("m")
+    [pid] = scratch.pids("m")
+    assert alive(pid)
+    del sup
+    gc.collect()
+    wait_gone([pid], 2.0)

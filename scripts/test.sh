@@ -5,6 +5,11 @@
 # The real llama-server and model are built/fetched once into ~/.cache/llmvisor by
 # scripts/setup-llama.sh (about 6-10 minutes the first time on 2 cores, seconds afterwards).
 # LLMVISOR_SKIP_LLAMA=1 skips that step; the end-to-end tests then skip themselves (never in CI).
+#
+# Then the Python package: a venv outside the source tree (LLMVISOR_PY_VENV, default
+# ~/.cache/llmvisor/py-venv) gets maturin, pytest, openai and mypy from PyPI, the wheel is built from
+# crates/llmvisor-py (debug profile, sharing the build above; LLMVISOR_PY_PROFILE=release for an
+# optimised one) and installed, and its pytest suite runs. LLMVISOR_SKIP_PYTHON=1 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,10 +21,44 @@ if [ "${LLMVISOR_SKIP_LLAMA:-0}" != 1 ]; then
 fi
 
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+pylog=$(mktemp)
+wheels=$(mktemp -d)
+trap 'rm -rf "$log" "$pylog" "$wheels"' EXIT
 status=0
 cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
-# One closing line for the whole run, summed over every test binary.
+
+if [ "${LLMVISOR_SKIP_PYTHON:-0}" != 1 ]; then
+  venv=${LLMVISOR_PY_VENV:-$HOME/.cache/llmvisor/py-venv}
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+  fi
+  if ! { [ -x "$venv/bin/maturin" ] && "$venv/bin/python" -c "import pytest, openai, mypy" 2>/dev/null; }; then
+    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    "$venv/bin/python" -m pip install --quiet maturin pytest openai mypy
+  fi
+  profile=()
+  [ "${LLMVISOR_PY_PROFILE:-debug}" = release ] && profile=(--release)
+  py_status=0
+  {
+    "$venv/bin/maturin" build "${profile[@]}" --manifest-path crates/llmvisor-py/Cargo.toml \
+        --interpreter "$venv/bin/python" --out "$wheels" &&
+      "$venv/bin/python" -m pip install --quiet --force-reinstall --no-deps "$wheels"/llmvisor-*.whl &&
+      FAKE_LLM_BIN="$PWD/target/debug/fake-llm" "$venv/bin/python" -m pytest -p no:cacheprovider \
+        crates/llmvisor-py/tests -q -rs
+  } 2>&1 | tee "$pylog" || py_status=$?
+  if [ "$py_status" != 0 ]; then
+    status=$py_status
+  fi
+fi
+
+# One closing line for the whole run, summed over every test binary and pytest's run.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+     END { printf "%d %d\n", p, f }' "$log" >"$log.sum"
+read -r passed failed <"$log.sum"
+rm -f "$log.sum"
+# pytest -q ends with e.g. "12 passed, 1 failed, 2 skipped in 9.87s" (errors count as failed).
+read -r py_passed py_failed < <(awk '/ in [0-9.]+s/ && /(passed|failed|error)/ { p = 0; f = 0
+       for (i = 2; i <= NF; i++) { if ($(i) ~ /^passed,?$/) p = $(i-1); if ($(i) ~ /^(failed|errors?),?$/) f += $(i-1) } }
+     END { printf "%d %d\n", p, f }' "$pylog")
+echo "tests: $((passed + py_passed)) passed, $((failed + py_failed)) failed"
 exit "$status"

@@ -183,7 +183,9 @@ async fn say(lease: &Lease, text: &str) -> Result<String, Box<dyn std::error::Er
     });
     let request = http::Request::post(lease.endpoint().uri("/v1/chat/completions")?)
         .header("content-type", "application/json")
-        .body(axum::body::Body::from(body.to_string()))?;
+        .body(llmvisor::upstream::body(http_body_util::Full::new(
+            bytes::Bytes::from(body.to_string()),
+        )))?;
     let response = llmvisor::upstream::client().request(request).await?;
     let bytes = response.into_body().collect().await?.to_bytes();
     let answer: serde_json::Value = serde_json::from_slice(&bytes)?;

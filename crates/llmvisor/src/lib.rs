@@ -5,8 +5,10 @@
 //! Data flows config → supervisor (spawn / ports / readiness / child) → router → cli.
 
 pub mod child;
+#[cfg(feature = "daemon")]
 pub mod cli;
 pub mod config;
+#[cfg(feature = "daemon")]
 pub mod daemon;
 pub mod escalate;
 pub mod ids;

@@ -75,7 +75,7 @@ pub async fn probe(
     let Ok(uri) = endpoint.uri(health_path) else {
         return false;
     };
-    let req = match http::Request::get(uri).body(axum::body::Body::empty()) {
+    let req = match http::Request::get(uri).body(crate::upstream::empty_body()) {
         Ok(r) => r,
         Err(_) => return false,
     };

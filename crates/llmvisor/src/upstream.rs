@@ -14,7 +14,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::Uri;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -70,7 +73,28 @@ impl Endpoint {
 const UNIX_SCHEME: &str = "unix";
 
 /// The client type used for every upstream request (health probes and proxied requests).
-pub type UpstreamClient = Client<Connector, axum::body::Body>;
+pub type UpstreamClient = Client<Connector, UpstreamBody>;
+
+/// Any error a request body may fail with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of an upstream request: any body, boxed, so that this module does not depend on the
+/// daemon's HTTP server (the library builds without it).
+pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Boxes `body` as an [`UpstreamBody`].
+pub fn body<B>(body: B) -> UpstreamBody
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// An empty [`UpstreamBody`] (health probes).
+pub fn empty_body() -> UpstreamBody {
+    body(http_body_util::Empty::<Bytes>::new())
+}
 
 /// Idle keep-alive connections per server, and how long one may stay idle. Both small on
 /// purpose: llama-server serves HTTP from a fixed set of threads (5 on a 2-core machine), and a

@@ -95,7 +95,9 @@ stop_timeout = "1s"
 async fn post(client: &llmvisor::upstream::UpstreamClient, url: &str, body: &str) {
     let req = http::Request::post(url)
         .header("content-type", "application/json")
-        .body(axum::body::Body::from(body.to_owned()))
+        .body(llmvisor::upstream::body(axum::body::Body::from(
+            body.to_owned(),
+        )))
         .unwrap();
     if let Ok(resp) = client.request(req).await {
         let mut b = resp.into_body();

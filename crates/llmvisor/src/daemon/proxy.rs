@@ -213,7 +213,7 @@ async fn forward(
         Ok(u) => u,
         Err(e) => return ApiError::bad_request("invalid_path", e.to_string()).into_response(),
     };
-    let mut req = http::Request::new(body);
+    let mut req = http::Request::new(crate::upstream::body(body));
     *req.method_mut() = parts.method;
     *req.uri_mut() = uri;
     let strip_auth = !st.config().api_keys.is_empty();

@@ -141,7 +141,11 @@ pub async fn send(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req.body(axum::body::Body::from(body.into())).unwrap();
+    let req = req
+        .body(llmvisor::upstream::body(http_body_util::Full::new(
+            body.into(),
+        )))
+        .unwrap();
     let resp = client().request(req).await.unwrap();
     let (head, body) = resp.into_parts();
     (head.status.as_u16(), head.headers, body)

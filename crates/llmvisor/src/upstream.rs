@@ -96,14 +96,16 @@ pub fn empty_body() -> UpstreamBody {
     body(http_body_util::Empty::<Bytes>::new())
 }
 
-/// Idle keep-alive connections per server, and how long one may stay idle. Both small on
-/// purpose: llama-server serves HTTP from a fixed set of threads (5 on a 2-core machine), and a
-/// thread stays blocked on a kept-alive connection while it is idle (up to 5 s). Holding many
-/// idle connections after a burst starves its accept queue — 20 concurrent requests were
-/// answered in 5-second waves (16-24 s) with 32 or 64 idle connections, in 2.2 s with 2. The
-/// price is new connections under sustained concurrency (see docs/benchmarks-http.md).
-const IDLE_PER_SERVER: usize = 2;
-const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Idle keep-alive connections per server, and how long one may stay idle. The pool does not
+/// bound how many connections a server gets: the proxy does, with each model's connection slots
+/// (`max_connections`, for llama-server its own slot count), so at most that many connections
+/// are ever opened to a server and all of them are reused. Idle ones are closed after 4 s,
+/// before llama-server's own 5 s keep-alive timeout, so a pooled connection is never one the
+/// server is about to drop. (With a tiny pool and no limit, sustained concurrency churned
+/// connections; with a big pool and no limit, idle keep-alives held llama-server's HTTP
+/// threads and bursts were answered in 5-second waves — docs/benchmarks-http.md.)
+const IDLE_PER_SERVER: usize = 64;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// A keep-alive client for TCP and unix-socket upstreams.
 pub fn client() -> UpstreamClient {

@@ -30,6 +30,11 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_PORT_RANGE: (u16, u16) = (10500, 10999);
 /// `queue_timeout` when the config does not set it.
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// Connections to a server that is not llama-server, when `max_connections` is not set.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 8;
+/// llama-server's slots when `--parallel` is auto (tools/server/server.cpp).
+const LLAMA_SERVER_AUTO_PARALLEL: i64 = 4;
+
 /// `max_wait_for_swap` when the config does not set it: how long a start waits for a busy
 /// model to finish its work before that model is drained to make room.
 pub const DEFAULT_MAX_WAIT_FOR_SWAP: Duration = Duration::from_secs(30);
@@ -167,6 +172,9 @@ pub struct ModelConfig {
     pub stop_timeout: Duration,
     /// How long a stop waits for in-flight requests (draining) before it cuts them.
     pub drain_timeout: Duration,
+    /// Connections to the server at once (more requests queue in llmvisor); `None` = derived
+    /// from its command (see `ModelConfig::connection_limit`).
+    pub max_connections: Option<usize>,
     pub health_path: String,
     /// Bytes, as declared.
     pub memory: Option<u64>,
@@ -223,11 +231,51 @@ impl ModelConfig {
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
             stop_timeout: DEFAULT_STOP_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            max_connections: None,
             health_path: DEFAULT_HEALTH_PATH.to_string(),
             memory: None,
             pinned: false,
             health: HealthCheck::default(),
         }
+    }
+
+    /// Connections llmvisor keeps to this server at once (more requests wait in llmvisor):
+    /// `max_connections` if set; for llama-server, its slots (`-np`/`--parallel`, or
+    /// `LLAMA_ARG_N_PARALLEL`; "auto" is 4) but fewer than its HTTP threads (`--threads-http`),
+    /// since a connection beyond its slots only queues inside the server, holding a thread;
+    /// for any other server [`DEFAULT_MAX_CONNECTIONS`].
+    pub fn connection_limit(&self) -> usize {
+        if let Some(n) = self.max_connections {
+            return n;
+        }
+        let is_llama_server = self.cmd.iter().any(|arg| {
+            std::path::Path::new(arg)
+                .file_name()
+                .is_some_and(|f| f == "llama-server")
+        });
+        if !is_llama_server {
+            return DEFAULT_MAX_CONNECTIONS;
+        }
+        let flag = |names: &[&str], env: &str| -> Option<i64> {
+            let from_argv = self.cmd.iter().enumerate().find_map(|(i, arg)| {
+                names.iter().find_map(|name| {
+                    if arg == name {
+                        self.cmd.get(i + 1)?.parse().ok()
+                    } else {
+                        arg.strip_prefix(name)?.strip_prefix('=')?.parse().ok()
+                    }
+                })
+            });
+            from_argv.or_else(|| self.env.get(env)?.parse().ok())
+        };
+        let slots = flag(&["-np", "--parallel"], "LLAMA_ARG_N_PARALLEL")
+            .filter(|n| *n > 0)
+            .unwrap_or(LLAMA_SERVER_AUTO_PARALLEL);
+        let limit = match flag(&["--threads-http"], "LLAMA_ARG_THREADS_HTTP").filter(|t| *t > 1) {
+            Some(threads) => slots.min(threads - 1),
+            None => slots,
+        };
+        usize::try_from(limit.clamp(1, 4096)).unwrap_or(1)
     }
 
     /// True when `name` is this model's id or one of its aliases.

@@ -57,6 +57,7 @@ pub const MODEL_KEYS: &[&str] = &[
     "health_interval",
     "health_failures",
     "on_unhealthy",
+    "max_connections",
 ];
 
 /// Per-model keys that differ for every model: not allowed in `[defaults]`.
@@ -210,6 +211,7 @@ struct Settings {
     pinned: Option<bool>,
     health_interval: Option<Option<Duration>>,
     health_failures: Option<u32>,
+    max_connections: Option<usize>,
     on_unhealthy: Option<OnUnhealthy>,
     /// Some template of this table was malformed (its ${PORT}/${SOCKET} uses are unknown).
     template_error: bool,
@@ -246,6 +248,9 @@ impl Settings {
         }
         if let Some(action) = self.on_unhealthy {
             m.health.on_unhealthy = action;
+        }
+        if let Some(n) = self.max_connections {
+            m.max_connections = Some(n);
         }
     }
 }
@@ -970,6 +975,17 @@ impl Parser<'_> {
                         "e.g. health_failures = 3",
                     ),
                     _ => self.type_err("`health_failures`", v, "an integer"),
+                },
+                "max_connections" => match &v.kind {
+                    Kind::Int(i) if (1..=4096).contains(i) => {
+                        s.max_connections = Some(*i as usize)
+                    }
+                    Kind::Int(i) => self.err_help(
+                        v.at(),
+                        format!("`max_connections` must be between 1 and 4096, found {i}"),
+                        "e.g. max_connections = 4 (llama-server: its --parallel slots)",
+                    ),
+                    _ => self.type_err("`max_connections`", v, "an integer"),
                 },
                 "on_unhealthy" => match self.string("on_unhealthy", v) {
                     Some("restart") => s.on_unhealthy = Some(OnUnhealthy::Restart),

@@ -1084,6 +1084,7 @@ fn every_listed_key_is_read_and_the_lists_agree() {
             "health_interval",
             "health_failures",
             "on_unhealthy",
+            "max_connections",
         ]
     );
     for key in TOP_LEVEL_KEYS {
@@ -1113,4 +1114,43 @@ fn swap_drain_and_group_rule_keys() {
     );
     let d = one("[groups.g]\nmembers = []\npersistent = \"yes\"\n", 3, 14);
     assert!(d.message.contains("persistent"), "{d}");
+}
+
+#[test]
+fn connection_limits_follow_the_servers_own_slots() {
+    let limit = |cmd: &str, env: &[(&str, &str)], set: Option<usize>| {
+        let mut m =
+            crate::config::ModelConfig::new("m", cmd.split(' ').map(String::from).collect());
+        m.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        m.max_connections = set;
+        m.connection_limit()
+    };
+    assert_eq!(
+        limit("/opt/bin/llama-server -m x.gguf", &[], None),
+        4,
+        "auto slots"
+    );
+    assert_eq!(limit("llama-server -np 2 --port ${PORT}", &[], None), 2);
+    assert_eq!(limit("llama-server --parallel=6", &[], None), 6);
+    assert_eq!(limit("llama-server -np 8 --threads-http 4", &[], None), 3);
+    assert_eq!(
+        limit("llama-server", &[("LLAMA_ARG_N_PARALLEL", "3")], None),
+        3
+    );
+    assert_eq!(
+        limit("vllm serve x", &[], None),
+        crate::config::DEFAULT_MAX_CONNECTIONS
+    );
+    assert_eq!(
+        limit("llama-server -np 2", &[], Some(9)),
+        9,
+        "the config wins"
+    );
+    let c = ok(&format!("[defaults]\nmax_connections = 3\n{M}"));
+    assert_eq!(c.models[0].connection_limit(), 3);
+    let d = one(&format!("{M}max_connections = 0\n"), 3, 19);
+    assert!(d.message.contains("between 1 and 4096"), "{d}");
 }

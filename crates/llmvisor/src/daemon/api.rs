@@ -299,6 +299,24 @@ pub async fn metrics(State(st): St) -> Response {
     );
     per_model(
         &mut out,
+        "llmvisor_model_connections_in_use",
+        "gauge",
+        "Proxied requests holding one of the server's connection slots (max_connections).",
+        cells
+            .iter()
+            .map(|c| (&*c.id, c.connections_in_use().0 as u64)),
+    );
+    per_model(
+        &mut out,
+        "llmvisor_model_max_connections",
+        "gauge",
+        "The server's connection slots (max_connections).",
+        cells
+            .iter()
+            .map(|c| (&*c.id, c.connections_in_use().1 as u64)),
+    );
+    per_model(
+        &mut out,
         "llmvisor_model_queued",
         "gauge",
         "Requests waiting for room to start the model.",

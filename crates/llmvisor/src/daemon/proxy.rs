@@ -208,6 +208,28 @@ async fn forward(
         Ok(l) => l,
         Err(e) => return acquire_error(&st, model, &parts.headers, e).into_response(),
     };
+    // One of the server's connection slots (max_connections): beyond them requests wait here,
+    // in order, rather than inside the server holding one of its HTTP threads.
+    let queue_timeout = st.config().queue_timeout;
+    let slot = match tokio::time::timeout(queue_timeout, lease.connection_slot()).await {
+        Ok(slot) => slot,
+        Err(_) => {
+            let (_, limit) = st
+                .sup
+                .model(lease.model())
+                .map(|c| c.connections_in_use())
+                .unwrap_or_default();
+            let busy = crate::AcquireError::NoRoom {
+                model: lease.model().to_owned(),
+                reason: format!(
+                    "all {limit} connections to its server (max_connections) stayed busy for {} (queue_timeout)",
+                    crate::units::format_duration(queue_timeout)
+                ),
+                retry_after: Some(Duration::from_secs(1)),
+            };
+            return acquire_error(&st, model, &parts.headers, busy).into_response();
+        }
+    };
     let acquire_took = acquire_began.elapsed();
     let uri = match lease.endpoint().uri(path_and_query) {
         Ok(u) => u,
@@ -248,7 +270,7 @@ async fn forward(
     strip_hop_by_hop(&mut head.headers);
     let body = LeasedBody {
         inner: upstream_body,
-        lease: Some(lease),
+        lease: Some(Held { lease, _slot: slot }),
         sse: is_sse,
         state: BodyState::Streaming,
         _in_flight: in_flight,
@@ -345,10 +367,17 @@ enum BodyState {
     Done,
 }
 
+/// What a proxied request holds until its response ends: the lease (the server stays up) and
+/// a connection slot (the server's connection stays ours).
+struct Held {
+    lease: Lease,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// The upstream's response body, holding the request's lease until it ends or is dropped.
 struct LeasedBody {
     inner: Incoming,
-    lease: Option<Lease>,
+    lease: Option<Held>,
     sse: bool,
     state: BodyState,
     _in_flight: InFlight,
@@ -384,7 +413,7 @@ impl HttpBody for LeasedBody {
                 let model = this
                     .lease
                     .as_ref()
-                    .map(|l| l.model().to_owned())
+                    .map(|h| h.lease.model().to_owned())
                     .unwrap_or_default();
                 tracing::warn!(model, "upstream failed mid-response: {e}");
                 if this.sse {

@@ -493,6 +493,7 @@ impl Actor {
             let measured = if restart { None } else { st.memory.measured };
             st.memory = Memory::for_config(&cfg).with_measured(measured);
         }
+        self.cell.connections.resize(cfg.connection_limit());
         self.cfg = cfg;
         // Pinned or memory may have changed what fits.
         self.ctx.admission.send(AdmissionMsg::Changed);

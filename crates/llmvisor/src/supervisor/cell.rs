@@ -29,6 +29,49 @@ pub struct ModelCell {
     commands: mpsc::UnboundedSender<Command>,
     /// Bumped on every phase change, so waiters (CLI progress, tests) can await transitions.
     pub(super) changed: watch::Sender<u64>,
+    /// Connections to its server at once: one permit per proxied request in flight.
+    pub(super) connections: Connections,
+}
+
+/// The per-server connection limit: a semaphore whose size follows the config.
+pub(super) struct Connections {
+    slots: Arc<tokio::sync::Semaphore>,
+    limit: Mutex<usize>,
+}
+
+impl Connections {
+    fn new(limit: usize) -> Self {
+        Self {
+            slots: Arc::new(tokio::sync::Semaphore::new(limit)),
+            limit: Mutex::new(limit),
+        }
+    }
+
+    /// Grows or shrinks the limit (a reload); permits in use are not taken back, a shrink
+    /// takes effect as they are returned.
+    pub(super) fn resize(&self, to: usize) {
+        let mut limit = self.limit.lock().unwrap_or_else(PoisonError::into_inner);
+        if to > *limit {
+            self.slots.add_permits(to - *limit);
+        } else if to < *limit {
+            let mut owed = *limit - to;
+            owed -= self.slots.forget_permits(owed);
+            // Permits in use: take them back as they come home.
+            if owed > 0 {
+                let slots = self.slots.clone();
+                tokio::spawn(async move {
+                    if let Ok(p) = slots.acquire_many_owned(owed as u32).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+        *limit = to;
+    }
+
+    fn limit(&self) -> usize {
+        *self.limit.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Counters for `/metrics`.
@@ -142,6 +185,7 @@ impl ModelCell {
             }),
             commands,
             changed: watch::channel(0).0,
+            connections: Connections::new(cfg.connection_limit()),
         }
     }
 
@@ -235,6 +279,24 @@ impl ModelCell {
             },
             pinned: st.pinned,
         }
+    }
+
+    /// Waits for one of the server's connection slots (`max_connections`); the permit is held
+    /// for the request and returned when dropped.
+    pub async fn connection_slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.connections
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the connection semaphore is never closed")
+    }
+
+    /// (in use, limit) of the server's connection slots.
+    pub fn connections_in_use(&self) -> (usize, usize) {
+        let limit = self.connections.limit();
+        let free = self.connections.slots.available_permits();
+        (limit.saturating_sub(free), limit)
     }
 
     pub fn memory(&self) -> Memory {

@@ -57,6 +57,13 @@ impl Lease {
         let _ = rx.wait_for(|down| *down).await;
     }
 
+    /// Waits for one of the server's connection slots (`max_connections`): hold it while a
+    /// request to the server is in flight, so the server never has more connections than it
+    /// has slots and the rest wait here, not inside it.
+    pub async fn connection_slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.cell.connection_slot().await
+    }
+
     /// Ends the lease now (same as dropping it).
     pub fn release(self) {}
 }

@@ -154,3 +154,51 @@ async fn the_owner_does_not_idle_out_a_server_another_instance_uses() {
     assert_eq!(owner.terminate(WITHIN).code(), Some(0));
     s.assert_all_gone(WITHIN).await;
 }
+
+/// An owner killed a moment ago still holds its lock for a few milliseconds after its server
+/// died: its record must not be taken as a server to attach to (seen from the Python package's
+/// kill -9 test: the next process was handed a dead URL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_owners_dead_server_is_not_attached_to() {
+    use llmvisor::owner::OwnerLock;
+    use llmvisor::store::{ChildRecord, InstanceRecord, Store};
+
+    let s = Scratch::new();
+    let owner = format!("lv-test-owner-{}", llmvisor::ids::random_hex(6));
+    std::fs::create_dir_all(s.state_dir()).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(s.state_dir(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let _lock = OwnerLock::acquire(&s.state_dir(), &owner).unwrap();
+    let store = Store::open(&s.state_dir()).await.unwrap();
+    store
+        .register_instance(&InstanceRecord::current(&owner))
+        .await
+        .unwrap();
+    // Its server: recorded ready, then dead (killed and reaped).
+    let mut server = std::process::Command::new("sleep")
+        .arg("1000")
+        .spawn()
+        .unwrap();
+    let rec =
+        ChildRecord::of_process(&owner, "m", server.id(), Some(s.ports.0), None, "ready").unwrap();
+    store.record_child(&rec).await.unwrap();
+    store.claim_model("m", &owner).await.unwrap();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    drop(store);
+
+    let mut m = s.model("m", &[]);
+    m.startup_timeout = Duration::from_secs(1);
+    let cfg = s.config(vec![m]);
+    let sup = llmvisor::Supervisor::new(&cfg).await.unwrap();
+    let got = sup.acquire("m").await;
+    assert!(
+        got.is_err(),
+        "attached to a dead server: {:?}",
+        got.map(|l| l.url())
+    );
+    sup.shutdown().await;
+    s.assert_all_gone(WITHIN).await;
+}

@@ -95,6 +95,8 @@ impl Server {
 pub struct RemoteServer {
     pub owner: String,
     pub pid: u32,
+    /// With the pid, names the server process for all time within a boot.
+    start_time: u64,
     state_dir: std::path::PathBuf,
     gone: watch::Receiver<bool>,
     /// Dropping it (detach) ends the watcher, which then removes the remote lease.
@@ -102,14 +104,29 @@ pub struct RemoteServer {
 }
 
 impl RemoteServer {
-    /// False once its owner is known dead — checked now (one flock probe), not at the next watch
-    /// tick, so a request never goes to a server whose owner just died.
+    /// False once its owner is known dead or its server process is gone — checked now (one
+    /// flock probe, one /proc read), not at the next watch tick, so a request never goes to a
+    /// server that just died. (A SIGKILLed owner's lock outlives its server by a few
+    /// milliseconds: the process itself is the better witness.)
     pub fn usable(&self) -> bool {
-        !*self.gone.borrow() && owner::probe(&self.state_dir, &self.owner) == Liveness::Alive
+        !*self.gone.borrow()
+            && Self::process_alive(self.pid, self.start_time)
+            && owner::probe(&self.state_dir, &self.owner) == Liveness::Alive
+    }
+
+    /// True if `pid` runs, not a zombie, and is the process that started at `start_time`.
+    pub fn process_alive(pid: u32, start_time: u64) -> bool {
+        crate::procfs::stat(pid).is_some_and(|s| !s.is_zombie() && s.start_time == start_time)
     }
 
     /// Attaches to `owner`'s server `pid` for `model`: takes a remote lease and watches it.
-    pub async fn attach(ctx: &Arc<Context>, model: &str, owner: &str, pid: u32) -> Arc<Self> {
+    pub async fn attach(
+        ctx: &Arc<Context>,
+        model: &str,
+        owner: &str,
+        pid: u32,
+        start_time: u64,
+    ) -> Arc<Self> {
         let lease_id = format!("{}:{model}", ctx.instance_id);
         let lease = RemoteLease {
             id: lease_id.clone(),
@@ -159,6 +176,7 @@ impl RemoteServer {
         Arc::new(Self {
             owner: owner.to_owned(),
             pid,
+            start_time,
             state_dir: ctx.state_dir.clone(),
             gone,
             _detach: detach,

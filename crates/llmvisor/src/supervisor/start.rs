@@ -191,9 +191,14 @@ async fn attach_remote(
             }
         }
         let children = ctx.store.children().await.unwrap_or_default();
-        let ready = children
-            .iter()
-            .find(|c| c.instance_id == owner && c.model == cfg.id && c.state == "ready");
+        // Its record says ready, and its process is there: an owner killed a moment ago still
+        // holds its lock for a few milliseconds after its server died.
+        let ready = children.iter().find(|c| {
+            c.instance_id == owner
+                && c.model == cfg.id
+                && c.state == "ready"
+                && RemoteServer::process_alive(c.pid, c.start_time)
+        });
         if let Some(rec) = ready {
             let endpoint = match (&rec.socket, rec.port) {
                 (Some(path), _) => Some(Endpoint::Unix(path.as_path().into())),
@@ -201,7 +206,8 @@ async fn attach_remote(
                 (None, None) => None,
             };
             if let Some(endpoint) = endpoint {
-                let remote = RemoteServer::attach(ctx, &cfg.id, owner, rec.pid).await;
+                let remote =
+                    RemoteServer::attach(ctx, &cfg.id, owner, rec.pid, rec.start_time).await;
                 tracing::info!(model = %cfg.id, owner, pid = rec.pid, url = %endpoint.base_url(), "using the server of another llmvisor instance");
                 let (down_tx, down_rx) = watch::channel(false);
                 return Ok(Some(Running {

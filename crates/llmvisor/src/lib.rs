@@ -25,6 +25,7 @@ pub mod statedir;
 pub mod store;
 pub mod supervisor;
 pub mod sweep;
+pub mod sync;
 pub mod units;
 pub mod upstream;
 

@@ -11,6 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::sync::LockExt;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::broadcast;
 
@@ -52,11 +53,11 @@ impl LogSink {
     }
 
     pub fn push(&self, line: String) {
-        if let Some(f) = self.file.lock().unwrap().as_mut() {
+        if let Some(f) = self.file.locked().as_mut() {
             f.append(&line);
         }
         let _ = self.follow.send(line.clone());
-        let mut ring = self.ring.lock().unwrap();
+        let mut ring = self.ring.locked();
         if ring.len() == RING_LINES {
             ring.pop_front();
         }
@@ -65,7 +66,7 @@ impl LogSink {
 
     /// The last `n` lines, oldest first.
     pub fn tail(&self, n: usize) -> Vec<String> {
-        let ring = self.ring.lock().unwrap();
+        let ring = self.ring.locked();
         ring.iter()
             .skip(ring.len().saturating_sub(n))
             .cloned()
@@ -74,7 +75,7 @@ impl LogSink {
 
     /// The lines in memory, and a receiver for every line after them (no gap, no overlap).
     pub fn follow(&self) -> (Vec<String>, broadcast::Receiver<String>) {
-        let ring = self.ring.lock().unwrap();
+        let ring = self.ring.locked();
         // Subscribing under the ring lock: `push` sends before it takes this lock, so a line is
         // either in the snapshot or will arrive on the receiver — possibly both for the one line
         // racing right now, which is harmless for a log view.

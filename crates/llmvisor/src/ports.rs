@@ -6,6 +6,7 @@
 //! and a child that dies during startup because someone took the port in between is retried on
 //! another port by the supervisor.
 
+use crate::sync::LockExt;
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
@@ -62,7 +63,7 @@ impl PortClaim {
 
 impl Drop for PortClaim {
     fn drop(&mut self) {
-        self.inner.state.lock().unwrap().claimed.remove(&self.port);
+        self.inner.state.locked().claimed.remove(&self.port);
     }
 }
 
@@ -83,13 +84,13 @@ impl PortAllocator {
 
     /// Keeps `ports` (the models' fixed ports) out of the range.
     pub fn set_reserved(&self, ports: impl IntoIterator<Item = u16>) {
-        *self.inner.reserved.lock().unwrap() = ports.into_iter().collect();
+        *self.inner.reserved.locked() = ports.into_iter().collect();
     }
 
     /// Claims a free port from the range, skipping `avoid` (e.g. a port that just failed).
     pub fn claim(&self, avoid: &[u16]) -> Result<PortClaim, PortError> {
-        let reserved = self.inner.reserved.lock().unwrap().clone();
-        let mut state = self.inner.state.lock().unwrap();
+        let reserved = self.inner.reserved.locked().clone();
+        let mut state = self.inner.state.locked();
         let (lo, hi) = (self.inner.lo, self.inner.hi);
         let span = u32::from(hi - lo) + 1;
         let start = state.next.clamp(lo, hi);
@@ -114,7 +115,7 @@ impl PortAllocator {
 
     /// Claims a model's fixed port; a conflict is an error, not a fallback.
     pub fn claim_fixed(&self, port: u16) -> Result<PortClaim, PortError> {
-        let mut state = self.inner.state.lock().unwrap();
+        let mut state = self.inner.state.locked();
         if state.claimed.contains(&port) {
             return Err(PortError::FixedClaimed(port));
         }

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::supervisor::Lease;
+use crate::sync::LockExt;
 
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -48,7 +49,7 @@ pub struct LeaseInfo {
 impl HttpLeases {
     /// Leases held by `caller`.
     pub fn held_by(&self, caller: &str) -> usize {
-        let table = self.table.lock().unwrap();
+        let table = self.table.locked();
         table.values().filter(|e| e.caller == caller).count()
     }
 
@@ -61,7 +62,7 @@ impl HttpLeases {
         caller: &str,
         cap: usize,
     ) -> Option<LeaseInfo> {
-        let mut table = self.table.lock().unwrap();
+        let mut table = self.table.locked();
         if table.values().filter(|e| e.caller == caller).count() >= cap {
             return None;
         }
@@ -94,7 +95,7 @@ impl HttpLeases {
                 tokio::select! {
                     _ = tokio::time::sleep_until(at) => {
                         if *rx.borrow() <= Instant::now() {
-                            if table.lock().unwrap().remove(&id).is_some() {
+                            if table.locked().remove(&id).is_some() {
                                 tracing::info!(lease = %id, "HTTP lease expired");
                             }
                             return;
@@ -111,7 +112,7 @@ impl HttpLeases {
 
     /// Moves the deadline of lease `id` to now + `ttl` (by default the lease's own TTL).
     pub fn renew(&self, id: &str, ttl: Option<Duration>) -> Option<LeaseInfo> {
-        let mut table = self.table.lock().unwrap();
+        let mut table = self.table.locked();
         let entry = table.get_mut(id)?;
         let ttl = ttl.unwrap_or(entry.ttl);
         entry.ttl = ttl;
@@ -128,16 +129,16 @@ impl HttpLeases {
 
     /// Ends lease `id` now. False if there was none.
     pub fn release(&self, id: &str) -> bool {
-        self.table.lock().unwrap().remove(id).is_some()
+        self.table.locked().remove(id).is_some()
     }
 
     pub fn count(&self) -> usize {
-        self.table.lock().unwrap().len()
+        self.table.locked().len()
     }
 
     /// Ends every lease (shutdown).
     pub fn clear(&self) {
-        self.table.lock().unwrap().clear();
+        self.table.locked().clear();
     }
 }
 

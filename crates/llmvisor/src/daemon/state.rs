@@ -7,6 +7,7 @@ use super::leases::HttpLeases;
 use crate::config::Config;
 use crate::metrics::{Histogram, OVERHEAD_BOUNDS};
 use crate::supervisor::Supervisor;
+use crate::sync::RwLockExt;
 use crate::upstream::{self, UpstreamClient};
 
 pub struct AppState {
@@ -41,7 +42,7 @@ impl AppState {
 
     /// The configuration in force (replaced as a whole by a reload).
     pub fn config(&self) -> Arc<Config> {
-        self.config.read().unwrap().clone()
+        self.config.read_locked().clone()
     }
 
     /// Bytes of request bodies buffered right now.
@@ -50,15 +51,15 @@ impl AppState {
     }
 
     pub fn bound(&self) -> Option<std::net::SocketAddr> {
-        *self.bound.read().unwrap()
+        *self.bound.read_locked()
     }
 
     pub fn set_bound(&self, addr: std::net::SocketAddr) {
-        *self.bound.write().unwrap() = Some(addr);
+        *self.bound.write_locked() = Some(addr);
     }
 
     pub fn set_config(&self, config: Config) {
-        *self.config.write().unwrap() = Arc::new(config);
+        *self.config.write_locked() = Arc::new(config);
     }
 }
 

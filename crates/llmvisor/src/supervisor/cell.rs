@@ -6,7 +6,7 @@
 //! model never waits on anyone. Everything else is a [`Command`] to the actor.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -19,6 +19,7 @@ use super::status::{ModelStatus, Phase};
 use crate::config::ModelConfig;
 use crate::logs::LogSink;
 use crate::metrics::{Histogram, START_BOUNDS};
+use crate::sync::LockExt;
 
 /// The part of a model everyone can see.
 pub struct ModelCell {
@@ -50,7 +51,7 @@ impl Connections {
     /// Grows or shrinks the limit (a reload); permits in use are not taken back, a shrink
     /// takes effect as they are returned.
     pub(super) fn resize(&self, to: usize) {
-        let mut limit = self.limit.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut limit = self.limit.locked();
         if to > *limit {
             self.slots.add_permits(to - *limit);
         } else if to < *limit {
@@ -70,7 +71,7 @@ impl Connections {
     }
 
     fn limit(&self) -> usize {
-        *self.limit.lock().unwrap_or_else(PoisonError::into_inner)
+        *self.limit.locked()
     }
 }
 
@@ -192,7 +193,7 @@ impl ModelCell {
     /// The cell's state. Never poisoned: no code panics while holding it, and if some did, the
     /// few words it guards are still consistent enough to serve and stop by.
     pub(super) fn lock(&self) -> MutexGuard<'_, CellState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.locked()
     }
 
     /// Acquires a lease, starting the server if needed.

@@ -34,7 +34,7 @@ mod tests;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::task::JoinHandle;
 
@@ -51,6 +51,7 @@ use crate::reaper::{self, Registry};
 use crate::spawn::Spawner;
 use crate::store::{InstanceRecord, Store, StoreError};
 use crate::sweep;
+use crate::sync::{LockExt, RwLockExt};
 use crate::upstream::{self, UpstreamClient};
 use admission::{Admission, Limits, Msg as AdmissionMsg};
 pub use memory::Memory;
@@ -240,11 +241,7 @@ impl Supervisor {
 
     /// The cell of a model by id or alias.
     pub fn model(&self, name: &str) -> Result<Arc<ModelCell>, AcquireError> {
-        let models = self
-            .shared
-            .models
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let models = self.shared.models.read_locked();
         models
             .by_name
             .get(name)
@@ -257,11 +254,7 @@ impl Supervisor {
 
     /// The configured model ids, in order.
     pub fn model_ids(&self) -> Vec<String> {
-        self.shared
-            .models
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .ids()
+        self.shared.models.read_locked().ids()
     }
 
     /// A lease on `name` (id or alias): at once if it is ready, else after starting it or joining
@@ -292,11 +285,7 @@ impl Supervisor {
 
     /// Status of every model, in id order.
     pub fn status(&self) -> Vec<ModelStatus> {
-        let models = self
-            .shared
-            .models
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let models = self.shared.models.read_locked();
         models.ordered.iter().map(|(_, c)| c.status()).collect()
     }
 
@@ -313,11 +302,7 @@ impl Supervisor {
         let mut retired = Vec::new();
         let mut applying = Vec::new();
         {
-            let mut models = self
-                .shared
-                .models
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut models = self.shared.models.write_locked();
             let mut next = Models::default();
             let old: HashMap<String, (Arc<ModelConfig>, Arc<ModelCell>)> = models
                 .ordered
@@ -325,11 +310,7 @@ impl Supervisor {
                 .map(|(c, cell)| (c.id.clone(), (c, cell)))
                 .collect();
             let mut old = old;
-            let mut actors = self
-                .shared
-                .actors
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut actors = self.shared.actors.locked();
             for m in &config.models {
                 let cfg = Arc::new(m.clone());
                 match old.remove(&m.id) {
@@ -380,11 +361,7 @@ impl Supervisor {
     /// Stops every server, all in parallel, and waits for them. Acquires fail afterwards.
     pub async fn shutdown(&self) {
         let cells: Vec<Arc<ModelCell>> = {
-            let models = self
-                .shared
-                .models
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
+            let models = self.shared.models.read_locked();
             models.ordered.iter().map(|(_, c)| c.clone()).collect()
         };
         futures_util::future::join_all(cells.iter().map(|c| retire(c))).await;
@@ -420,12 +397,7 @@ impl Drop for Shared {
     fn drop(&mut self) {
         // Synchronous last resort: whatever was not stopped by `shutdown` dies now.
         self.ctx.registry.kill_all();
-        for task in self
-            .actors
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .drain(..)
-        {
+        for task in self.actors.locked().drain(..) {
             task.abort();
         }
         self.reaper.abort();

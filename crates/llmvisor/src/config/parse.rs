@@ -17,6 +17,8 @@ use super::{
 };
 use crate::units::{self, DURATION_FORMS, SIZE_FORMS};
 
+mod cluster;
+
 /// Keys allowed at the top level of the file.
 pub const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
@@ -34,6 +36,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "groups",
     "defaults",
     "models",
+    "cluster",
 ];
 
 /// Keys allowed in a `[models."ID"]` table.
@@ -52,6 +55,8 @@ pub const MODEL_KEYS: &[&str] = &[
     "health_interval",
     "health_failures",
     "on_unhealthy",
+    "replicas",
+    "nodes",
 ];
 
 /// Keys allowed in `[defaults]`: every per-model key but `cmd`, `aliases` and `port`.
@@ -67,6 +72,8 @@ pub const DEFAULTS_KEYS: &[&str] = &[
     "health_interval",
     "health_failures",
     "on_unhealthy",
+    "replicas",
+    "nodes",
 ];
 
 /// Keys allowed in a `[groups.NAME]` table.
@@ -175,6 +182,8 @@ struct Settings {
     health_interval: Option<Option<Duration>>,
     health_failures: Option<u32>,
     on_unhealthy: Option<OnUnhealthy>,
+    replicas: Option<u32>,
+    nodes: Option<Vec<String>>,
     /// Some template of this table was malformed (its ${PORT}/${SOCKET} uses are unknown).
     template_error: bool,
 }
@@ -212,6 +221,7 @@ struct Top {
     groups: Vec<RawGroup>,
     defaults: Settings,
     models: Vec<RawModel>,
+    cluster: Option<Node>,
 }
 
 #[derive(Clone, Copy)]
@@ -558,6 +568,7 @@ impl Parser<'_> {
                 }
             }
             "models" => top.models = self.models(n),
+            "cluster" => top.cluster = Some(n.clone()),
             _ => self.unknown_key(f, Scope::Top),
         }
     }
@@ -870,6 +881,8 @@ impl Parser<'_> {
                     ),
                     None => {}
                 },
+                "replicas" => s.replicas = self.replicas(v),
+                "nodes" => s.nodes = self.nodes(v),
                 _ => self.unknown_key(f, scope),
             }
         }
@@ -1151,6 +1164,10 @@ impl Parser<'_> {
             },
         };
 
+        let cluster = top
+            .cluster
+            .as_ref()
+            .and_then(|n| self.cluster(n, listen.as_ref()));
         Config {
             source: path.map(Path::to_path_buf),
             listen: listen
@@ -1169,6 +1186,7 @@ impl Parser<'_> {
             shutdown_grace: top.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             groups,
             models,
+            cluster,
         }
     }
 
@@ -1351,6 +1369,8 @@ impl Parser<'_> {
                     .or(d.on_unhealthy)
                     .unwrap_or(OnUnhealthy::Restart),
             },
+            replicas: s.replicas.or(d.replicas).unwrap_or(1),
+            nodes: s.nodes.or_else(|| d.nodes.clone()).unwrap_or_default(),
         };
         (config, fixed)
     }

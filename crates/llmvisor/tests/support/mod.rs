@@ -129,6 +129,7 @@ impl Scratch {
             shutdown_grace: Duration::from_secs(5),
             groups: BTreeMap::new(),
             models,
+            cluster: None,
         }
     }
 

@@ -13,6 +13,7 @@
 mod api;
 mod auth;
 mod error;
+pub mod fleet;
 mod leases;
 mod proxy;
 mod state;
@@ -58,6 +59,8 @@ pub enum DaemonError {
     Supervisor(#[from] SupervisorError),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error("{0}")]
+    Fleet(String),
 }
 
 /// The router with every route of SPEC.md.
@@ -77,6 +80,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/leases", post(api::create_lease))
         .route("/api/leases/{id}/renew", post(api::renew_lease))
         .route("/api/leases/{id}", delete(api::release_lease))
+        .route("/api/cluster", get(fleet::cluster))
         .fallback(|| async {
             ApiError::not_found("no such route (see GET /v1/models and /api/models)")
         })
@@ -89,7 +93,9 @@ pub fn router(state: Arc<AppState>) -> Router {
 async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let cfg = st.config();
     let scope = auth::scope_of(req.uri().path());
-    let resp = if auth::allowed(scope, req.headers(), &cfg.api_keys, &cfg.admin_keys) {
+    let resp = if auth::allowed(scope, req.headers(), &cfg.api_keys, &cfg.admin_keys)
+        || fleet::hop_allowed(&st, req.uri().path(), req.headers())
+    {
         drop(cfg);
         next.run(req).await
     } else {
@@ -147,6 +153,7 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         );
     }
     state.leases.clear();
+    fleet::leave(&state).await;
     state.sup.shutdown().await;
     tracing::info!("all servers stopped");
 }
@@ -205,6 +212,10 @@ pub async fn serve_forever(
         "llmvisor listening on http://{addr}"
     );
     let state = AppState::new(sup, cfg);
+    if let Err(e) = fleet::start(&state).await {
+        state.sup.shutdown().await;
+        return Err(DaemonError::Fleet(e));
+    }
     preload(&state);
     // SIGHUP reloads while serving; SIGINT/SIGTERM end `run`.
     let reload_state = state.clone();

@@ -15,6 +15,8 @@ pub struct AppState {
     pub client: UpstreamClient,
     pub metrics: DaemonMetrics,
     pub leases: HttpLeases,
+    /// Fleet mode (set once at start when the config has `[cluster]`).
+    pub fleet: std::sync::OnceLock<super::fleet::FleetHandle>,
 }
 
 impl AppState {
@@ -25,6 +27,7 @@ impl AppState {
             client: upstream::client(),
             metrics: DaemonMetrics::default(),
             leases: HttpLeases::default(),
+            fleet: std::sync::OnceLock::new(),
         })
     }
 

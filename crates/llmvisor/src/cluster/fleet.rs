@@ -1,0 +1,635 @@
+//! The etcd side of fleet mode: registration under a kept-alive lease, placement claims,
+//! fencing and reconciliation. See the module doc of `cluster`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
+};
+use serde_json::json;
+use tokio::sync::Mutex as AsyncMutex;
+
+use super::{choose_node, FleetError, NodeRecord, Placement};
+use crate::config::{ClusterConfig, Config, ModelConfig};
+use crate::supervisor::{Phase, Supervisor};
+
+/// Where a request for a model goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    /// Served by this node's supervisor.
+    Local,
+    /// Forwarded to another node's daemon.
+    Remote { node: String, advertise: String },
+}
+
+/// Fleet mode of one daemon. Cheap to share (`Arc`).
+pub struct Fleet {
+    cfg: ClusterConfig,
+    prefix: String,
+    client: Client,
+    sup: Supervisor,
+    models: Vec<ModelConfig>,
+    budget_total: Option<u64>,
+    max_loaded: Option<usize>,
+    /// The lease this node's keys hang on (0: none yet).
+    lease: AtomicI64,
+    fenced: AtomicBool,
+    /// Last time etcd confirmed the lease (keep-alive answered with a positive TTL).
+    renewed: Mutex<Instant>,
+    /// Why etcd is unusable right now (`None`: fine).
+    etcd_down: Mutex<Option<String>>,
+    /// One claim at a time per model on this node.
+    claims: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
+    /// Requests this node has forwarded and not finished, by target node.
+    forwarding: Mutex<HashMap<String, usize>>,
+    pub forwards: AtomicU64,
+    pub placements_claimed: AtomicU64,
+    pub fences: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn etcd_err(e: etcd_client::Error) -> FleetError {
+    FleetError::Etcd(e.to_string())
+}
+
+impl Fleet {
+    /// Connects to etcd and registers this node under a new lease. The background upkeep
+    /// (keep-alive, fencing, reconciliation) runs until `shutdown` is called or the process ends.
+    pub async fn start(
+        config: &Config,
+        cluster: &ClusterConfig,
+        sup: Supervisor,
+    ) -> Result<Arc<Self>, FleetError> {
+        let timeout = (cluster.lease_ttl / 3).max(Duration::from_millis(500));
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(1), timeout);
+        let client = Client::connect(&cluster.etcd, Some(opts))
+            .await
+            .map_err(|e| FleetError::Connect {
+                endpoints: cluster.etcd.join(", "),
+                reason: e.to_string(),
+            })?;
+        let fleet = Arc::new(Self {
+            prefix: format!("/llmvisor/{}/", cluster.name),
+            cfg: cluster.clone(),
+            client,
+            sup,
+            models: config.models.clone(),
+            budget_total: config.memory_budget,
+            max_loaded: config.max_loaded,
+            lease: AtomicI64::new(0),
+            fenced: AtomicBool::new(false),
+            renewed: Mutex::new(Instant::now()),
+            etcd_down: Mutex::new(None),
+            claims: Mutex::new(HashMap::new()),
+            forwarding: Mutex::new(HashMap::new()),
+            forwards: AtomicU64::new(0),
+            placements_claimed: AtomicU64::new(0),
+            fences: AtomicU64::new(0),
+        });
+        fleet.register().await?;
+        tracing::info!(
+            node = %fleet.cfg.node,
+            fleet = %fleet.cfg.name,
+            advertise = %fleet.cfg.advertise,
+            "fleet mode: registered in etcd"
+        );
+        let weak = Arc::downgrade(&fleet);
+        tokio::spawn(async move { upkeep(weak).await });
+        Ok(fleet)
+    }
+
+    pub fn node(&self) -> &str {
+        &self.cfg.node
+    }
+
+    pub fn cluster_key(&self) -> Option<&str> {
+        self.cfg.cluster_key.as_deref()
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn node_key(&self, node: &str) -> String {
+        format!("{}nodes/{node}", self.prefix)
+    }
+    fn slot_prefix(&self, model: &str) -> String {
+        format!("{}placements/{model}/", self.prefix)
+    }
+    fn marker_key(&self, node: &str, model: &str) -> String {
+        format!("{}by-node/{node}/{model}", self.prefix)
+    }
+
+    fn record(&self, lease: i64) -> NodeRecord {
+        let status = self.sup.status();
+        let running: Vec<_> = status
+            .iter()
+            .filter(|s| matches!(s.state, Phase::Starting | Phase::Ready | Phase::Stopping))
+            .collect();
+        NodeRecord {
+            id: self.cfg.node.clone(),
+            advertise: self.cfg.advertise.clone(),
+            lease,
+            budget_total: self.budget_total,
+            budget_used: running.iter().filter_map(|s| s.memory).sum(),
+            max_loaded: self.max_loaded,
+            models: running.iter().map(|s| s.id.clone()).collect(),
+        }
+    }
+
+    /// A new lease and this node's record on it.
+    async fn register(&self) -> Result<(), FleetError> {
+        let mut c = self.client.clone();
+        let ttl = self.cfg.lease_ttl.as_secs() as i64;
+        let lease = c.lease_grant(ttl, None).await.map_err(etcd_err)?.id();
+        let rec = serde_json::to_vec(&self.record(lease)).unwrap_or_default();
+        c.put(
+            self.node_key(&self.cfg.node),
+            rec,
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .map_err(etcd_err)?;
+        self.lease.store(lease, Ordering::SeqCst);
+        *Self::lock(&self.renewed) = Instant::now();
+        self.fenced.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Every live node's record.
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>, FleetError> {
+        let mut c = self.client.clone();
+        let resp = c
+            .get(
+                format!("{}nodes/", self.prefix),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(etcd_err)?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+            .collect())
+    }
+
+    /// The placements of one model (or of all, with `None`).
+    pub async fn placements(&self, model: Option<&str>) -> Result<Vec<Placement>, FleetError> {
+        let mut c = self.client.clone();
+        let key = match model {
+            Some(m) => self.slot_prefix(m),
+            None => format!("{}placements/", self.prefix),
+        };
+        let resp = c
+            .get(key, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(etcd_err)?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+            .collect())
+    }
+
+    fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.answers_to(name))
+    }
+
+    fn running_locally(&self, id: &str) -> bool {
+        self.sup
+            .status()
+            .iter()
+            .any(|s| s.id == id && s.state == Phase::Ready)
+    }
+
+    /// Where a request for `name` goes. `hop`: the request was forwarded by another node, which
+    /// found the model placed here.
+    pub async fn route(&self, name: &str, hop: bool) -> Result<Route, FleetError> {
+        let Some(model) = self.model(name) else {
+            // Unknown: the supervisor answers 404 with the known names.
+            return Ok(Route::Local);
+        };
+        if self.is_fenced() {
+            return Err(FleetError::Fenced);
+        }
+        let placed = match self.placements(Some(&model.id)).await {
+            Ok(p) => p,
+            // Without etcd, a server already running here keeps serving.
+            Err(_) if self.running_locally(&model.id) => return Ok(Route::Local),
+            Err(e) => return Err(e),
+        };
+        if placed.iter().any(|p| p.node == self.cfg.node) {
+            return Ok(Route::Local);
+        }
+        if hop {
+            return Err(FleetError::NotPlacedHere(model.id.clone()));
+        }
+        if (placed.len() as u32) < model.replicas {
+            // Room for another instance: claim one (eagerly, up to `replicas`).
+            match self.claim(model).await {
+                Ok(route) => return Ok(route),
+                Err(e) if placed.is_empty() => return Err(e),
+                Err(e) => tracing::debug!(model = %model.id, "no extra replica: {e}"),
+            }
+        }
+        let placed = if placed.is_empty() {
+            self.placements(Some(&model.id)).await?
+        } else {
+            placed
+        };
+        self.least_busy(&placed).ok_or_else(|| FleetError::NoRoom {
+            model: model.id.clone(),
+            why: "its placements vanished during the request; retry".into(),
+        })
+    }
+
+    /// Of `placed`, the one with the fewest requests this node forwards to it.
+    fn least_busy(&self, placed: &[Placement]) -> Option<Route> {
+        if placed.iter().any(|p| p.node == self.cfg.node) {
+            return Some(Route::Local);
+        }
+        let busy = Self::lock(&self.forwarding);
+        placed
+            .iter()
+            .min_by_key(|p| (busy.get(&p.node).copied().unwrap_or(0), p.slot))
+            .map(|p| Route::Remote {
+                node: p.node.clone(),
+                advertise: p.advertise.clone(),
+            })
+    }
+
+    /// Claims a placement for `model` (one claim at a time per model on this node).
+    async fn claim(&self, model: &ModelConfig) -> Result<Route, FleetError> {
+        let gate = Self::lock(&self.claims)
+            .entry(model.id.clone())
+            .or_default()
+            .clone();
+        let _one = gate.lock().await;
+        for _attempt in 0..5 {
+            let placed = self.placements(Some(&model.id)).await?;
+            if placed.iter().any(|p| p.node == self.cfg.node) {
+                return Ok(Route::Local);
+            }
+            if placed.len() as u32 >= model.replicas {
+                return self.least_busy(&placed).ok_or(FleetError::NoRoom {
+                    model: model.id.clone(),
+                    why: "placements changed; retry".into(),
+                });
+            }
+            let nodes = self.nodes().await?;
+            let candidates: Vec<NodeRecord> = nodes
+                .into_iter()
+                .filter(|n| !placed.iter().any(|p| p.node == n.id))
+                .filter(|n| model.nodes.is_empty() || model.nodes.contains(&n.id))
+                .collect();
+            let Some(target) = choose_node(&self.cfg.node, &candidates, model.memory) else {
+                let why = if model.nodes.is_empty() {
+                    "every live node is full (memory budget or max_loaded) or already runs it"
+                        .to_string()
+                } else {
+                    format!(
+                        "its nodes ({}) are down, full or already run it",
+                        model.nodes.join(", ")
+                    )
+                };
+                return Err(FleetError::NoRoom {
+                    model: model.id.clone(),
+                    why,
+                });
+            };
+            let used: Vec<u32> = placed.iter().map(|p| p.slot).collect();
+            let Some(slot) = (0..model.replicas).find(|s| !used.contains(s)) else {
+                continue;
+            };
+            let placement = Placement {
+                model: model.id.clone(),
+                node: target.id.clone(),
+                advertise: target.advertise.clone(),
+                slot,
+                since_ms: now_ms(),
+            };
+            let slot_key = format!("{}{slot}", self.slot_prefix(&model.id));
+            let marker = self.marker_key(&target.id, &model.id);
+            let node_key = self.node_key(&target.id);
+            let with_lease = || Some(PutOptions::new().with_lease(target.lease));
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(slot_key.clone(), CompareOp::Equal, 0),
+                    Compare::create_revision(marker.clone(), CompareOp::Equal, 0),
+                    // The target is still registered on the lease we attach to.
+                    Compare::lease(node_key, CompareOp::Equal, target.lease),
+                ])
+                .and_then([
+                    TxnOp::put(
+                        slot_key,
+                        serde_json::to_vec(&placement).unwrap_or_default(),
+                        with_lease(),
+                    ),
+                    TxnOp::put(marker, slot.to_string(), with_lease()),
+                ]);
+            let mut c = self.client.clone();
+            let done = c.txn(txn).await.map_err(etcd_err)?;
+            if done.succeeded() {
+                self.placements_claimed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(model = %model.id, node = %target.id, slot, "placement claimed");
+                return Ok(if target.id == self.cfg.node {
+                    Route::Local
+                } else {
+                    Route::Remote {
+                        node: target.id.clone(),
+                        advertise: target.advertise.clone(),
+                    }
+                });
+            }
+        }
+        Err(FleetError::NoRoom {
+            model: model.id.clone(),
+            why: "placement claims kept conflicting; retry".into(),
+        })
+    }
+
+    /// Counts a forwarded request to `node` until the guard is dropped.
+    pub fn forwarding_to(self: &Arc<Self>, node: &str) -> ForwardGuard {
+        self.forwards.fetch_add(1, Ordering::Relaxed);
+        *Self::lock(&self.forwarding)
+            .entry(node.to_string())
+            .or_default() += 1;
+        ForwardGuard {
+            fleet: self.clone(),
+            node: node.to_string(),
+        }
+    }
+
+    /// `GET /api/cluster`.
+    pub async fn snapshot(&self) -> Result<serde_json::Value, FleetError> {
+        let nodes = self.nodes().await?;
+        let placements = self.placements(None).await?;
+        let mut by_node: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for p in &placements {
+            by_node.entry(&p.node).or_default().push(&p.model);
+        }
+        let nodes: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "id": n.id,
+                    "advertise": n.advertise,
+                    "alive": true,
+                    "budget": {"total": n.budget_total, "used": n.budget_used},
+                    "max_loaded": n.max_loaded,
+                    "running": n.models,
+                    "models": by_node.get(n.id.as_str()).cloned().unwrap_or_default(),
+                })
+            })
+            .collect();
+        Ok(json!({
+            "name": self.cfg.name,
+            "node": self.cfg.node,
+            "fenced": self.is_fenced(),
+            "nodes": nodes,
+            "placements": placements,
+        }))
+    }
+
+    /// The models placed on this node, by id.
+    async fn my_placements(&self) -> Result<HashMap<String, u64>, FleetError> {
+        Ok(self
+            .placements(None)
+            .await?
+            .into_iter()
+            .filter(|p| p.node == self.cfg.node)
+            .map(|p| (p.model, p.since_ms))
+            .collect())
+    }
+
+    /// Stops every local server (fencing): new work is refused while `fenced` is set.
+    async fn fence(&self, why: &str) {
+        if self.fenced.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.fences.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(node = %self.cfg.node, "fleet mode: fencing ({why}): stopping every server");
+        self.stop_all_local().await;
+    }
+
+    async fn stop_all_local(&self) {
+        let running: Vec<String> = self
+            .sup
+            .status()
+            .into_iter()
+            .filter(|s| s.state != Phase::Stopped && s.state != Phase::Failed)
+            .map(|s| s.id)
+            .collect();
+        let stops = running.iter().map(|id| self.sup.unload(id, true));
+        for (id, r) in running
+            .iter()
+            .zip(futures_util::future::join_all(stops).await)
+        {
+            if let Err(e) = r {
+                tracing::warn!(model = %id, "fleet mode: stop failed: {e}");
+            }
+        }
+    }
+
+    /// One pass of reconciliation: publish the record, stop servers without a placement,
+    /// release placements whose server stopped.
+    async fn reconcile(&self) -> Result<(), FleetError> {
+        let lease = self.lease.load(Ordering::SeqCst);
+        let mut c = self.client.clone();
+        let rec = serde_json::to_vec(&self.record(lease)).unwrap_or_default();
+        c.put(
+            self.node_key(&self.cfg.node),
+            rec,
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .map_err(etcd_err)?;
+        let mine = self.my_placements().await?;
+        for s in self.sup.status() {
+            let running = matches!(s.state, Phase::Starting | Phase::Ready);
+            match mine.get(&s.id) {
+                None if running => {
+                    tracing::warn!(model = %s.id, "fleet mode: running without a placement here; stopping it");
+                    if let Err(e) = self.sup.unload(&s.id, true).await {
+                        tracing::warn!(model = %s.id, "stop failed: {e}");
+                    }
+                }
+                Some(since) if !running && s.state != Phase::Stopping => {
+                    let grace = self
+                        .model(&s.id)
+                        .map_or(Duration::from_secs(60), |m| m.startup_timeout)
+                        + self.cfg.lease_ttl;
+                    if now_ms().saturating_sub(*since) > grace.as_millis() as u64 {
+                        self.release(&s.id).await?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes this node's placement of `model`.
+    async fn release(&self, model: &str) -> Result<(), FleetError> {
+        let mut c = self.client.clone();
+        let marker = self.marker_key(&self.cfg.node, model);
+        let resp = c.get(marker.clone(), None).await.map_err(etcd_err)?;
+        let Some(slot) = resp.kvs().first().map(|kv| kv.value().to_vec()) else {
+            return Ok(());
+        };
+        let slot = String::from_utf8_lossy(&slot).into_owned();
+        let slot_key = format!("{}{slot}", self.slot_prefix(model));
+        let txn = Txn::new()
+            .when([Compare::value(marker.clone(), CompareOp::Equal, slot)])
+            .and_then([
+                TxnOp::delete(slot_key, None::<DeleteOptions>),
+                TxnOp::delete(marker, None::<DeleteOptions>),
+            ]);
+        c.txn(txn).await.map_err(etcd_err)?;
+        tracing::info!(model, "fleet mode: placement released (server stopped)");
+        Ok(())
+    }
+
+    /// Whether some etcd member answers but has no leader (quorum lost): nobody can place
+    /// anything then, so running servers may keep serving.
+    async fn quorum_lost(&self) -> bool {
+        for ep in &self.cfg.etcd {
+            let opts = ConnectOptions::new()
+                .with_connect_timeout(Duration::from_millis(500))
+                .with_timeout(Duration::from_millis(500));
+            let Ok(mut c) = Client::connect([ep], Some(opts)).await else {
+                continue;
+            };
+            if let Ok(s) = c.status().await {
+                if s.leader() == 0 {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Called once the upkeep loop ends (shutdown): revoke the lease so the placements go now.
+    pub async fn leave(&self) {
+        let lease = self.lease.swap(0, Ordering::SeqCst);
+        if lease != 0 {
+            let mut c = self.client.clone();
+            let _ = c.lease_revoke(lease).await;
+        }
+    }
+
+    fn set_etcd_down(&self, why: Option<String>) {
+        *Self::lock(&self.etcd_down) = why;
+    }
+
+    /// Why etcd is unusable, if it is (for `/api/cluster` and messages).
+    pub fn etcd_down(&self) -> Option<String> {
+        Self::lock(&self.etcd_down).clone()
+    }
+}
+
+/// See [`Fleet::forwarding_to`].
+pub struct ForwardGuard {
+    fleet: Arc<Fleet>,
+    node: String,
+}
+
+impl Drop for ForwardGuard {
+    fn drop(&mut self) {
+        let mut busy = Fleet::lock(&self.fleet.forwarding);
+        if let Some(n) = busy.get_mut(&self.node) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// Keep-alive, fencing and reconciliation, every third of `lease_ttl`, while the fleet lives.
+async fn upkeep(weak: std::sync::Weak<Fleet>) {
+    let Some(tick) = weak.upgrade().map(|f| f.cfg.lease_ttl / 3) else {
+        return;
+    };
+    let mut keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(fleet) = weak.upgrade() else { return };
+        let lease = fleet.lease.load(Ordering::SeqCst);
+        if lease == 0 {
+            return; // left the fleet
+        }
+        // Keep-alive: one request, one answer, within a tick.
+        let answer = async {
+            if keeper.is_none() {
+                let mut c = fleet.client.clone();
+                keeper = Some(c.lease_keep_alive(lease).await?);
+            }
+            let Some((k, s)) = keeper.as_mut() else {
+                return Ok(None);
+            };
+            k.keep_alive().await?;
+            s.message().await
+        };
+        let ttl = match tokio::time::timeout(tick, answer).await {
+            Ok(Ok(Some(resp))) => Some(resp.ttl()),
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                keeper = None;
+                None
+            }
+        };
+        match ttl {
+            Some(t) if t > 0 => {
+                *Fleet::lock(&fleet.renewed) = Instant::now();
+                fleet.set_etcd_down(None);
+                if let Err(e) = fleet.reconcile().await {
+                    tracing::debug!("fleet mode: reconcile: {e}");
+                }
+            }
+            Some(_) => {
+                // etcd says the lease is gone: others may already run our models.
+                keeper = None;
+                fleet.fence("etcd expired this node's lease").await;
+                match fleet.register().await {
+                    Ok(()) => {
+                        tracing::info!(node = %fleet.cfg.node, "fleet mode: registered again with a new lease")
+                    }
+                    Err(e) => tracing::warn!("fleet mode: cannot register again yet: {e}"),
+                }
+            }
+            None => {
+                let silent = Fleet::lock(&fleet.renewed).elapsed();
+                if silent >= fleet.cfg.lease_ttl && !fleet.is_fenced() {
+                    if fleet.quorum_lost().await {
+                        fleet.set_etcd_down(Some("etcd has no quorum".into()));
+                        continue;
+                    }
+                    fleet.set_etcd_down(Some("no etcd member answers".into()));
+                    fleet.fence("no etcd member answered for lease_ttl").await;
+                } else if fleet.etcd_down().is_none() {
+                    fleet.set_etcd_down(Some("the lease keep-alive gets no answer".into()));
+                }
+                if fleet.is_fenced() {
+                    // Try a fresh registration; it succeeds once etcd is back.
+                    if fleet.register().await.is_ok() {
+                        tracing::info!(node = %fleet.cfg.node, "fleet mode: registered again with a new lease");
+                    }
+                }
+            }
+        }
+    }
+}

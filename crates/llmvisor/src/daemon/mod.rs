@@ -174,6 +174,11 @@ pub fn with_overrides(
     state_dir: Option<PathBuf>,
 ) -> Result<Config, DaemonError> {
     if let Some(addr) = listen {
+        // A `[cluster] advertise` derived from the config's `listen` follows the override.
+        let derived = format!("http://{}", cfg.listen);
+        if let Some(c) = cfg.cluster.as_mut().filter(|c| c.advertise == derived) {
+            c.advertise = format!("http://{addr}");
+        }
         cfg.listen = addr;
     }
     if let Some(dir) = state_dir {

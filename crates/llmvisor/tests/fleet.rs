@@ -43,6 +43,7 @@ fn running_on(nodes: &[FleetNode], model: &str) -> Vec<String> {
         .collect()
 }
 
+#[allow(dead_code)]
 /// Polls `cond` every 50 ms until it holds, failing with `what` after `within`.
 async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
@@ -95,4 +96,90 @@ async fn thirty_concurrent_requests_over_three_nodes_spawn_once() {
     let (_, body) = get(&urls[1], "/api/models").await.unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v[0]["node"], "n1", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_the_holding_node_moves_the_model_within_lease_ttl() {
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let etcd = Etcd::start(3);
+    let fleet = fleet_name("kill9");
+    let mut nodes = nodes(
+        3,
+        &fleet,
+        &etcd,
+        "3s",
+        &[("m", "--startup-delay 500ms", "")],
+    );
+    let (status, body) = post(&nodes[0].url, "/v1/chat/completions", &chat("m"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let holder = running_on(&nodes, "m");
+    assert_eq!(holder.len(), 1);
+    let h = nodes.iter().position(|n| n.id == holder[0]).unwrap();
+    let children = nodes[h].spawned("m");
+
+    nodes[h].kill9();
+    // Its servers die with it (parent-death signal), nothing is left running.
+    support::assert_gone(&children, Duration::from_secs(10)).await;
+
+    // Through another node: answered once the dead node's lease has expired and the model has
+    // been started elsewhere (lease_ttl 3 s + load 0.5 s; the margin is for a busy machine).
+    let other = (h + 1) % 3;
+    let began = Instant::now();
+    let (status, body) = post(&nodes[other].url, "/v1/chat/completions", &chat("m"))
+        .await
+        .unwrap();
+    let took = began.elapsed();
+    assert_eq!(status, 200, "{body}");
+    eprintln!(
+        "kill -9 → answered through {} after {took:?}",
+        nodes[other].id
+    );
+    assert!(took < Duration::from_secs(12), "took {took:?}");
+    let now = running_on(&nodes, "m");
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now[0], nodes[h].id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_run_on_two_nodes_and_share_the_load() {
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let etcd = Etcd::start(3);
+    let fleet = fleet_name("replicas");
+    let nodes = nodes(
+        3,
+        &fleet,
+        &etcd,
+        "3s",
+        &[("m", "--chunks 3 --chunk-delay 100ms", "replicas = 2")],
+    );
+    // Through the third node only, which forwards to the replica with the fewest in flight.
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    let tasks: Vec<_> = (0..12)
+        .map(|_| {
+            let url = urls[2].clone();
+            tokio::spawn(async move { post(&url, "/v1/chat/completions", &chat("m")).await })
+        })
+        .collect();
+    for t in tasks {
+        let (status, body) = t.await.unwrap().expect("node answered");
+        assert_eq!(status, 200, "{body}");
+    }
+    let on = running_on(&nodes, "m");
+    assert_eq!(on.len(), 2, "two instances on two nodes: {on:?}");
+    assert_eq!(total_spawns(&nodes, "m"), 2);
+    let (_, body) = get(&urls[0], "/api/cluster").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["placements"].as_array().unwrap().len(), 2, "{v}");
+    // Both served: each instance's /metrics-free evidence is the forwarding node's view.
+    let (_, metrics) = get(&urls[2], "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("llmvisor_fleet_forwards_total"),
+        "{metrics}"
+    );
 }

@@ -117,6 +117,10 @@ impl Fleet {
         self.cfg.cluster_key.as_deref()
     }
 
+    pub fn lease_ttl(&self) -> Duration {
+        self.cfg.lease_ttl
+    }
+
     pub fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::SeqCst)
     }
@@ -233,15 +237,21 @@ impl Fleet {
             Err(_) if self.running_locally(&model.id) => return Ok(Route::Local),
             Err(e) => return Err(e),
         };
-        if placed.iter().any(|p| p.node == self.cfg.node) {
-            return Ok(Route::Local);
-        }
-        if hop {
-            return Err(FleetError::NotPlacedHere(model.id.clone()));
+        let here = placed.iter().any(|p| p.node == self.cfg.node);
+        if hop || (here && model.replicas == 1) {
+            return if here {
+                Ok(Route::Local)
+            } else {
+                Err(FleetError::NotPlacedHere(model.id.clone()))
+            };
         }
         if (placed.len() as u32) < model.replicas {
             // Room for another instance: claim one (eagerly, up to `replicas`).
             match self.claim(model).await {
+                Ok(route @ Route::Remote { .. }) if here => {
+                    // A new replica elsewhere: send this request there (it is idle).
+                    return Ok(route);
+                }
                 Ok(route) => return Ok(route),
                 Err(e) if placed.is_empty() => return Err(e),
                 Err(e) => tracing::debug!(model = %model.id, "no extra replica: {e}"),
@@ -258,18 +268,38 @@ impl Fleet {
         })
     }
 
-    /// Of `placed`, the one with the fewest requests this node forwards to it.
+    /// Of `placed`, the one with the fewest requests in flight as this node sees them: its own
+    /// leases on the local instance, its forwarded requests on the others (local on a tie).
     fn least_busy(&self, placed: &[Placement]) -> Option<Route> {
-        if placed.iter().any(|p| p.node == self.cfg.node) {
-            return Some(Route::Local);
-        }
+        let local_busy = |model: &str| {
+            self.sup
+                .status()
+                .iter()
+                .find(|s| s.id == model)
+                .map_or(0, |s| s.leases)
+        };
         let busy = Self::lock(&self.forwarding);
         placed
             .iter()
-            .min_by_key(|p| (busy.get(&p.node).copied().unwrap_or(0), p.slot))
-            .map(|p| Route::Remote {
-                node: p.node.clone(),
-                advertise: p.advertise.clone(),
+            .map(|p| {
+                let local = p.node == self.cfg.node;
+                let n = if local {
+                    local_busy(&p.model)
+                } else {
+                    busy.get(&p.node).copied().unwrap_or(0)
+                };
+                (n, !local, p.slot, p)
+            })
+            .min_by_key(|(n, remote, slot, _)| (*n, *remote, *slot))
+            .map(|(_, remote, _, p)| {
+                if remote {
+                    Route::Remote {
+                        node: p.node.clone(),
+                        advertise: p.advertise.clone(),
+                    }
+                } else {
+                    Route::Local
+                }
             })
     }
 
@@ -282,9 +312,6 @@ impl Fleet {
         let _one = gate.lock().await;
         for _attempt in 0..5 {
             let placed = self.placements(Some(&model.id)).await?;
-            if placed.iter().any(|p| p.node == self.cfg.node) {
-                return Ok(Route::Local);
-            }
             if placed.len() as u32 >= model.replicas {
                 return self.least_busy(&placed).ok_or(FleetError::NoRoom {
                     model: model.id.clone(),

@@ -61,28 +61,62 @@ pub async fn divert(
         let Some(fleet) = st.fleet.get() else {
             return Err((parts, body));
         };
+        use http_body::Body as _;
+        use http_body_util::BodyExt;
         let hop = parts.headers.contains_key(HOP_HEADER);
-        match fleet.route(model, hop).await {
-            Ok(Route::Local) => Err((parts, body)),
-            Ok(Route::Remote { node, advertise }) => {
-                Ok(forward(st, fleet, &node, &advertise, parts, body, path_and_query).await)
+        // A body already in memory (every `/v1/...` request) can be sent again when the node it
+        // went to is unreachable: the request then waits for that node's placement to expire
+        // (at most `lease_ttl`) and goes where the model is placed next.
+        let mut body = Some(body);
+        let replay = match body.as_ref().and_then(|b| b.size_hint().exact()) {
+            Some(n) if n <= st.config().body_limit as u64 => match body.take() {
+                Some(b) => b.collect().await.ok().map(|c| c.to_bytes()),
+                None => None,
+            },
+            _ => None,
+        };
+        let take_body = |body: &mut Option<Body>| match &replay {
+            Some(bytes) => Body::from(bytes.clone()),
+            None => body.take().unwrap_or_else(Body::empty),
+        };
+        let deadline =
+            std::time::Instant::now() + fleet.lease_ttl() + std::time::Duration::from_secs(2);
+        let routed: FleetError = loop {
+            match fleet.route(model, hop).await {
+                Ok(Route::Local) => return Err((parts, take_body(&mut body))),
+                Ok(Route::Remote { node, advertise }) => {
+                    let sent = take_body(&mut body);
+                    match forward(st, fleet, &node, &advertise, &parts, sent, path_and_query).await
+                    {
+                        Ok(resp) => return Ok(resp),
+                        Err(e) if replay.is_some() && std::time::Instant::now() < deadline => {
+                            tracing::info!(model, node = %node, "fleet mode: node unreachable ({e}); waiting for its placement to expire");
+                            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                        }
+                        Err(e) => {
+                            return Ok(ApiError::bad_gateway(format!(
+                                "fleet mode: node `{node}` ({advertise}) did not answer: {e}"
+                            ))
+                            .into_response())
+                        }
+                    }
+                }
+                Err(e) => break e,
             }
-            Err(e) => {
-                let code = match e {
-                    FleetError::Fenced => "fleet_fenced",
-                    FleetError::Etcd(_) | FleetError::Connect { .. } => "fleet_etcd_unavailable",
-                    FleetError::NoRoom { .. } => "fleet_no_room",
-                    FleetError::NotPlacedHere(_) => "fleet_not_placed_here",
-                };
-                Ok(ApiError::new(
-                    http::StatusCode::SERVICE_UNAVAILABLE,
-                    "server_error",
-                    code,
-                    e.to_string(),
-                )
-                .into_response())
-            }
-        }
+        };
+        let code = match routed {
+            FleetError::Fenced => "fleet_fenced",
+            FleetError::Etcd(_) | FleetError::Connect { .. } => "fleet_etcd_unavailable",
+            FleetError::NoRoom { .. } => "fleet_no_room",
+            FleetError::NotPlacedHere(_) => "fleet_not_placed_here",
+        };
+        Ok(ApiError::new(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            code,
+            routed.to_string(),
+        )
+        .into_response())
     }
     #[cfg(not(feature = "fleet"))]
     {
@@ -91,25 +125,26 @@ pub async fn divert(
     }
 }
 
+/// One hop to `node`; `Err` when the node could not be reached (nothing was answered).
 #[cfg(feature = "fleet")]
 async fn forward(
     st: &Arc<AppState>,
     fleet: &FleetHandle,
     node: &str,
     advertise: &str,
-    parts: http::request::Parts,
+    parts: &http::request::Parts,
     body: Body,
     path_and_query: &str,
-) -> Response {
+) -> Result<Response, String> {
     use crate::cluster::{HOP_HEADER, KEY_HEADER};
     use http_body_util::BodyExt;
     let guard = fleet.forwarding_to(node);
     let uri = match format!("{advertise}{path_and_query}").parse::<http::Uri>() {
         Ok(u) => u,
-        Err(e) => return ApiError::bad_request("invalid_path", e.to_string()).into_response(),
+        Err(e) => return Ok(ApiError::bad_request("invalid_path", e.to_string()).into_response()),
     };
     let mut req = http::Request::new(body);
-    *req.method_mut() = parts.method;
+    *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
     super::proxy::copy_headers(&parts.headers, req.headers_mut(), true);
     let h = req.headers_mut();
@@ -124,15 +159,7 @@ async fn forward(
             h.insert(KEY_HEADER, v);
         }
     }
-    let resp = match st.client.request(req).await {
-        Ok(r) => r,
-        Err(e) => {
-            return ApiError::bad_gateway(format!(
-                "fleet mode: node `{node}` ({advertise}) did not answer: {e}"
-            ))
-            .into_response()
-        }
-    };
+    let resp = st.client.request(req).await.map_err(|e| e.to_string())?;
     let (mut head, upstream) = resp.into_parts();
     super::proxy::strip_hop_by_hop(&mut head.headers);
     head.headers.insert(
@@ -145,7 +172,7 @@ async fn forward(
         let _held = &guard;
         frame
     });
-    Response::from_parts(head, Body::new(streamed))
+    Ok(Response::from_parts(head, Body::new(streamed)))
 }
 
 /// `GET /api/cluster`.

@@ -43,7 +43,6 @@ fn running_on(nodes: &[FleetNode], model: &str) -> Vec<String> {
         .collect()
 }
 
-#[allow(dead_code)]
 /// Polls `cond` every 50 ms until it holds, failing with `what` after `within`.
 async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
@@ -182,4 +181,82 @@ async fn two_replicas_run_on_two_nodes_and_share_the_load() {
         metrics.contains("llmvisor_fleet_forwards_total"),
         "{metrics}"
     );
+}
+
+/// The placements `/api/cluster` of `url` lists, as (model, node).
+async fn placements(url: &str) -> Vec<(String, String)> {
+    let Ok((200, body)) = get(url, "/api/cluster").await else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["placements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["model"].as_str().unwrap().to_string(),
+                p["node"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_beyond_lease_ttl_replaces_and_sigcont_stops_the_stale_server() {
+    use rustix::process::Signal;
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let etcd = Etcd::start(3);
+    let fleet = fleet_name("sigstop");
+    let nodes = nodes(3, &fleet, &etcd, "3s", &[("m", "", "")]);
+    let (status, body) = post(&nodes[0].url, "/v1/chat/completions", &chat("m"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let h = nodes
+        .iter()
+        .position(|n| !n.running("m").is_empty())
+        .unwrap();
+    let stale = nodes[h].running("m");
+    let other = (h + 1) % 3;
+
+    nodes[h].serve().signal(Signal::STOP);
+    // Its lease expires (3 s): the placement goes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while placements(&nodes[other].url)
+        .await
+        .iter()
+        .any(|(_, n)| *n == nodes[h].id)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "placement on the stopped node never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = post(&nodes[other].url, "/v1/chat/completions", &chat("m"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let placed = placements(&nodes[other].url).await;
+    assert_eq!(placed.len(), 1, "{placed:?}");
+    assert_ne!(placed[0].1, nodes[h].id);
+
+    // SIGCONT: the node finds its lease gone, fences, and stops its stale server.
+    nodes[h].serve().signal(Signal::CONT);
+    support::assert_gone(&stale, Duration::from_secs(20)).await;
+    nodes[h]
+        .serve()
+        .wait_for_log("registered again", Duration::from_secs(20));
+    eventually(Duration::from_secs(10), "one instance cluster-wide", || {
+        running_on(&nodes, "m").len() == 1
+    })
+    .await;
+    // It is back in the fleet, with no placement.
+    let (_, body) = get(&nodes[h].url, "/api/cluster").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["nodes"].as_array().unwrap().len(), 3, "{v}");
+    assert_eq!(v["fenced"], false, "{v}");
 }

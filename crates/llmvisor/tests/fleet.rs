@@ -260,3 +260,68 @@ async fn sigstop_beyond_lease_ttl_replaces_and_sigcont_stops_the_stale_server() 
     assert_eq!(v["nodes"].as_array().unwrap().len(), 3, "{v}");
     assert_eq!(v["fenced"], false, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_quorum_loss_keeps_local_serving_and_refuses_new_placements() {
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let mut etcd = Etcd::start(3);
+    let fleet = fleet_name("quorum");
+    let nodes = nodes(3, &fleet, &etcd, "3s", &[("a", "", ""), ("b", "", "")]);
+    let (status, body) = post(&nodes[0].url, "/v1/chat/completions", &chat("a"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let a_pids = nodes[0].running("a");
+    assert_eq!(a_pids.len(), 1, "placed on the node asked first");
+
+    // One member down: no effect.
+    etcd.kill(0);
+    let (status, body) = post(&nodes[1].url, "/v1/chat/completions", &chat("a"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    // Two down: no quorum. Local serving goes on; a new placement gets 503 with the reason.
+    etcd.kill(1);
+    nodes[0]
+        .serve()
+        .wait_for_log("etcd has no quorum", Duration::from_secs(30));
+    let (status, body) = post(&nodes[0].url, "/v1/chat/completions", &chat("a"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "local serving goes on: {body}");
+    let (status, body) = post(&nodes[1].url, "/v1/chat/completions", &chat("b"))
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("etcd is unavailable"), "{body}");
+    assert_eq!(nodes[0].running("a"), a_pids, "never fenced");
+
+    // Quorum back: normal.
+    etcd.restart(0);
+    etcd.restart(1);
+    etcd.wait_healthy(Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = post(&nodes[1].url, "/v1/chat/completions", &chat("b"))
+            .await
+            .unwrap();
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no placement after quorum came back: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        nodes[0].running("a"),
+        a_pids,
+        "the model served through the outage still runs"
+    );
+    assert_eq!(total_spawns(&nodes, "a"), 1);
+    assert_eq!(total_spawns(&nodes, "b"), 1);
+}

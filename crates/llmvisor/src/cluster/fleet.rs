@@ -2,7 +2,8 @@
 //! fencing and reconciliation. See the module doc of `cluster`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -29,7 +30,11 @@ pub enum Route {
 pub struct Fleet {
     cfg: ClusterConfig,
     prefix: String,
-    client: Client,
+    /// One client per etcd endpoint, connected on first use; operations go to `current` and
+    /// move on to the next endpoint when one fails.
+    clients: Mutex<Vec<Option<Client>>>,
+    current: AtomicUsize,
+    connect: ConnectOptions,
     sup: Supervisor,
     models: Vec<ModelConfig>,
     budget_total: Option<u64>,
@@ -56,10 +61,6 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn etcd_err(e: etcd_client::Error) -> FleetError {
-    FleetError::Etcd(e.to_string())
-}
-
 impl Fleet {
     /// Connects to etcd and registers this node under a new lease. The background upkeep
     /// (keep-alive, fencing, reconciliation) runs until `shutdown` is called or the process ends.
@@ -73,16 +74,12 @@ impl Fleet {
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(timeout)
             .with_keep_alive(Duration::from_secs(1), timeout);
-        let client = Client::connect(&cluster.etcd, Some(opts))
-            .await
-            .map_err(|e| FleetError::Connect {
-                endpoints: cluster.etcd.join(", "),
-                reason: e.to_string(),
-            })?;
         let fleet = Arc::new(Self {
             prefix: format!("/llmvisor/{}/", cluster.name),
             cfg: cluster.clone(),
-            client,
+            clients: Mutex::new(vec![None; cluster.etcd.len()]),
+            current: AtomicUsize::new(0),
+            connect: opts,
             sup,
             models: config.models.clone(),
             budget_total: config.memory_budget,
@@ -97,7 +94,10 @@ impl Fleet {
             placements_claimed: AtomicU64::new(0),
             fences: AtomicU64::new(0),
         });
-        fleet.register().await?;
+        fleet.register().await.map_err(|e| FleetError::Connect {
+            endpoints: cluster.etcd.join(", "),
+            reason: e.to_string(),
+        })?;
         tracing::info!(
             node = %fleet.cfg.node,
             fleet = %fleet.cfg.name,
@@ -123,6 +123,53 @@ impl Fleet {
 
     pub fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Runs `op` against the current endpoint, then each other one while it fails. Retrying is
+    /// safe for every operation used here: a transaction that did apply before its answer was
+    /// lost fails its compare the second time, and the caller reads the state again.
+    async fn kv<T, F, Fut>(&self, op: F) -> Result<T, FleetError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let n = self.cfg.etcd.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = String::from("no etcd endpoint");
+        for k in 0..n {
+            let i = (start + k) % n;
+            let cached = Self::lock(&self.clients).get(i).cloned().flatten();
+            let client = match cached {
+                Some(c) => c,
+                None => {
+                    match Client::connect([&self.cfg.etcd[i]], Some(self.connect.clone())).await {
+                        Ok(c) => {
+                            if let Some(slot) = Self::lock(&self.clients).get_mut(i) {
+                                *slot = Some(c.clone());
+                            }
+                            c
+                        }
+                        Err(e) => {
+                            last = format!("{}: {e}", self.cfg.etcd[i]);
+                            continue;
+                        }
+                    }
+                }
+            };
+            match op(client).await {
+                Ok(v) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(e) => {
+                    last = format!("{}: {e}", self.cfg.etcd[i]);
+                    if let Some(slot) = Self::lock(&self.clients).get_mut(i) {
+                        *slot = None;
+                    }
+                }
+            }
+        }
+        Err(FleetError::Etcd(last))
     }
 
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -158,17 +205,21 @@ impl Fleet {
 
     /// A new lease and this node's record on it.
     async fn register(&self) -> Result<(), FleetError> {
-        let mut c = self.client.clone();
         let ttl = self.cfg.lease_ttl.as_secs() as i64;
-        let lease = c.lease_grant(ttl, None).await.map_err(etcd_err)?.id();
+        let lease = self
+            .kv(|mut c| async move { c.lease_grant(ttl, None).await })
+            .await?
+            .id();
         let rec = serde_json::to_vec(&self.record(lease)).unwrap_or_default();
-        c.put(
-            self.node_key(&self.cfg.node),
-            rec,
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .map_err(etcd_err)?;
+        let key = self.node_key(&self.cfg.node);
+        self.kv(|mut c| {
+            let (key, rec) = (key.clone(), rec.clone());
+            async move {
+                c.put(key, rec, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
+        .await?;
         self.lease.store(lease, Ordering::SeqCst);
         *Self::lock(&self.renewed) = Instant::now();
         self.fenced.store(false, Ordering::SeqCst);
@@ -177,14 +228,13 @@ impl Fleet {
 
     /// Every live node's record.
     pub async fn nodes(&self) -> Result<Vec<NodeRecord>, FleetError> {
-        let mut c = self.client.clone();
-        let resp = c
-            .get(
-                format!("{}nodes/", self.prefix),
-                Some(GetOptions::new().with_prefix()),
-            )
-            .await
-            .map_err(etcd_err)?;
+        let key = format!("{}nodes/", self.prefix);
+        let resp = self
+            .kv(|mut c| {
+                let key = key.clone();
+                async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
         Ok(resp
             .kvs()
             .iter()
@@ -194,15 +244,16 @@ impl Fleet {
 
     /// The placements of one model (or of all, with `None`).
     pub async fn placements(&self, model: Option<&str>) -> Result<Vec<Placement>, FleetError> {
-        let mut c = self.client.clone();
         let key = match model {
             Some(m) => self.slot_prefix(m),
             None => format!("{}placements/", self.prefix),
         };
-        let resp = c
-            .get(key, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(etcd_err)?;
+        let resp = self
+            .kv(|mut c| {
+                let key = key.clone();
+                async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
         Ok(resp
             .kvs()
             .iter()
@@ -369,8 +420,12 @@ impl Fleet {
                     ),
                     TxnOp::put(marker, slot.to_string(), with_lease()),
                 ]);
-            let mut c = self.client.clone();
-            let done = c.txn(txn).await.map_err(etcd_err)?;
+            let done = self
+                .kv(|mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
             if done.succeeded() {
                 self.placements_claimed.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(model = %model.id, node = %target.id, slot, "placement claimed");
@@ -477,15 +532,16 @@ impl Fleet {
     /// release placements whose server stopped.
     async fn reconcile(&self) -> Result<(), FleetError> {
         let lease = self.lease.load(Ordering::SeqCst);
-        let mut c = self.client.clone();
         let rec = serde_json::to_vec(&self.record(lease)).unwrap_or_default();
-        c.put(
-            self.node_key(&self.cfg.node),
-            rec,
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .map_err(etcd_err)?;
+        let key = self.node_key(&self.cfg.node);
+        self.kv(|mut c| {
+            let (key, rec) = (key.clone(), rec.clone());
+            async move {
+                c.put(key, rec, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
+        .await?;
         let mine = self.my_placements().await?;
         for s in self.sup.status() {
             let running = matches!(s.state, Phase::Starting | Phase::Ready);
@@ -513,9 +569,13 @@ impl Fleet {
 
     /// Deletes this node's placement of `model`.
     async fn release(&self, model: &str) -> Result<(), FleetError> {
-        let mut c = self.client.clone();
         let marker = self.marker_key(&self.cfg.node, model);
-        let resp = c.get(marker.clone(), None).await.map_err(etcd_err)?;
+        let resp = self
+            .kv(|mut c| {
+                let key = marker.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
         let Some(slot) = resp.kvs().first().map(|kv| kv.value().to_vec()) else {
             return Ok(());
         };
@@ -527,7 +587,11 @@ impl Fleet {
                 TxnOp::delete(slot_key, None::<DeleteOptions>),
                 TxnOp::delete(marker, None::<DeleteOptions>),
             ]);
-        c.txn(txn).await.map_err(etcd_err)?;
+        self.kv(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await?;
         tracing::info!(model, "fleet mode: placement released (server stopped)");
         Ok(())
     }
@@ -555,13 +619,23 @@ impl Fleet {
     pub async fn leave(&self) {
         let lease = self.lease.swap(0, Ordering::SeqCst);
         if lease != 0 {
-            let mut c = self.client.clone();
-            let _ = c.lease_revoke(lease).await;
+            let _ = self
+                .kv(|mut c| async move { c.lease_revoke(lease).await })
+                .await;
         }
     }
 
     fn set_etcd_down(&self, why: Option<String>) {
-        *Self::lock(&self.etcd_down) = why;
+        let mut down = Self::lock(&self.etcd_down);
+        if *down != why {
+            match &why {
+                Some(w) => {
+                    tracing::warn!(node = %self.cfg.node, "fleet mode: etcd unavailable: {w}")
+                }
+                None => tracing::info!(node = %self.cfg.node, "fleet mode: etcd reachable again"),
+            }
+        }
+        *down = why;
     }
 
     /// Why etcd is unusable, if it is (for `/api/cluster` and messages).
@@ -603,14 +677,18 @@ async fn upkeep(weak: std::sync::Weak<Fleet>) {
         // Keep-alive: one request, one answer, within a tick.
         let answer = async {
             if keeper.is_none() {
-                let mut c = fleet.client.clone();
-                keeper = Some(c.lease_keep_alive(lease).await?);
+                keeper = Some(
+                    fleet
+                        .kv(|mut c| async move { c.lease_keep_alive(lease).await })
+                        .await
+                        .map_err(|e| e.to_string())?,
+                );
             }
             let Some((k, s)) = keeper.as_mut() else {
                 return Ok(None);
             };
-            k.keep_alive().await?;
-            s.message().await
+            k.keep_alive().await.map_err(|e| e.to_string())?;
+            s.message().await.map_err(|e| e.to_string())
         };
         let ttl = match tokio::time::timeout(tick, answer).await {
             Ok(Ok(Some(resp))) => Some(resp.ttl()),

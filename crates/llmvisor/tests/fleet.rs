@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::fleet::{chat, etcd_or_skip, get, post, Etcd, FleetNode};
+use support::fleet::{chat, etcd_or_skip, get, post, post_with, Etcd, FleetNode, CLUSTER_KEY};
 
 /// A fleet name of its own per test, so tests sharing nothing but the binary never meet.
 fn fleet_name(test: &str) -> String {
@@ -95,6 +95,46 @@ async fn thirty_concurrent_requests_over_three_nodes_spawn_once() {
     let (_, body) = get(&urls[1], "/api/models").await.unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v[0]["node"], "n1", "{v}");
+
+    // A hop authenticates with the cluster key; a wrong one is refused like a missing key.
+    let holder = &nodes[nodes
+        .iter()
+        .position(|n| !n.running("m").is_empty())
+        .unwrap()];
+    let hop = |key: &'static str| [("x-llmvisor-hop", "n9"), ("x-llmvisor-cluster-key", key)];
+    let wrong = post_with(
+        &holder.url,
+        "/v1/chat/completions",
+        &chat("m"),
+        &hop("not-the-key-at-all"),
+    )
+    .await;
+    assert_eq!(wrong.unwrap().0, 401);
+    let right = post_with(
+        &holder.url,
+        "/v1/chat/completions",
+        &chat("m"),
+        &hop(CLUSTER_KEY),
+    )
+    .await;
+    assert_eq!(right.unwrap().0, 200);
+    // A hop only reaches the model where it is placed.
+    let elsewhere = nodes.iter().find(|n| n.running("m").is_empty()).unwrap();
+    let (status, body) = post_with(
+        &elsewhere.url,
+        "/v1/chat/completions",
+        &chat("m"),
+        &hop(CLUSTER_KEY),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("fleet_not_placed_here"), "{body}");
+    // The cluster key does not open the management API.
+    let (status, _) = post_with(&holder.url, "/api/models/m/unload", "", &hop(CLUSTER_KEY))
+        .await
+        .unwrap();
+    assert_eq!(status, 401);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -274,6 +274,23 @@ pub async fn post(url: &str, path: &str, body: &str) -> Result<(u16, String), St
     send(req).await
 }
 
+/// A POST with exactly `headers` (no client key unless given).
+pub async fn post_with(
+    url: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String> {
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri(format!("{url}{path}"))
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send(req.body(axum::body::Body::from(body.to_string())).unwrap()).await
+}
+
 /// A GET with the client key.
 pub async fn get(url: &str, path: &str) -> Result<(u16, String), String> {
     let req = http::Request::builder()

@@ -365,3 +365,56 @@ async fn etcd_quorum_loss_keeps_local_serving_and_refuses_new_placements() {
     assert_eq!(total_spawns(&nodes, "a"), 1);
     assert_eq!(total_spawns(&nodes, "b"), 1);
 }
+
+/// Forwarded vs local latency to the response head and throughput, for a ready model.
+/// `cargo test -p llmvisor --features fleet --test fleet bench -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run on demand"]
+async fn bench_forwarded_vs_local() {
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let etcd = Etcd::start(3);
+    let fleet = fleet_name("bench");
+    let nodes = nodes(2, &fleet, &etcd, "5s", &[("m", "--chunks 1", "")]);
+    let (status, _) = post(&nodes[0].url, "/v1/chat/completions", &chat("m"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        !nodes[0].running("m").is_empty(),
+        "placed on the node asked"
+    );
+    for (label, url) in [("local", &nodes[0].url), ("forwarded", &nodes[1].url)] {
+        let mut lat = Vec::new();
+        for _ in 0..300 {
+            let began = Instant::now();
+            let (status, _) = post(url, "/v1/chat/completions", &chat("m")).await.unwrap();
+            assert_eq!(status, 200);
+            lat.push(began.elapsed());
+        }
+        lat.sort();
+        let began = Instant::now();
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    for _ in 0..50 {
+                        let (s, _) = post(&url, "/v1/chat/completions", &chat("m"))
+                            .await
+                            .unwrap();
+                        assert_eq!(s, 200);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let rps = 400.0 / began.elapsed().as_secs_f64();
+        eprintln!(
+            "{label:>9}: p50 {:?} p90 {:?} p99 {:?} (300 sequential); {rps:.0} req/s (8 concurrent, 400 requests)",
+            lat[150], lat[270], lat[297]
+        );
+    }
+}

@@ -418,3 +418,33 @@ async fn bench_forwarded_vs_local() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_loaded_through_the_api_gets_a_placement_and_keeps_running() {
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let etcd = Etcd::start(3);
+    let fleet = fleet_name("apiload");
+    let nodes = nodes(2, &fleet, &etcd, "2s", &[("m", "", "")]);
+    let (status, body) = post(&nodes[1].url, "/api/models/m/load", "").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let pids = nodes[1].running("m");
+    assert_eq!(pids.len(), 1);
+    // The reconciliation (every lease_ttl / 3) claims a slot for it rather than stopping it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while placements(&nodes[0].url).await != [("m".to_string(), "n1".to_string())] {
+        assert!(
+            Instant::now() < deadline,
+            "no placement for the loaded model"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Requests through the other node go there; nothing else is started.
+    let (status, body) = post(&nodes[0].url, "/v1/chat/completions", &chat("m"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(nodes[1].running("m"), pids);
+    assert_eq!(total_spawns(&nodes, "m"), 1);
+}

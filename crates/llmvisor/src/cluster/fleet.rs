@@ -55,6 +55,9 @@ pub struct Fleet {
     pub fences: AtomicU64,
 }
 
+/// How long an etcd operation is retried over the endpoints before it counts as failed.
+const ETCD_RETRY: Duration = Duration::from_secs(2);
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -129,6 +132,24 @@ impl Fleet {
     /// safe for every operation used here: a transaction that did apply before its answer was
     /// lost fails its compare the second time, and the caller reads the state again.
     async fn kv<T, F, Fut>(&self, op: F) -> Result<T, FleetError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        // Rounds over the endpoints for up to ETCD_RETRY: long enough to ride out a leader
+        // election ("leader changed") after a member died.
+        let deadline = Instant::now() + ETCD_RETRY;
+        loop {
+            match self.kv_round(&op).await {
+                Ok(v) => return Ok(v),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// One try of `op` on each endpoint, starting with the current one.
+    async fn kv_round<T, F, Fut>(&self, op: &F) -> Result<T, FleetError>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
@@ -282,6 +303,10 @@ impl Fleet {
         if self.is_fenced() {
             return Err(FleetError::Fenced);
         }
+        if self.etcd_down().is_some() && self.running_locally(&model.id) {
+            // etcd is known to be out: what runs here keeps serving, without waiting for it.
+            return Ok(Route::Local);
+        }
         let placed = match self.placements(Some(&model.id)).await {
             Ok(p) => p,
             // Without etcd, a server already running here keeps serving.
@@ -298,7 +323,7 @@ impl Fleet {
         }
         if (placed.len() as u32) < model.replicas {
             // Room for another instance: claim one (eagerly, up to `replicas`).
-            match self.claim(model).await {
+            match self.claim(model, false).await {
                 Ok(route @ Route::Remote { .. }) if here => {
                     // A new replica elsewhere: send this request there (it is idle).
                     return Ok(route);
@@ -355,7 +380,8 @@ impl Fleet {
     }
 
     /// Claims a placement for `model` (one claim at a time per model on this node).
-    async fn claim(&self, model: &ModelConfig) -> Result<Route, FleetError> {
+    /// `only_here`: claim a slot for this node or none (for a server already running here).
+    async fn claim(&self, model: &ModelConfig, only_here: bool) -> Result<Route, FleetError> {
         let gate = Self::lock(&self.claims)
             .entry(model.id.clone())
             .or_default()
@@ -375,7 +401,13 @@ impl Fleet {
                 .filter(|n| !placed.iter().any(|p| p.node == n.id))
                 .filter(|n| model.nodes.is_empty() || model.nodes.contains(&n.id))
                 .collect();
-            let Some(target) = choose_node(&self.cfg.node, &candidates, model.memory) else {
+            let target = if only_here {
+                // Its memory is already counted in this node's record: no fit check.
+                candidates.iter().find(|n| n.id == self.cfg.node)
+            } else {
+                choose_node(&self.cfg.node, &candidates, model.memory)
+            };
+            let Some(target) = target else {
                 let why = if model.nodes.is_empty() {
                     "every live node is full (memory budget or max_loaded) or already runs it"
                         .to_string()
@@ -547,6 +579,15 @@ impl Fleet {
             let running = matches!(s.state, Phase::Starting | Phase::Ready);
             match mine.get(&s.id) {
                 None if running => {
+                    // Started here outside a request (preload, /api/models/ID/load, a lease):
+                    // it keeps running if it can have a slot; else another node holds them all.
+                    let claimed = match self.model(&s.id) {
+                        Some(m) => self.claim(m, true).await,
+                        None => continue,
+                    };
+                    if matches!(claimed, Ok(Route::Local)) {
+                        continue;
+                    }
                     tracing::warn!(model = %s.id, "fleet mode: running without a placement here; stopping it");
                     if let Err(e) = self.sup.unload(&s.id, true).await {
                         tracing::warn!(model = %s.id, "stop failed: {e}");
@@ -721,6 +762,9 @@ async fn upkeep(weak: std::sync::Weak<Fleet>) {
                 if silent >= fleet.cfg.lease_ttl && !fleet.is_fenced() {
                     if fleet.quorum_lost().await {
                         fleet.set_etcd_down(Some("etcd has no quorum".into()));
+                        // No lease expires without a leader, and a new leader gives every
+                        // lease its full TTL again: count the silence from now.
+                        *Fleet::lock(&fleet.renewed) = Instant::now();
                         continue;
                     }
                     fleet.set_etcd_down(Some("no etcd member answers".into()));

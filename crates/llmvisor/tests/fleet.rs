@@ -448,3 +448,118 @@ async fn a_model_loaded_through_the_api_gets_a_placement_and_keeps_running() {
     assert_eq!(nodes[1].running("m"), pids);
     assert_eq!(total_spawns(&nodes, "m"), 1);
 }
+
+/// A small deterministic generator (xorshift), seeded from the clock and printed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Random `kill -9`s, SIGTERMs and restarts of nodes under a steady request stream (bounded:
+/// `FLEET_CHAOS_SECS`, default 20 s): every request succeeds or gets a clean 5xx, never more than
+/// `replicas` instances (sampled every 100 ms), no orphans at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_of_kills_and_restarts_under_a_request_stream() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let secs: u64 = std::env::var("FLEET_CHAOS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("chaos: {secs} s, seed {seed}");
+    let mut rng = Rng(seed);
+    let etcd = Etcd::start(3);
+    let fleet = fleet_name("chaos");
+    let mut nodes = nodes(3, &fleet, &etcd, "2s", &[("m", "--chunks 2", "")]);
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, clean_5xx, unreachable) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let clients: Vec<_> = (0..2)
+        .map(|c| {
+            let (urls, stop) = (urls.clone(), stop.clone());
+            let (ok, clean_5xx, unreachable) = (ok.clone(), clean_5xx.clone(), unreachable.clone());
+            tokio::spawn(async move {
+                let mut i = c;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    match post(&urls[i % 3], "/v1/chat/completions", &chat("m")).await {
+                        Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
+                        Ok((s, body)) if s >= 500 => {
+                            assert!(body.contains("\"error\""), "unclean {s}: {body}");
+                            clean_5xx.fetch_add(1, Ordering::Relaxed)
+                        }
+                        Ok((s, body)) => panic!("status {s}: {body}"),
+                        // The node asked is down (killed by the chaos loop).
+                        Err(_) => unreachable.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+
+    let began = Instant::now();
+    let mut max_running = 0;
+    let mut next_event = Instant::now() + Duration::from_millis(1500);
+    while began.elapsed() < Duration::from_secs(secs) {
+        let running: usize = nodes.iter().map(|n| n.running("m").len()).sum();
+        max_running = max_running.max(running);
+        assert!(running <= 1, "{running} instances of a replicas = 1 model");
+        if Instant::now() >= next_event {
+            let i = rng.next(3) as usize;
+            let alive = nodes.iter().filter(|n| n.serve.is_some()).count();
+            if nodes[i].serve.is_none() {
+                nodes[i].start();
+                eprintln!("chaos: restarted {}", nodes[i].id);
+            } else if alive > 1 {
+                if rng.next(2) == 0 {
+                    nodes[i].kill9();
+                    eprintln!("chaos: kill -9 {}", nodes[i].id);
+                } else {
+                    let status = nodes[i]
+                        .serve
+                        .as_mut()
+                        .unwrap()
+                        .terminate(Duration::from_secs(20));
+                    assert!(status.success(), "{status}");
+                    nodes[i].serve = None;
+                    eprintln!("chaos: SIGTERM {}", nodes[i].id);
+                }
+            }
+            next_event = Instant::now() + Duration::from_millis(1000 + rng.next(2000));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (ok, clean, down) = (
+        ok.load(Ordering::Relaxed),
+        clean_5xx.load(Ordering::Relaxed),
+        unreachable.load(Ordering::Relaxed),
+    );
+    eprintln!("chaos: {ok} × 200, {clean} × clean 5xx, {down} × node down; at most {max_running} instance(s)");
+    assert!(ok > 0);
+    let spawned: Vec<u32> = nodes.iter().flat_map(|n| n.spawned("m")).collect();
+    for n in &mut nodes {
+        n.kill9();
+    }
+    support::assert_gone(&spawned, Duration::from_secs(10)).await;
+}

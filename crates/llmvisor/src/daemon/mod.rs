@@ -153,8 +153,9 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         );
     }
     state.leases.clear();
-    fleet::leave(&state).await;
+    // Servers first, then the lease: no other node places a model while it still runs here.
     state.sup.shutdown().await;
+    fleet::leave(&state).await;
     tracing::info!("all servers stopped");
 }
 

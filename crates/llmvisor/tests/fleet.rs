@@ -563,3 +563,58 @@ async fn chaos_of_kills_and_restarts_under_a_request_stream() {
     }
     support::assert_gone(&spawned, Duration::from_secs(10)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_stream_is_not_buffered() {
+    use http_body_util::BodyExt;
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let etcd = Etcd::start(3);
+    let fleet = fleet_name("stream");
+    let nodes = nodes(
+        2,
+        &fleet,
+        &etcd,
+        "3s",
+        &[("m", "--chunks 6 --chunk-delay 300ms", "")],
+    );
+    let (status, _) = post(&nodes[0].url, "/upstream/m/health", "{}")
+        .await
+        .unwrap();
+    assert!(status < 500, "{status}");
+    assert!(
+        !nodes[0].running("m").is_empty(),
+        "placed on the node asked"
+    );
+
+    let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let auth = format!("Bearer {}", support::fleet::CLIENT_KEY);
+    let began = Instant::now();
+    let (status, headers, mut incoming) = support::http::send(
+        "POST",
+        &format!("{}/v1/chat/completions", nodes[1].url),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &auth),
+        ],
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-llmvisor-node"], "n0", "forwarded to the holder");
+    let mut first = None;
+    while let Some(frame) = incoming.frame().await {
+        if frame.unwrap().data_ref().is_some_and(|d| !d.is_empty()) && first.is_none() {
+            first = Some(began.elapsed());
+        }
+    }
+    let (first, total) = (first.expect("some data"), began.elapsed());
+    eprintln!("forwarded stream: first bytes after {first:?}, end after {total:?}");
+    // Six chunks 300 ms apart: the first must arrive long before the last is produced.
+    assert!(total >= Duration::from_millis(1500), "{total:?}");
+    assert!(
+        first + Duration::from_millis(1000) < total,
+        "buffered: first {first:?}, total {total:?}"
+    );
+}

@@ -46,6 +46,8 @@ pub struct Fleet {
     renewed: Mutex<Instant>,
     /// Why etcd is unusable right now (`None`: fine).
     etcd_down: Mutex<Option<String>>,
+    /// Every placement by key, kept by a watch while it runs (`None`: no live watch; read etcd).
+    cache: Mutex<Option<HashMap<String, Placement>>>,
     /// One claim at a time per model on this node.
     claims: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     /// Requests this node has forwarded and not finished, by target node.
@@ -91,6 +93,7 @@ impl Fleet {
             fenced: AtomicBool::new(false),
             renewed: Mutex::new(Instant::now()),
             etcd_down: Mutex::new(None),
+            cache: Mutex::new(None),
             claims: Mutex::new(HashMap::new()),
             forwarding: Mutex::new(HashMap::new()),
             forwards: AtomicU64::new(0),
@@ -109,6 +112,8 @@ impl Fleet {
         );
         let weak = Arc::downgrade(&fleet);
         tokio::spawn(async move { upkeep(weak).await });
+        let weak = Arc::downgrade(&fleet);
+        tokio::spawn(async move { watch_placements(weak).await });
         Ok(fleet)
     }
 
@@ -282,6 +287,13 @@ impl Fleet {
             .collect())
     }
 
+    /// The placements of `model` as the watch last saw them (`None` without a live watch).
+    fn cached(&self, model: &str) -> Option<Vec<Placement>> {
+        let cache = Self::lock(&self.cache);
+        let all = cache.as_ref()?;
+        Some(all.values().filter(|p| p.model == model).cloned().collect())
+    }
+
     fn model(&self, name: &str) -> Option<&ModelConfig> {
         self.models.iter().find(|m| m.answers_to(name))
     }
@@ -307,7 +319,14 @@ impl Fleet {
             // etcd is known to be out: what runs here keeps serving, without waiting for it.
             return Ok(Route::Local);
         }
-        let placed = match self.placements(Some(&model.id)).await {
+        let cached = self.cached(&model.id);
+        // A hop that the cache does not place here may be newer than the cache: read etcd.
+        let cached = cached.filter(|p| !hop || p.iter().any(|p| p.node == self.cfg.node));
+        let read = match cached {
+            Some(p) => Ok(p),
+            None => self.placements(Some(&model.id)).await,
+        };
+        let placed = match read {
             Ok(p) => p,
             // Without etcd, a server already running here keeps serving.
             Err(_) if self.running_locally(&model.id) => return Ok(Route::Local),
@@ -780,5 +799,81 @@ async fn upkeep(weak: std::sync::Weak<Fleet>) {
                 }
             }
         }
+    }
+}
+
+/// Keeps `Fleet::cache` equal to the placements in etcd: a read, then a watch from the next
+/// revision; on any failure the cache is dropped (requests read etcd) and the watch starts over.
+async fn watch_placements(weak: std::sync::Weak<Fleet>) {
+    use etcd_client::{EventType, WatchOptions};
+    loop {
+        let Some(fleet) = weak.upgrade() else { return };
+        if fleet.lease.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let prefix = format!("{}placements/", fleet.prefix);
+        let snapshot = fleet
+            .kv(|mut c| {
+                let key = prefix.clone();
+                async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await;
+        let Ok(snapshot) = snapshot else {
+            drop(fleet);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        let revision = snapshot.header().map_or(0, |h| h.revision());
+        let mut map: HashMap<String, Placement> = snapshot
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let p = serde_json::from_slice(kv.value()).ok()?;
+                Some((String::from_utf8_lossy(kv.key()).into_owned(), p))
+            })
+            .collect();
+        let stream = fleet
+            .kv(|mut c| {
+                let key = prefix.clone();
+                let opts = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1);
+                async move { c.watch(key, Some(opts)).await }
+            })
+            .await;
+        let Ok(mut stream) = stream else {
+            drop(fleet);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        *Fleet::lock(&fleet.cache) = Some(map.clone());
+        drop(fleet);
+        loop {
+            let msg = stream.message().await;
+            let Some(fleet) = weak.upgrade() else { return };
+            let resp = match msg {
+                Ok(Some(r)) if !r.canceled() => r,
+                _ => {
+                    *Fleet::lock(&fleet.cache) = None;
+                    break;
+                }
+            };
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                match ev.event_type() {
+                    EventType::Put => {
+                        if let Ok(p) = serde_json::from_slice(kv.value()) {
+                            map.insert(key, p);
+                        }
+                    }
+                    EventType::Delete => {
+                        map.remove(&key);
+                    }
+                }
+            }
+            *Fleet::lock(&fleet.cache) = Some(map.clone());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -13,6 +13,10 @@ use http::HeaderMap;
 use super::error::ApiError;
 use super::state::AppState;
 
+/// Marks a hop's 503 "not placed here": the forwarding node routes the request again.
+#[cfg(feature = "fleet")]
+const NOT_PLACED_HEADER: &str = "x-llmvisor-not-placed";
+
 /// The fleet handle a daemon in fleet mode holds.
 #[cfg(feature = "fleet")]
 pub type FleetHandle = Arc<crate::cluster::Fleet>;
@@ -88,6 +92,14 @@ pub async fn divert(
                     let sent = take_body(&mut body);
                     match forward(st, fleet, &node, &advertise, &parts, sent, path_and_query).await
                     {
+                        // The placement moved after this node looked: route again.
+                        Ok(resp)
+                            if resp.headers().contains_key(NOT_PLACED_HEADER)
+                                && replay.is_some()
+                                && std::time::Instant::now() < deadline =>
+                        {
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        }
                         Ok(resp) => return Ok(resp),
                         Err(e) if replay.is_some() && std::time::Instant::now() < deadline => {
                             tracing::info!(model, node = %node, "fleet mode: node unreachable ({e}); waiting for its placement to expire");
@@ -110,13 +122,18 @@ pub async fn divert(
             FleetError::NoRoom { .. } => "fleet_no_room",
             FleetError::NotPlacedHere(_) => "fleet_not_placed_here",
         };
-        Ok(ApiError::new(
+        let mut resp = ApiError::new(
             http::StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
             code,
             routed.to_string(),
         )
-        .into_response())
+        .into_response();
+        if matches!(routed, FleetError::NotPlacedHere(_)) {
+            resp.headers_mut()
+                .insert(NOT_PLACED_HEADER, http::HeaderValue::from_static("1"));
+        }
+        Ok(resp)
     }
     #[cfg(not(feature = "fleet"))]
     {

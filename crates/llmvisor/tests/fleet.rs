@@ -385,7 +385,19 @@ async fn bench_forwarded_vs_local() {
         !nodes[0].running("m").is_empty(),
         "placed on the node asked"
     );
-    for (label, url) in [("local", &nodes[0].url), ("forwarded", &nodes[1].url)] {
+    // The same model on a daemon without [cluster], for the cost of fleet mode itself.
+    let single = support::Scratch::new();
+    let config = single.write_config(&[("m", "--chunks 1")], "");
+    let plain = support::serve::ServeProcess::start(&config);
+    let (status, _) = post(&plain.url, "/v1/chat/completions", &chat("m"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    for (label, url) in [
+        ("single", &plain.url),
+        ("local", &nodes[0].url),
+        ("forwarded", &nodes[1].url),
+    ] {
         let mut lat = Vec::new();
         for _ in 0..300 {
             let began = Instant::now();

@@ -1164,10 +1164,13 @@ impl Parser<'_> {
             },
         };
 
-        let cluster = top
-            .cluster
-            .as_ref()
-            .and_then(|n| self.cluster(n, listen.as_ref()));
+        let cluster = top.cluster.as_ref().and_then(|n| {
+            self.cluster(
+                n,
+                listen.as_ref(),
+                top.api_keys.as_ref().is_some_and(|k| !k.is_empty()),
+            )
+        });
         Config {
             source: path.map(Path::to_path_buf),
             listen: listen

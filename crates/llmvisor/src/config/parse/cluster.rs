@@ -99,6 +99,7 @@ impl Parser<'_> {
         &mut self,
         n: &Node,
         listen: Option<&Sp<SocketAddr>>,
+        api_keys: bool,
     ) -> Option<ClusterConfig> {
         let Kind::Table(fields) = &n.kind else {
             self.type_err("`cluster`", n, "a table");
@@ -239,7 +240,14 @@ impl Parser<'_> {
                 }
             }
         };
-        if cluster_key.is_none() && !url_is_loopback(&advertise.v) {
+        if cluster_key.is_none() && api_keys {
+            self.err_help(
+                n.at(),
+                "[cluster] needs `cluster_key` when `api_keys` are set",
+                "nodes forward requests to each other with the cluster key, never with a client's \
+                 key; set the same long random secret on every node",
+            );
+        } else if cluster_key.is_none() && !url_is_loopback(&advertise.v) {
             self.err_help(
                 advertise.at,
                 "[cluster] needs `cluster_key` when `advertise` is not a loopback address",
@@ -329,6 +337,16 @@ mod tests {
         assert!(e.contains("did you mean `node`?"), "{e}");
         assert!(
             e.contains("<config>:8:12: error: `replicas` must be between 1 and 1000"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn api_keys_need_a_cluster_key() {
+        let text = format!("api_keys = [\"k\"]\n[cluster]\n{MODEL}");
+        let e = parse(&text).unwrap_err();
+        assert!(
+            e.contains("needs `cluster_key` when `api_keys` are set"),
             "{e}"
         );
     }

@@ -10,8 +10,17 @@
 # ~/.cache/llmvisor/py-venv) gets maturin, pytest, openai and mypy from PyPI, the wheel is built from
 # crates/llmvisor-py (debug profile, sharing the build above; LLMVISOR_PY_PROFILE=release for an
 # optimised one) and installed, and its pytest suite runs. LLMVISOR_SKIP_PYTHON=1 skips it.
+# Fleet mode (cargo feature `fleet`, tests/fleet.rs) needs etcd and protoc: scripts/setup-fleet.sh
+# installs them with apt-get when missing (quiet when present). LLMVISOR_SKIP_FLEET=1 builds and
+# tests without the feature.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+features=()
+if [ "${LLMVISOR_SKIP_FLEET:-0}" != 1 ]; then
+  scripts/setup-fleet.sh
+  features=(--features llmvisor/fleet)
+fi
 
 if [ "${LLMVISOR_SKIP_LLAMA:-0}" != 1 ]; then
   # Prints LLAMA_SERVER=…, LLAMA_MODEL=…, LLAMA_VENV=… on stdout.
@@ -25,7 +34,7 @@ pylog=$(mktemp)
 wheels=$(mktemp -d)
 trap 'rm -rf "$log" "$pylog" "$wheels"' EXIT
 status=0
-cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+cargo test --workspace "${features[@]}" "$@" 2>&1 | tee "$log" || status=$?
 
 if [ "${LLMVISOR_SKIP_PYTHON:-0}" != 1 ]; then
   venv=${LLMVISOR_PY_VENV:-$HOME/.cache/llmvisor/py-venv}

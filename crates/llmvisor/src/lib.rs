@@ -7,6 +7,7 @@
 pub mod child;
 #[cfg(feature = "daemon")]
 pub mod cli;
+pub mod cluster;
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;

@@ -20,6 +20,8 @@ pub struct ModelInfo {
     pub error: Option<String>,
     /// Bytes the memory budget counts (declared, estimated or measured).
     pub memory: Option<u64>,
+    /// Fleet mode: the node whose server this describes.
+    pub node: Option<String>,
 }
 
 /// Longest ERROR cell, in characters.
@@ -30,9 +32,14 @@ const MAX_ERROR_CHARS: usize = 100;
 /// has one.
 pub fn render(models: &[ModelInfo]) -> String {
     let with_error = models.iter().any(|m| error_cell(m).is_some());
+    // NODE only in fleet mode, where the daemon names the node.
+    let with_node = models.iter().any(|m| m.node.is_some());
     let mut header = vec![
         "MODEL", "STATE", "PID", "PORT", "LEASES", "RESTARTS", "READY", "MEMORY",
     ];
+    if with_node {
+        header.insert(1, "NODE");
+    }
     if with_error {
         header.push("ERROR");
     }
@@ -53,6 +60,9 @@ pub fn render(models: &[ModelInfo]) -> String {
             m.memory
                 .map_or_else(|| "-".to_string(), crate::units::format_size_column),
         ];
+        if with_node {
+            row.insert(1, m.node.clone().unwrap_or_else(|| "-".to_string()));
+        }
         if with_error {
             row.push(error_cell(m).unwrap_or_else(|| "-".to_string()));
         }
@@ -156,6 +166,21 @@ bad    failed   -    -     0       0         -      -       server exited during
 "
         );
         assert!(!render(&[model("ok", "stopped")]).contains("ERROR"));
+    }
+
+    #[test]
+    fn fleet_mode_adds_a_node_column() {
+        let mut a = model("a", "ready");
+        a.node = Some("box-a".into());
+        let table = render(&[a, model("b", "stopped")]);
+        assert_eq!(
+            table,
+            "\
+MODEL  NODE   STATE    PID  PORT  LEASES  RESTARTS  READY  MEMORY
+a      box-a  ready    -    -     0       0         -      -
+b      -      stopped  -    -     0       0         -      -
+"
+        );
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     /// Limits and browser rules of the HTTP front end.
     pub http: HttpSettings,
+    /// `[cluster]`: fleet mode (`None`: one host).
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// The HTTP front end's limits and browser rules (top-level keys of the same names).
@@ -120,6 +122,39 @@ impl Default for HttpSettings {
         }
     }
 }
+
+/// `[cluster]`: this node's part in a fleet coordinated by etcd (docs/fleet.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// etcd v3 endpoints (`http://host:port`); never empty.
+    pub etcd: Vec<String>,
+    /// Key prefix: several fleets may share one etcd.
+    pub name: String,
+    /// This node's id, unique in the fleet (default: the host name).
+    pub node: String,
+    /// Base URL at which the other nodes reach this node's daemon (default: `http://` + `listen`).
+    pub advertise: String,
+    /// A node silent this long loses its placements (whole seconds, at least 2).
+    pub lease_ttl: Duration,
+    /// Shared secret that node-to-node hops carry (required unless `advertise` is loopback).
+    pub cluster_key: Option<String>,
+}
+
+/// `[cluster]` keys.
+pub const CLUSTER_KEYS: &[&str] = &[
+    "etcd",
+    "name",
+    "node",
+    "advertise",
+    "lease_ttl",
+    "cluster_key",
+];
+/// `[cluster] etcd` when not set.
+pub const DEFAULT_ETCD: &str = "http://127.0.0.1:2379";
+/// `[cluster] name` when not set.
+pub const DEFAULT_CLUSTER_NAME: &str = "llmvisor";
+/// `[cluster] lease_ttl` when not set.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
 
 impl Config {
     /// The model with this id or alias.
@@ -181,6 +216,10 @@ pub struct ModelConfig {
     pub pinned: bool,
     /// Background health probing while ready.
     pub health: HealthCheck,
+    /// Fleet mode: at most this many instances cluster-wide (at least 1).
+    pub replicas: u32,
+    /// Fleet mode: the nodes it may run on (empty: any).
+    pub nodes: Vec<String>,
 }
 
 /// How a ready server is watched: `health_interval`, `health_failures`, `on_unhealthy`.
@@ -236,6 +275,8 @@ impl ModelConfig {
             memory: None,
             pinned: false,
             health: HealthCheck::default(),
+            replicas: 1,
+            nodes: Vec::new(),
         }
     }
 

@@ -15,6 +15,8 @@ use super::{
 };
 use crate::units::{self, DURATION_FORMS, SIZE_FORMS};
 
+mod cluster;
+
 /// Keys allowed at the top level of the file.
 pub const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
@@ -38,6 +40,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "max_clients",
     "body_budget",
     "leases_per_caller",
+    "cluster",
 ];
 
 /// Keys allowed in a `[models."ID"]` table.
@@ -58,6 +61,8 @@ pub const MODEL_KEYS: &[&str] = &[
     "health_failures",
     "on_unhealthy",
     "max_connections",
+    "replicas",
+    "nodes",
 ];
 
 /// Per-model keys that differ for every model: not allowed in `[defaults]`.
@@ -213,6 +218,8 @@ struct Settings {
     health_failures: Option<u32>,
     max_connections: Option<usize>,
     on_unhealthy: Option<OnUnhealthy>,
+    replicas: Option<u32>,
+    nodes: Option<Vec<String>>,
     /// Some template of this table was malformed (its ${PORT}/${SOCKET} uses are unknown).
     template_error: bool,
 }
@@ -251,6 +258,12 @@ impl Settings {
         }
         if let Some(n) = self.max_connections {
             m.max_connections = Some(n);
+        }
+        if let Some(r) = self.replicas {
+            m.replicas = r;
+        }
+        if let Some(nodes) = &self.nodes {
+            m.nodes.clone_from(nodes);
         }
     }
 }
@@ -292,6 +305,7 @@ struct Top {
     defaults: Settings,
     models: Vec<RawModel>,
     http: crate::config::HttpSettings,
+    cluster: Option<Node>,
 }
 
 #[derive(Clone, Copy)]
@@ -664,6 +678,7 @@ impl Parser<'_> {
                 Some(_) => self.err(n.at(), "`body_budget` must be more than 0 bytes"),
                 None => {}
             },
+            "cluster" => top.cluster = Some(n.clone()),
             _ => self.unknown_key(f, Scope::Top),
         }
     }
@@ -997,6 +1012,8 @@ impl Parser<'_> {
                     ),
                     None => {}
                 },
+                "replicas" => s.replicas = self.replicas(v),
+                "nodes" => s.nodes = self.nodes(v),
                 _ => self.unknown_key(f, scope),
             }
         }
@@ -1280,6 +1297,13 @@ impl Parser<'_> {
             },
         };
 
+        let cluster = top.cluster.as_ref().and_then(|n| {
+            self.cluster(
+                n,
+                listen.as_ref(),
+                top.api_keys.as_ref().is_some_and(|k| !k.is_empty()),
+            )
+        });
         Config {
             source: path.map(Path::to_path_buf),
             listen: listen
@@ -1300,6 +1324,7 @@ impl Parser<'_> {
             groups,
             models,
             http: top.http,
+            cluster,
         }
     }
 

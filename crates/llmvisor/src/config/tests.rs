@@ -1085,6 +1085,8 @@ fn every_listed_key_is_read_and_the_lists_agree() {
             "health_failures",
             "on_unhealthy",
             "max_connections",
+            "replicas",
+            "nodes",
         ]
     );
     for key in TOP_LEVEL_KEYS {

@@ -38,7 +38,17 @@ pub async fn v1_models(State(st): St) -> Response {
 }
 
 pub async fn models(State(st): St) -> Response {
-    Json(st.sup.status()).into_response()
+    let Some(node) = super::fleet::node_id(&st) else {
+        return Json(st.sup.status()).into_response();
+    };
+    // Fleet mode: each model says which node this answer is about.
+    let mut list = serde_json::to_value(st.sup.status()).unwrap_or_default();
+    if let Some(items) = list.as_array_mut() {
+        for m in items.iter_mut().filter_map(|m| m.as_object_mut()) {
+            m.insert("node".into(), json!(node));
+        }
+    }
+    Json(list).into_response()
 }
 
 pub async fn model(State(st): St, Path(id): Path<String>) -> Result<Response, ApiError> {
@@ -366,6 +376,7 @@ pub async fn metrics(State(st): St) -> Response {
     st.metrics
         .proxy_overhead
         .render(&mut out, "llmvisor_proxy_overhead_seconds", "");
+    super::fleet::metrics(&st, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -16,6 +16,7 @@ mod browser;
 mod conn;
 mod error;
 mod extract;
+pub mod fleet;
 mod leases;
 mod proxy;
 mod redact;
@@ -67,6 +68,8 @@ pub enum DaemonError {
     Supervisor(#[from] SupervisorError),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error("{0}")]
+    Fleet(String),
 }
 
 /// The router with every route of SPEC.md.
@@ -86,6 +89,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/leases", post(api::create_lease))
         .route("/api/leases/{id}/renew", post(api::renew_lease))
         .route("/api/leases/{id}", delete(api::release_lease))
+        .route("/api/cluster", get(fleet::cluster))
         .fallback(|| async {
             ApiError::not_found("no such route (see GET /v1/models and /api/models)")
         })
@@ -116,7 +120,9 @@ async fn guard(
         let mut r = http::StatusCode::NO_CONTENT.into_response();
         browser::preflight_headers(r.headers_mut());
         r
-    } else if auth::allowed(scope, req.headers(), &cfg.api_keys, &cfg.admin_keys) {
+    } else if auth::allowed(scope, req.headers(), &cfg.api_keys, &cfg.admin_keys)
+        || fleet::hop_allowed(&st, req.uri().path(), req.headers())
+    {
         drop(cfg);
         next.run(req).await
     } else {
@@ -197,7 +203,9 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         );
     }
     state.leases.clear();
+    // Servers first, then the lease: no other node places a model while it still runs here.
     state.sup.shutdown().await;
+    fleet::leave(&state).await;
     tracing::info!("all servers stopped");
 }
 
@@ -217,6 +225,11 @@ pub fn with_overrides(
     state_dir: Option<PathBuf>,
 ) -> Result<Config, DaemonError> {
     if let Some(addr) = listen {
+        // A `[cluster] advertise` derived from the config's `listen` follows the override.
+        let derived = format!("http://{}", cfg.listen);
+        if let Some(c) = cfg.cluster.as_mut().filter(|c| c.advertise == derived) {
+            c.advertise = format!("http://{addr}");
+        }
         cfg.listen = addr;
     }
     if let Some(dir) = state_dir {
@@ -256,6 +269,10 @@ pub async fn serve_forever(
         "llmvisor listening on http://{addr}"
     );
     let state = AppState::new(sup, cfg);
+    if let Err(e) = fleet::start(&state).await {
+        state.sup.shutdown().await;
+        return Err(DaemonError::Fleet(e));
+    }
     preload(&state);
     // SIGHUP reloads while serving; SIGINT/SIGTERM end `run`.
     let reload_state = state.clone();

@@ -202,6 +202,10 @@ async fn forward(
     path_and_query: &str,
     began: Instant,
 ) -> Response {
+    let (parts, body) = match super::fleet::divert(&st, model, parts, body, path_and_query).await {
+        Ok(resp) => return resp,
+        Err(local) => local,
+    };
     let in_flight = InFlight::new(st.clone());
     let acquire_began = Instant::now();
     let lease = match st.sup.acquire(model).await {
@@ -333,7 +337,7 @@ fn connection_listed(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, strip_auth: bool) {
+pub(super) fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, strip_auth: bool) {
     let listed = connection_listed(from);
     for (name, value) in from {
         if is_hop_by_hop(name, &listed)
@@ -348,7 +352,7 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, strip_auth: bool) {
 }
 
 /// Removes hop-by-hop headers and the upstream's own CORS headers from a response.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed = connection_listed(headers);
     let names: Vec<HeaderName> = headers
         .keys()

@@ -21,6 +21,8 @@ pub struct AppState {
     /// Bytes of request bodies buffered at once (`body_budget`), one permit per byte.
     pub body_budget: Arc<tokio::sync::Semaphore>,
     body_budget_total: usize,
+    /// Fleet mode (set once at start when the config has `[cluster]`).
+    pub fleet: std::sync::OnceLock<super::fleet::FleetHandle>,
 }
 
 impl AppState {
@@ -37,6 +39,7 @@ impl AppState {
             bound: RwLock::new(None),
             body_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
             body_budget_total: budget,
+            fleet: std::sync::OnceLock::new(),
         })
     }
 

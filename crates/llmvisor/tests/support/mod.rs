@@ -2,6 +2,7 @@
 //! every test can prove it left no process and no zombie behind.
 #![allow(dead_code)]
 
+pub mod fleet;
 pub mod http;
 pub mod llama;
 pub mod serve;
@@ -131,6 +132,7 @@ impl Scratch {
             groups: BTreeMap::new(),
             models,
             http: Default::default(),
+            cluster: None,
         }
     }
 

@@ -28,6 +28,11 @@ impl ServeProcess {
         // A port that was free a moment ago (ephemeral, so it does not meet the fake servers'
         // port ranges).
         let url = format!("http://127.0.0.1:{}", closed_port());
+        Self::start_at(config, url)
+    }
+
+    /// `llmvisor serve` listening at `url` (`http://127.0.0.1:PORT`).
+    pub fn start_at(config: &Path, url: String) -> ServeProcess {
         let mut child = Command::new(BIN)
             .args(["serve", "--config", config.to_str().unwrap()])
             .args(["--listen", url.trim_start_matches("http://")])

@@ -1,0 +1,879 @@
+//! The etcd side of fleet mode: registration under a kept-alive lease, placement claims,
+//! fencing and reconciliation. See the module doc of `cluster`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
+};
+use serde_json::json;
+use tokio::sync::Mutex as AsyncMutex;
+
+use super::{choose_node, FleetError, NodeRecord, Placement};
+use crate::config::{ClusterConfig, Config, ModelConfig};
+use crate::supervisor::{Phase, Supervisor};
+
+/// Where a request for a model goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    /// Served by this node's supervisor.
+    Local,
+    /// Forwarded to another node's daemon.
+    Remote { node: String, advertise: String },
+}
+
+/// Fleet mode of one daemon. Cheap to share (`Arc`).
+pub struct Fleet {
+    cfg: ClusterConfig,
+    prefix: String,
+    /// One client per etcd endpoint, connected on first use; operations go to `current` and
+    /// move on to the next endpoint when one fails.
+    clients: Mutex<Vec<Option<Client>>>,
+    current: AtomicUsize,
+    connect: ConnectOptions,
+    sup: Supervisor,
+    models: Vec<ModelConfig>,
+    budget_total: Option<u64>,
+    max_loaded: Option<usize>,
+    /// The lease this node's keys hang on (0: none yet).
+    lease: AtomicI64,
+    fenced: AtomicBool,
+    /// Last time etcd confirmed the lease (keep-alive answered with a positive TTL).
+    renewed: Mutex<Instant>,
+    /// Why etcd is unusable right now (`None`: fine).
+    etcd_down: Mutex<Option<String>>,
+    /// Every placement by key, kept by a watch while it runs (`None`: no live watch; read etcd).
+    cache: Mutex<Option<HashMap<String, Placement>>>,
+    /// One claim at a time per model on this node.
+    claims: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
+    /// Requests this node has forwarded and not finished, by target node.
+    forwarding: Mutex<HashMap<String, usize>>,
+    pub forwards: AtomicU64,
+    pub placements_claimed: AtomicU64,
+    pub fences: AtomicU64,
+}
+
+/// How long an etcd operation is retried over the endpoints before it counts as failed.
+const ETCD_RETRY: Duration = Duration::from_secs(2);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Fleet {
+    /// Connects to etcd and registers this node under a new lease. The background upkeep
+    /// (keep-alive, fencing, reconciliation) runs until `shutdown` is called or the process ends.
+    pub async fn start(
+        config: &Config,
+        cluster: &ClusterConfig,
+        sup: Supervisor,
+    ) -> Result<Arc<Self>, FleetError> {
+        let timeout = (cluster.lease_ttl / 3).max(Duration::from_millis(500));
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(1), timeout);
+        let fleet = Arc::new(Self {
+            prefix: format!("/llmvisor/{}/", cluster.name),
+            cfg: cluster.clone(),
+            clients: Mutex::new(vec![None; cluster.etcd.len()]),
+            current: AtomicUsize::new(0),
+            connect: opts,
+            sup,
+            models: config.models.clone(),
+            budget_total: config.memory_budget,
+            max_loaded: config.max_loaded,
+            lease: AtomicI64::new(0),
+            fenced: AtomicBool::new(false),
+            renewed: Mutex::new(Instant::now()),
+            etcd_down: Mutex::new(None),
+            cache: Mutex::new(None),
+            claims: Mutex::new(HashMap::new()),
+            forwarding: Mutex::new(HashMap::new()),
+            forwards: AtomicU64::new(0),
+            placements_claimed: AtomicU64::new(0),
+            fences: AtomicU64::new(0),
+        });
+        fleet.register().await.map_err(|e| FleetError::Connect {
+            endpoints: cluster.etcd.join(", "),
+            reason: e.to_string(),
+        })?;
+        tracing::info!(
+            node = %fleet.cfg.node,
+            fleet = %fleet.cfg.name,
+            advertise = %fleet.cfg.advertise,
+            "fleet mode: registered in etcd"
+        );
+        let weak = Arc::downgrade(&fleet);
+        tokio::spawn(async move { upkeep(weak).await });
+        let weak = Arc::downgrade(&fleet);
+        tokio::spawn(async move { watch_placements(weak).await });
+        Ok(fleet)
+    }
+
+    pub fn node(&self) -> &str {
+        &self.cfg.node
+    }
+
+    pub fn cluster_key(&self) -> Option<&str> {
+        self.cfg.cluster_key.as_deref()
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        self.cfg.lease_ttl
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Runs `op` against the current endpoint, then each other one while it fails. Retrying is
+    /// safe for every operation used here: a transaction that did apply before its answer was
+    /// lost fails its compare the second time, and the caller reads the state again.
+    async fn kv<T, F, Fut>(&self, op: F) -> Result<T, FleetError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        // Rounds over the endpoints for up to ETCD_RETRY: long enough to ride out a leader
+        // election ("leader changed") after a member died.
+        let deadline = Instant::now() + ETCD_RETRY;
+        loop {
+            match self.kv_round(&op).await {
+                Ok(v) => return Ok(v),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// One try of `op` on each endpoint, starting with the current one.
+    async fn kv_round<T, F, Fut>(&self, op: &F) -> Result<T, FleetError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let n = self.cfg.etcd.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = String::from("no etcd endpoint");
+        for k in 0..n {
+            let i = (start + k) % n;
+            let cached = Self::lock(&self.clients).get(i).cloned().flatten();
+            let client = match cached {
+                Some(c) => c,
+                None => {
+                    match Client::connect([&self.cfg.etcd[i]], Some(self.connect.clone())).await {
+                        Ok(c) => {
+                            if let Some(slot) = Self::lock(&self.clients).get_mut(i) {
+                                *slot = Some(c.clone());
+                            }
+                            c
+                        }
+                        Err(e) => {
+                            last = format!("{}: {e}", self.cfg.etcd[i]);
+                            continue;
+                        }
+                    }
+                }
+            };
+            match op(client).await {
+                Ok(v) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(e) => {
+                    last = format!("{}: {e}", self.cfg.etcd[i]);
+                    if let Some(slot) = Self::lock(&self.clients).get_mut(i) {
+                        *slot = None;
+                    }
+                }
+            }
+        }
+        Err(FleetError::Etcd(last))
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn node_key(&self, node: &str) -> String {
+        format!("{}nodes/{node}", self.prefix)
+    }
+    fn slot_prefix(&self, model: &str) -> String {
+        format!("{}placements/{model}/", self.prefix)
+    }
+    fn marker_key(&self, node: &str, model: &str) -> String {
+        format!("{}by-node/{node}/{model}", self.prefix)
+    }
+
+    fn record(&self, lease: i64) -> NodeRecord {
+        let status = self.sup.status();
+        let running: Vec<_> = status
+            .iter()
+            .filter(|s| matches!(s.state, Phase::Starting | Phase::Ready | Phase::Stopping))
+            .collect();
+        NodeRecord {
+            id: self.cfg.node.clone(),
+            advertise: self.cfg.advertise.clone(),
+            lease,
+            budget_total: self.budget_total,
+            budget_used: running.iter().filter_map(|s| s.memory).sum(),
+            max_loaded: self.max_loaded,
+            models: running.iter().map(|s| s.id.clone()).collect(),
+        }
+    }
+
+    /// A new lease and this node's record on it.
+    async fn register(&self) -> Result<(), FleetError> {
+        let ttl = self.cfg.lease_ttl.as_secs() as i64;
+        let lease = self
+            .kv(|mut c| async move { c.lease_grant(ttl, None).await })
+            .await?
+            .id();
+        let rec = serde_json::to_vec(&self.record(lease)).unwrap_or_default();
+        let key = self.node_key(&self.cfg.node);
+        self.kv(|mut c| {
+            let (key, rec) = (key.clone(), rec.clone());
+            async move {
+                c.put(key, rec, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
+        .await?;
+        self.lease.store(lease, Ordering::SeqCst);
+        *Self::lock(&self.renewed) = Instant::now();
+        self.fenced.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Every live node's record.
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>, FleetError> {
+        let key = format!("{}nodes/", self.prefix);
+        let resp = self
+            .kv(|mut c| {
+                let key = key.clone();
+                async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+            .collect())
+    }
+
+    /// The placements of one model (or of all, with `None`).
+    pub async fn placements(&self, model: Option<&str>) -> Result<Vec<Placement>, FleetError> {
+        let key = match model {
+            Some(m) => self.slot_prefix(m),
+            None => format!("{}placements/", self.prefix),
+        };
+        let resp = self
+            .kv(|mut c| {
+                let key = key.clone();
+                async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+            .collect())
+    }
+
+    /// The placements of `model` as the watch last saw them (`None` without a live watch).
+    fn cached(&self, model: &str) -> Option<Vec<Placement>> {
+        let cache = Self::lock(&self.cache);
+        let all = cache.as_ref()?;
+        Some(all.values().filter(|p| p.model == model).cloned().collect())
+    }
+
+    fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.answers_to(name))
+    }
+
+    fn running_locally(&self, id: &str) -> bool {
+        self.sup
+            .status()
+            .iter()
+            .any(|s| s.id == id && s.state == Phase::Ready)
+    }
+
+    /// Where a request for `name` goes. `hop`: the request was forwarded by another node, which
+    /// found the model placed here.
+    pub async fn route(&self, name: &str, hop: bool) -> Result<Route, FleetError> {
+        let Some(model) = self.model(name) else {
+            // Unknown: the supervisor answers 404 with the known names.
+            return Ok(Route::Local);
+        };
+        if self.is_fenced() {
+            return Err(FleetError::Fenced);
+        }
+        if self.etcd_down().is_some() && self.running_locally(&model.id) {
+            // etcd is known to be out: what runs here keeps serving, without waiting for it.
+            return Ok(Route::Local);
+        }
+        let cached = self.cached(&model.id);
+        // A hop that the cache does not place here may be newer than the cache: read etcd.
+        let cached = cached.filter(|p| !hop || p.iter().any(|p| p.node == self.cfg.node));
+        let read = match cached {
+            Some(p) => Ok(p),
+            None => self.placements(Some(&model.id)).await,
+        };
+        let placed = match read {
+            Ok(p) => p,
+            // Without etcd, a server already running here keeps serving.
+            Err(_) if self.running_locally(&model.id) => return Ok(Route::Local),
+            Err(e) => return Err(e),
+        };
+        let here = placed.iter().any(|p| p.node == self.cfg.node);
+        if hop || (here && model.replicas == 1) {
+            return if here {
+                Ok(Route::Local)
+            } else {
+                Err(FleetError::NotPlacedHere(model.id.clone()))
+            };
+        }
+        if (placed.len() as u32) < model.replicas {
+            // Room for another instance: claim one (eagerly, up to `replicas`).
+            match self.claim(model, false).await {
+                Ok(route @ Route::Remote { .. }) if here => {
+                    // A new replica elsewhere: send this request there (it is idle).
+                    return Ok(route);
+                }
+                Ok(route) => return Ok(route),
+                Err(e) if placed.is_empty() => return Err(e),
+                Err(e) => tracing::debug!(model = %model.id, "no extra replica: {e}"),
+            }
+        }
+        let placed = if placed.is_empty() {
+            self.placements(Some(&model.id)).await?
+        } else {
+            placed
+        };
+        self.least_busy(&placed).ok_or_else(|| FleetError::NoRoom {
+            model: model.id.clone(),
+            why: "its placements vanished during the request; retry".into(),
+        })
+    }
+
+    /// Of `placed`, the one with the fewest requests in flight as this node sees them: its own
+    /// leases on the local instance, its forwarded requests on the others (local on a tie).
+    fn least_busy(&self, placed: &[Placement]) -> Option<Route> {
+        let local_busy = |model: &str| {
+            self.sup
+                .status()
+                .iter()
+                .find(|s| s.id == model)
+                .map_or(0, |s| s.leases)
+        };
+        let busy = Self::lock(&self.forwarding);
+        placed
+            .iter()
+            .map(|p| {
+                let local = p.node == self.cfg.node;
+                let n = if local {
+                    local_busy(&p.model)
+                } else {
+                    busy.get(&p.node).copied().unwrap_or(0)
+                };
+                (n, !local, p.slot, p)
+            })
+            .min_by_key(|(n, remote, slot, _)| (*n, *remote, *slot))
+            .map(|(_, remote, _, p)| {
+                if remote {
+                    Route::Remote {
+                        node: p.node.clone(),
+                        advertise: p.advertise.clone(),
+                    }
+                } else {
+                    Route::Local
+                }
+            })
+    }
+
+    /// Claims a placement for `model` (one claim at a time per model on this node).
+    /// `only_here`: claim a slot for this node or none (for a server already running here).
+    async fn claim(&self, model: &ModelConfig, only_here: bool) -> Result<Route, FleetError> {
+        let gate = Self::lock(&self.claims)
+            .entry(model.id.clone())
+            .or_default()
+            .clone();
+        let _one = gate.lock().await;
+        for _attempt in 0..5 {
+            let placed = self.placements(Some(&model.id)).await?;
+            if placed.len() as u32 >= model.replicas {
+                return self.least_busy(&placed).ok_or(FleetError::NoRoom {
+                    model: model.id.clone(),
+                    why: "placements changed; retry".into(),
+                });
+            }
+            let nodes = self.nodes().await?;
+            let candidates: Vec<NodeRecord> = nodes
+                .into_iter()
+                .filter(|n| !placed.iter().any(|p| p.node == n.id))
+                .filter(|n| model.nodes.is_empty() || model.nodes.contains(&n.id))
+                .collect();
+            let target = if only_here {
+                // Its memory is already counted in this node's record: no fit check.
+                candidates.iter().find(|n| n.id == self.cfg.node)
+            } else {
+                choose_node(&self.cfg.node, &candidates, model.memory)
+            };
+            let Some(target) = target else {
+                let why = if model.nodes.is_empty() {
+                    "every live node is full (memory budget or max_loaded) or already runs it"
+                        .to_string()
+                } else {
+                    format!(
+                        "its nodes ({}) are down, full or already run it",
+                        model.nodes.join(", ")
+                    )
+                };
+                return Err(FleetError::NoRoom {
+                    model: model.id.clone(),
+                    why,
+                });
+            };
+            let used: Vec<u32> = placed.iter().map(|p| p.slot).collect();
+            let Some(slot) = (0..model.replicas).find(|s| !used.contains(s)) else {
+                continue;
+            };
+            let placement = Placement {
+                model: model.id.clone(),
+                node: target.id.clone(),
+                advertise: target.advertise.clone(),
+                slot,
+                since_ms: now_ms(),
+            };
+            let slot_key = format!("{}{slot}", self.slot_prefix(&model.id));
+            let marker = self.marker_key(&target.id, &model.id);
+            let node_key = self.node_key(&target.id);
+            let with_lease = || Some(PutOptions::new().with_lease(target.lease));
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(slot_key.clone(), CompareOp::Equal, 0),
+                    Compare::create_revision(marker.clone(), CompareOp::Equal, 0),
+                    // The target is still registered on the lease we attach to.
+                    Compare::lease(node_key, CompareOp::Equal, target.lease),
+                ])
+                .and_then([
+                    TxnOp::put(
+                        slot_key,
+                        serde_json::to_vec(&placement).unwrap_or_default(),
+                        with_lease(),
+                    ),
+                    TxnOp::put(marker, slot.to_string(), with_lease()),
+                ]);
+            let done = self
+                .kv(|mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            if done.succeeded() {
+                self.placements_claimed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(model = %model.id, node = %target.id, slot, "placement claimed");
+                return Ok(if target.id == self.cfg.node {
+                    Route::Local
+                } else {
+                    Route::Remote {
+                        node: target.id.clone(),
+                        advertise: target.advertise.clone(),
+                    }
+                });
+            }
+        }
+        Err(FleetError::NoRoom {
+            model: model.id.clone(),
+            why: "placement claims kept conflicting; retry".into(),
+        })
+    }
+
+    /// Counts a forwarded request to `node` until the guard is dropped.
+    pub fn forwarding_to(self: &Arc<Self>, node: &str) -> ForwardGuard {
+        self.forwards.fetch_add(1, Ordering::Relaxed);
+        *Self::lock(&self.forwarding)
+            .entry(node.to_string())
+            .or_default() += 1;
+        ForwardGuard {
+            fleet: self.clone(),
+            node: node.to_string(),
+        }
+    }
+
+    /// `GET /api/cluster`.
+    pub async fn snapshot(&self) -> Result<serde_json::Value, FleetError> {
+        let nodes = self.nodes().await?;
+        let placements = self.placements(None).await?;
+        let mut by_node: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for p in &placements {
+            by_node.entry(&p.node).or_default().push(&p.model);
+        }
+        let nodes: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "id": n.id,
+                    "advertise": n.advertise,
+                    "alive": true,
+                    "budget": {"total": n.budget_total, "used": n.budget_used},
+                    "max_loaded": n.max_loaded,
+                    "running": n.models,
+                    "models": by_node.get(n.id.as_str()).cloned().unwrap_or_default(),
+                })
+            })
+            .collect();
+        Ok(json!({
+            "name": self.cfg.name,
+            "node": self.cfg.node,
+            "fenced": self.is_fenced(),
+            "nodes": nodes,
+            "placements": placements,
+        }))
+    }
+
+    /// The models placed on this node, by id.
+    async fn my_placements(&self) -> Result<HashMap<String, u64>, FleetError> {
+        Ok(self
+            .placements(None)
+            .await?
+            .into_iter()
+            .filter(|p| p.node == self.cfg.node)
+            .map(|p| (p.model, p.since_ms))
+            .collect())
+    }
+
+    /// Stops every local server (fencing): new work is refused while `fenced` is set.
+    async fn fence(&self, why: &str) {
+        if self.fenced.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.fences.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(node = %self.cfg.node, "fleet mode: fencing ({why}): stopping every server");
+        self.stop_all_local().await;
+    }
+
+    async fn stop_all_local(&self) {
+        let running: Vec<String> = self
+            .sup
+            .status()
+            .into_iter()
+            .filter(|s| s.state != Phase::Stopped && s.state != Phase::Failed)
+            .map(|s| s.id)
+            .collect();
+        let stops = running.iter().map(|id| self.sup.unload(id, true));
+        for (id, r) in running
+            .iter()
+            .zip(futures_util::future::join_all(stops).await)
+        {
+            if let Err(e) = r {
+                tracing::warn!(model = %id, "fleet mode: stop failed: {e}");
+            }
+        }
+    }
+
+    /// One pass of reconciliation: publish the record, stop servers without a placement,
+    /// release placements whose server stopped.
+    async fn reconcile(&self) -> Result<(), FleetError> {
+        let lease = self.lease.load(Ordering::SeqCst);
+        let rec = serde_json::to_vec(&self.record(lease)).unwrap_or_default();
+        let key = self.node_key(&self.cfg.node);
+        self.kv(|mut c| {
+            let (key, rec) = (key.clone(), rec.clone());
+            async move {
+                c.put(key, rec, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
+        .await?;
+        let mine = self.my_placements().await?;
+        for s in self.sup.status() {
+            let running = matches!(s.state, Phase::Starting | Phase::Ready);
+            match mine.get(&s.id) {
+                None if running => {
+                    // Started here outside a request (preload, /api/models/ID/load, a lease):
+                    // it keeps running if it can have a slot; else another node holds them all.
+                    let claimed = match self.model(&s.id) {
+                        Some(m) => self.claim(m, true).await,
+                        None => continue,
+                    };
+                    if matches!(claimed, Ok(Route::Local)) {
+                        continue;
+                    }
+                    tracing::warn!(model = %s.id, "fleet mode: running without a placement here; stopping it");
+                    if let Err(e) = self.sup.unload(&s.id, true).await {
+                        tracing::warn!(model = %s.id, "stop failed: {e}");
+                    }
+                }
+                Some(since) if !running && s.state != Phase::Stopping => {
+                    let grace = self
+                        .model(&s.id)
+                        .map_or(Duration::from_secs(60), |m| m.startup_timeout)
+                        + self.cfg.lease_ttl;
+                    if now_ms().saturating_sub(*since) > grace.as_millis() as u64 {
+                        self.release(&s.id).await?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes this node's placement of `model`.
+    async fn release(&self, model: &str) -> Result<(), FleetError> {
+        let marker = self.marker_key(&self.cfg.node, model);
+        let resp = self
+            .kv(|mut c| {
+                let key = marker.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        let Some(slot) = resp.kvs().first().map(|kv| kv.value().to_vec()) else {
+            return Ok(());
+        };
+        let slot = String::from_utf8_lossy(&slot).into_owned();
+        let slot_key = format!("{}{slot}", self.slot_prefix(model));
+        let txn = Txn::new()
+            .when([Compare::value(marker.clone(), CompareOp::Equal, slot)])
+            .and_then([
+                TxnOp::delete(slot_key, None::<DeleteOptions>),
+                TxnOp::delete(marker, None::<DeleteOptions>),
+            ]);
+        self.kv(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await?;
+        tracing::info!(model, "fleet mode: placement released (server stopped)");
+        Ok(())
+    }
+
+    /// Whether some etcd member answers but has no leader (quorum lost): nobody can place
+    /// anything then, so running servers may keep serving.
+    async fn quorum_lost(&self) -> bool {
+        for ep in &self.cfg.etcd {
+            let opts = ConnectOptions::new()
+                .with_connect_timeout(Duration::from_millis(500))
+                .with_timeout(Duration::from_millis(500));
+            let Ok(mut c) = Client::connect([ep], Some(opts)).await else {
+                continue;
+            };
+            if let Ok(s) = c.status().await {
+                if s.leader() == 0 {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Called once the upkeep loop ends (shutdown): revoke the lease so the placements go now.
+    pub async fn leave(&self) {
+        let lease = self.lease.swap(0, Ordering::SeqCst);
+        if lease != 0 {
+            let _ = self
+                .kv(|mut c| async move { c.lease_revoke(lease).await })
+                .await;
+        }
+    }
+
+    fn set_etcd_down(&self, why: Option<String>) {
+        let mut down = Self::lock(&self.etcd_down);
+        if *down != why {
+            match &why {
+                Some(w) => {
+                    tracing::warn!(node = %self.cfg.node, "fleet mode: etcd unavailable: {w}")
+                }
+                None => tracing::info!(node = %self.cfg.node, "fleet mode: etcd reachable again"),
+            }
+        }
+        *down = why;
+    }
+
+    /// Why etcd is unusable, if it is (for `/api/cluster` and messages).
+    pub fn etcd_down(&self) -> Option<String> {
+        Self::lock(&self.etcd_down).clone()
+    }
+}
+
+/// See [`Fleet::forwarding_to`].
+pub struct ForwardGuard {
+    fleet: Arc<Fleet>,
+    node: String,
+}
+
+impl Drop for ForwardGuard {
+    fn drop(&mut self) {
+        let mut busy = Fleet::lock(&self.fleet.forwarding);
+        if let Some(n) = busy.get_mut(&self.node) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// Keep-alive, fencing and reconciliation, every third of `lease_ttl`, while the fleet lives.
+async fn upkeep(weak: std::sync::Weak<Fleet>) {
+    let Some(tick) = weak.upgrade().map(|f| f.cfg.lease_ttl / 3) else {
+        return;
+    };
+    let mut keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(fleet) = weak.upgrade() else { return };
+        let lease = fleet.lease.load(Ordering::SeqCst);
+        if lease == 0 {
+            return; // left the fleet
+        }
+        // Keep-alive: one request, one answer, within a tick.
+        let answer = async {
+            if keeper.is_none() {
+                keeper = Some(
+                    fleet
+                        .kv(|mut c| async move { c.lease_keep_alive(lease).await })
+                        .await
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            let Some((k, s)) = keeper.as_mut() else {
+                return Ok(None);
+            };
+            k.keep_alive().await.map_err(|e| e.to_string())?;
+            s.message().await.map_err(|e| e.to_string())
+        };
+        let ttl = match tokio::time::timeout(tick, answer).await {
+            Ok(Ok(Some(resp))) => Some(resp.ttl()),
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                keeper = None;
+                None
+            }
+        };
+        match ttl {
+            Some(t) if t > 0 => {
+                *Fleet::lock(&fleet.renewed) = Instant::now();
+                fleet.set_etcd_down(None);
+                if let Err(e) = fleet.reconcile().await {
+                    tracing::debug!("fleet mode: reconcile: {e}");
+                }
+            }
+            Some(_) => {
+                // etcd says the lease is gone: others may already run our models.
+                keeper = None;
+                fleet.fence("etcd expired this node's lease").await;
+                match fleet.register().await {
+                    Ok(()) => {
+                        tracing::info!(node = %fleet.cfg.node, "fleet mode: registered again with a new lease")
+                    }
+                    Err(e) => tracing::warn!("fleet mode: cannot register again yet: {e}"),
+                }
+            }
+            None => {
+                let silent = Fleet::lock(&fleet.renewed).elapsed();
+                if silent >= fleet.cfg.lease_ttl && !fleet.is_fenced() {
+                    if fleet.quorum_lost().await {
+                        fleet.set_etcd_down(Some("etcd has no quorum".into()));
+                        // No lease expires without a leader, and a new leader gives every
+                        // lease its full TTL again: count the silence from now.
+                        *Fleet::lock(&fleet.renewed) = Instant::now();
+                        continue;
+                    }
+                    fleet.set_etcd_down(Some("no etcd member answers".into()));
+                    fleet.fence("no etcd member answered for lease_ttl").await;
+                } else if fleet.etcd_down().is_none() {
+                    fleet.set_etcd_down(Some("the lease keep-alive gets no answer".into()));
+                }
+                if fleet.is_fenced() {
+                    // Try a fresh registration; it succeeds once etcd is back.
+                    if fleet.register().await.is_ok() {
+                        tracing::info!(node = %fleet.cfg.node, "fleet mode: registered again with a new lease");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Keeps `Fleet::cache` equal to the placements in etcd: a read, then a watch from the next
+/// revision; on any failure the cache is dropped (requests read etcd) and the watch starts over.
+async fn watch_placements(weak: std::sync::Weak<Fleet>) {
+    use etcd_client::{EventType, WatchOptions};
+    loop {
+        let Some(fleet) = weak.upgrade() else { return };
+        if fleet.lease.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let prefix = format!("{}placements/", fleet.prefix);
+        let snapshot = fleet
+            .kv(|mut c| {
+                let key = prefix.clone();
+                async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await;
+        let Ok(snapshot) = snapshot else {
+            drop(fleet);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        let revision = snapshot.header().map_or(0, |h| h.revision());
+        let mut map: HashMap<String, Placement> = snapshot
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let p = serde_json::from_slice(kv.value()).ok()?;
+                Some((String::from_utf8_lossy(kv.key()).into_owned(), p))
+            })
+            .collect();
+        let stream = fleet
+            .kv(|mut c| {
+                let key = prefix.clone();
+                let opts = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1);
+                async move { c.watch(key, Some(opts)).await }
+            })
+            .await;
+        let Ok(mut stream) = stream else {
+            drop(fleet);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        *Fleet::lock(&fleet.cache) = Some(map.clone());
+        drop(fleet);
+        loop {
+            let msg = stream.message().await;
+            let Some(fleet) = weak.upgrade() else { return };
+            let resp = match msg {
+                Ok(Some(r)) if !r.canceled() => r,
+                _ => {
+                    *Fleet::lock(&fleet.cache) = None;
+                    break;
+                }
+            };
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                match ev.event_type() {
+                    EventType::Put => {
+                        if let Ok(p) = serde_json::from_slice(kv.value()) {
+                            map.insert(key, p);
+                        }
+                    }
+                    EventType::Delete => {
+                        map.remove(&key);
+                    }
+                }
+            }
+            *Fleet::lock(&fleet.cache) = Some(map.clone());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

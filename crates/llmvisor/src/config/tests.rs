@@ -1084,6 +1084,9 @@ fn every_listed_key_is_read_and_the_lists_agree() {
             "health_interval",
             "health_failures",
             "on_unhealthy",
+            "unlisted",
+            "concurrency_limit",
+            "send_loading_state",
         ]
     );
     for key in TOP_LEVEL_KEYS {

@@ -104,8 +104,8 @@ impl OnComplete for AppState {
     }
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+pub fn router(state: Arc<AppState>, echo_unknown: bool) -> Router {
+    let r = Router::new()
         .route("/small", get(small))
         .route("/health", get(health))
         .route("/v1/models", get(models))
@@ -113,9 +113,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/echo", any(echo))
-        .route("/echo/{*rest}", any(echo))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .route("/echo/{*rest}", any(echo));
+    let r = if echo_unknown {
+        r.fallback(echo)
+    } else {
+        r.fallback(not_found)
+    };
+    r.method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 

@@ -50,6 +50,8 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(10 * 60);
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
 /// A model's `stop_timeout` when neither it nor `[defaults]` sets one.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// `health_path = "none"`: ready (and healthy) once the server answers anything over HTTP.
+pub const NO_HEALTH_CHECK: &str = "none";
 /// A model's `health_path` when neither it nor `[defaults]` sets one.
 pub const DEFAULT_HEALTH_PATH: &str = "/health";
 

@@ -1034,8 +1034,9 @@ impl Parser<'_> {
                 "drain_timeout" => s.drain_timeout = self.duration("drain_timeout", v),
                 "health_path" => {
                     if let Some(h) = self.string("health_path", v) {
-                        if h == "none" {
+                        if h == super::NO_HEALTH_CHECK {
                             s.no_health_check = Some(true);
+                            s.health_path = Some(h.to_string());
                         } else if h.starts_with('/') && !h.chars().any(char::is_whitespace) {
                             s.health_path = Some(h.to_string());
                         } else {

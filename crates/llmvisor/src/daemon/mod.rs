@@ -17,6 +17,7 @@ mod conn;
 mod error;
 mod extract;
 mod leases;
+mod llama_swap;
 mod proxy;
 mod redact;
 mod state;
@@ -73,7 +74,7 @@ pub enum DaemonError {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(api::healthz))
-        .route("/metrics", get(api::metrics))
+        .route("/metrics", get(llama_swap::metrics))
         .route("/v1/models", get(api::v1_models))
         .route("/v1/{*rest}", post(proxy::v1))
         .route("/upstream/{model}", any(proxy::upstream_root))
@@ -86,6 +87,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/leases", post(api::create_lease))
         .route("/api/leases/{id}/renew", post(api::renew_lease))
         .route("/api/leases/{id}", delete(api::release_lease))
+        // llama-swap's endpoints and llama-server's own routes.
+        .merge(llama_swap::routes())
         .fallback(|| async {
             ApiError::not_found("no such route (see GET /v1/models and /api/models)")
         })

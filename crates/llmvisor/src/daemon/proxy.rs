@@ -45,6 +45,11 @@ pub async fn v1(State(st): State<Arc<AppState>>, req: Request) -> Response {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
+    // llama-swap's per-model request filters (use_model_name, filters).
+    let body = match super::llama_swap::prepare_json(&st, &model, body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
     let path = parts
         .uri
         .path_and_query()
@@ -194,7 +199,7 @@ pub fn routed_model(body: &[u8]) -> Result<String, ApiError> {
     }
 }
 
-async fn forward(
+pub(super) async fn forward(
     st: Arc<AppState>,
     model: &str,
     parts: http::request::Parts,
@@ -202,6 +207,14 @@ async fn forward(
     path_and_query: &str,
     began: Instant,
 ) -> Response {
+    // llama-swap's concurrencyLimit: 429 beyond it; the slot is held until the answer ends.
+    let slot = match st.config().model(model) {
+        Some(m) => match super::llama_swap::concurrency_slot(&st, m) {
+            Ok(slot) => slot,
+            Err(e) => return e.into_response(),
+        },
+        None => None,
+    };
     let in_flight = InFlight::new(st.clone());
     let acquire_began = Instant::now();
     let lease = match st.sup.acquire(model).await {
@@ -252,6 +265,7 @@ async fn forward(
         sse: is_sse,
         state: BodyState::Streaming,
         _in_flight: in_flight,
+        _slot: slot,
     };
     st.metrics
         .proxy_overhead
@@ -317,7 +331,7 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, strip_auth: bool) {
         if is_hop_by_hop(name, &listed)
             || name == header::HOST
             || name == header::CONTENT_LENGTH
-            || (strip_auth && name == header::AUTHORIZATION)
+            || (strip_auth && (name == header::AUTHORIZATION || name == "x-api-key"))
         {
             continue;
         }
@@ -352,6 +366,8 @@ struct LeasedBody {
     sse: bool,
     state: BodyState,
     _in_flight: InFlight,
+    /// The request's slot under the model's `concurrency_limit`, if it has one.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl HttpBody for LeasedBody {

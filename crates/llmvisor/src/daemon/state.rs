@@ -20,6 +20,8 @@ pub struct AppState {
     /// Bytes of request bodies buffered at once (`body_budget`), one permit per byte.
     pub body_budget: Arc<tokio::sync::Semaphore>,
     body_budget_total: usize,
+    /// llama-swap's per-model request slots (`concurrency_limit`).
+    pub swap: super::llama_swap::SwapState,
 }
 
 impl AppState {
@@ -36,6 +38,7 @@ impl AppState {
             bound: RwLock::new(None),
             body_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
             body_budget_total: budget,
+            swap: Default::default(),
         })
     }
 

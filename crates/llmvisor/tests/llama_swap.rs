@@ -537,3 +537,51 @@ async fn check_and_convert_name_every_unsupported_key_and_yaml_errors_have_line_
         "col: {stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_upload_is_routed_by_its_model_field_and_streamed_past_body_limit() {
+    let s = Scratch::new();
+    let yaml = format!(
+        "models:\n  whisper:\n    cmd: {}\n",
+        fake(&s, "whisper", "--echo-unknown")
+    );
+    let mut cfg = load(&s, &yaml);
+    cfg.body_limit = 1 << 20;
+    let d = TestDaemon::start(cfg).await;
+    let file = vec![b'x'; 4 << 20];
+    let mut form = Vec::new();
+    form.extend_from_slice(
+        b"--BoUnD\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n",
+    );
+    form.extend_from_slice(
+        b"--BoUnD\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n",
+    );
+    form.extend_from_slice(&file);
+    form.extend_from_slice(b"\r\n--BoUnD--\r\n");
+    let sent = form.len();
+    let r = request(
+        "POST",
+        &format!("{}/v1/audio/transcriptions", d.url),
+        &[("content-type", "multipart/form-data; boundary=BoUnD")],
+        form,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let echo = r.json();
+    assert_eq!(echo["path"], "/v1/audio/transcriptions");
+    assert_eq!(
+        echo["body"].as_str().unwrap().len(),
+        sent,
+        "the whole form arrived"
+    );
+    let r = request(
+        "POST",
+        &format!("{}/v1/audio/transcriptions", d.url),
+        &[("content-type", "multipart/form-data; boundary=BoUnD")],
+        "--BoUnD\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nabc\r\n--BoUnD--\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.error()["code"], "missing_model");
+    finish(d, &s).await;
+}

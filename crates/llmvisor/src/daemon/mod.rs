@@ -18,6 +18,7 @@ mod error;
 mod extract;
 mod leases;
 mod llama_swap;
+mod multipart;
 mod proxy;
 mod redact;
 mod state;

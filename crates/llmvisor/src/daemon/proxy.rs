@@ -32,6 +32,10 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 pub async fn v1(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let began = Instant::now();
     let (parts, body) = req.into_parts();
+    // A form upload: routed by its `model` field, streamed through (never buffered whole).
+    if let Some(boundary) = super::multipart::boundary(&parts.headers) {
+        return super::multipart::forward(st, parts, body, &boundary, began).await;
+    }
     if let Err(e) = super::browser::require_json(&parts.headers) {
         return e.into_response();
     }

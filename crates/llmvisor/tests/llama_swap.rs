@@ -585,3 +585,47 @@ async fn multipart_upload_is_routed_by_its_model_field_and_streamed_past_body_li
     assert_eq!(r.error()["code"], "missing_model");
     finish(d, &s).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_loading_state_streams_progress_while_the_model_loads() {
+    let s = Scratch::new();
+    let yaml = format!(
+        "sendLoadingState: true\ngroups:\n  all:\n    swap: false\n    members: [slow, quiet, broken]\n\
+         models:\n  slow:\n    cmd: {}\n  quiet:\n    cmd: {}\n    sendLoadingState: false\n  broken:\n    cmd: {}\n",
+        fake(&s, "slow", "--startup-delay 300ms"),
+        fake(&s, "quiet", ""),
+        fake(&s, "broken", "--exit-at-startup 3")
+    );
+    let d = TestDaemon::start(load(&s, &yaml)).await;
+    let stream = |m: &str| {
+        format!(r#"{{"model":"{m}","stream":true,"messages":[{{"role":"user","content":"hi"}}]}}"#)
+    };
+    let (status, headers, body) = d.send_chat(&stream("slow")).await;
+    assert_eq!(status, 200);
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let first = text.split("\n\n").next().unwrap();
+    assert!(first.contains("reasoning_content"), "{text}");
+    assert!(first.contains("loading model"), "{text}");
+    assert!(text.contains("model ready"), "{text}");
+    assert!(text.contains("\"content\""), "the answer follows: {text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+
+    // Ready now: no progress any more.
+    let (_, _, body) = d.send_chat(&stream("slow")).await;
+    let text = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(!text.contains("reasoning_content"), "{text}");
+    // Off for this model.
+    let (_, _, body) = d.send_chat(&stream("quiet")).await;
+    let text = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(!text.contains("reasoning_content"), "{text}");
+    // A failed start ends the stream with an error event.
+    let (status, _, body) = d.send_chat(&stream("broken")).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(text.contains("\"error\""), "{text}");
+    finish(d, &s).await;
+}

@@ -470,6 +470,117 @@ pub async fn metrics(State(st): St, req: Request) -> Response {
     }
 }
 
+/// True when a request for `requested` should get loading progress in its stream: the model has
+/// `send_loading_state`, the request asks for a stream, and the model is not ready yet.
+pub fn wants_loading_state(st: &AppState, requested: &str, body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Streamed {
+        stream: Option<bool>,
+    }
+    let cfg = st.config();
+    let Some(m) = cfg.model(requested) else {
+        return false;
+    };
+    if !m.api.send_loading_state {
+        return false;
+    }
+    let streamed = serde_json::from_slice::<Streamed>(body)
+        .ok()
+        .and_then(|s| s.stream)
+        .unwrap_or(false);
+    streamed
+        && st
+            .sup
+            .model(requested)
+            .is_ok_and(|c| c.status().state != Phase::Ready)
+}
+
+/// One SSE chunk in OpenAI's delta format carrying `text` as `reasoning_content`.
+fn loading_chunk(model: &str, text: &str) -> Bytes {
+    let chunk = json!({
+        "id": "llmvisor-loading",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "delta": {"reasoning_content": text}, "finish_reason": null}],
+    });
+    Bytes::from(format!("data: {chunk}\n\n"))
+}
+
+/// A streamed request that waits for its model to load: answered at once with SSE, sending the
+/// server's output lines as `reasoning_content` chunks until the model is ready, then the
+/// upstream's own stream. A failed start ends the stream with an error event.
+pub async fn loading_stream(
+    st: Arc<AppState>,
+    requested: String,
+    parts: http::request::Parts,
+    body: Bytes,
+    path: String,
+    began: Instant,
+) -> Response {
+    let logs = match st.sup.logs(&requested) {
+        Ok(l) => l,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let (_, mut lines) = logs.follow();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        let first = format!("loading model `{requested}`…\n");
+        if tx.send(loading_chunk(&requested, &first)).await.is_err() {
+            return;
+        }
+        let fwd = super::proxy::forward(st, &requested, parts, Body::from(body), &path, began);
+        tokio::pin!(fwd);
+        let resp = loop {
+            tokio::select! {
+                resp = &mut fwd => break resp,
+                line = lines.recv() => {
+                    if let Ok(line) = line {
+                        if tx.send(loading_chunk(&requested, &format!("{line}\n"))).await.is_err() {
+                            return; // the client went away: dropping `fwd` gives up the wait
+                        }
+                    }
+                }
+            }
+        };
+        let ok = resp.status().is_success();
+        let mut upstream = resp.into_body();
+        if ok {
+            let _ = tx.send(loading_chunk(&requested, "model ready\n")).await;
+        }
+        let mut text = Vec::new();
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut upstream).await {
+            let Ok(frame) = frame else { break };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if ok {
+                if tx.send(data).await.is_err() {
+                    return;
+                }
+            } else {
+                text.extend_from_slice(&data);
+            }
+        }
+        if !ok {
+            // The error answer (OpenAI's shape) as an SSE event, then the end.
+            let event = format!("data: {}\n\n", String::from_utf8_lossy(&text));
+            let _ = tx.send(Bytes::from(event)).await;
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

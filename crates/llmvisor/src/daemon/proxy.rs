@@ -60,6 +60,10 @@ pub async fn v1(State(st): State<Arc<AppState>>, req: Request) -> Response {
         .map(|p| p.as_str())
         .unwrap_or("/")
         .to_owned();
+    // send_loading_state: a streamed request that waits for a load sees its progress.
+    if super::llama_swap::wants_loading_state(&st, &model, &body) {
+        return super::llama_swap::loading_stream(st, model, parts, body, path, began).await;
+    }
     forward(st, &model, parts, Body::from(body), &path, began).await
 }
 

@@ -629,3 +629,49 @@ async fn send_loading_state_streams_progress_while_the_model_loads() {
     assert!(text.contains("\"error\""), "{text}");
     finish(d, &s).await;
 }
+
+/// The official openai client's `models.retrieve` (GET /v1/models/{id}), by id and by alias,
+/// with the key as its Bearer header. Needs `LLAMA_VENV` (a venv with `openai`, from
+/// scripts/setup-llama.sh); skipped without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_client_models_retrieve() {
+    let Some(venv) = std::env::var_os("LLAMA_VENV") else {
+        eprintln!("skipped: LLAMA_VENV is not set (eval \"$(scripts/setup-llama.sh)\")");
+        return;
+    };
+    let s = Scratch::new();
+    let yaml = format!(
+        "apiKeys: [sk-one]\nmodels:\n  a:\n    cmd: {}\n    aliases: [gpt-x]\n",
+        fake(&s, "a", "")
+    );
+    let d = TestDaemon::start(load(&s, &yaml)).await;
+    let script = r#"
+import sys, openai
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="sk-one")
+print(c.models.retrieve("a").id)
+print(c.models.retrieve("gpt-x").id)
+try:
+    c.models.retrieve("nope")
+except openai.NotFoundError:
+    print("not found")
+"#;
+    let out = tokio::process::Command::new(PathBuf::from(venv).join("bin/python"))
+        .arg("-c")
+        .arg(script)
+        .arg(&d.url)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["a", "gpt-x", "not found"]
+    );
+    finish(d, &s).await;
+}

@@ -417,12 +417,7 @@ fn percent_decode(s: &str) -> String {
 async fn llama_route(State(st): St, req: Request) -> Response {
     let began = Instant::now();
     let (parts, body) = req.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_owned();
+    let path = super::proxy::path_and_query(&parts.uri, "/");
     if let Some(model) = query_model(parts.uri.query()) {
         return super::proxy::forward(st, &model, parts, body, &path, began).await;
     }
@@ -458,12 +453,7 @@ pub async fn metrics(State(st): St, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     match query_model(parts.uri.query()) {
         Some(model) => {
-            let path = parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/metrics")
-                .to_owned();
+            let path = super::proxy::path_and_query(&parts.uri, "/metrics");
             super::proxy::forward(st, &model, parts, body, &path, Instant::now()).await
         }
         None => super::api::metrics(State(st)).await,

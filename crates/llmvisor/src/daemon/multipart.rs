@@ -161,12 +161,7 @@ pub async fn forward(
     let head = futures_util::stream::once(async move { Ok::<Bytes, axum::Error>(prefix.freeze()) });
     let rest = body.into_data_stream();
     let streamed = Body::from_stream(futures_util::StreamExt::chain(head, rest));
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_owned();
+    let path = super::proxy::path_and_query(&parts.uri, "/");
     super::proxy::forward(st, &model, parts, streamed, &path, began).await
 }
 

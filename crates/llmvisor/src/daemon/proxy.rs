@@ -54,17 +54,18 @@ pub async fn v1(State(st): State<Arc<AppState>>, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_owned();
+    let path = path_and_query(&parts.uri, "/");
     // send_loading_state: a streamed request that waits for a load sees its progress.
     if super::llama_swap::wants_loading_state(&st, &model, &body) {
         return super::llama_swap::loading_stream(st, model, parts, body, path, began).await;
     }
     forward(st, &model, parts, Body::from(body), &path, began).await
+}
+
+/// The path and query of `uri` as sent upstream (`default` when it has none).
+pub(super) fn path_and_query(uri: &http::Uri, default: &str) -> String {
+    uri.path_and_query()
+        .map_or_else(|| default.to_owned(), |p| p.as_str().to_owned())
 }
 
 /// `ANY /upstream/{model}/{*path}`: passthrough, request body streamed.

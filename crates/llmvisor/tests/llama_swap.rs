@@ -675,3 +675,52 @@ except openai.NotFoundError:
     );
     finish(d, &s).await;
 }
+
+/// SIGHUP's reload reads the YAML again: a new model appears, an unchanged running one keeps
+/// its process, and a broken file is rejected with the running config kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_reads_the_yaml_again() {
+    let s = Scratch::new();
+    let path = s.path("llama-swap.yaml");
+    let a = format!(
+        "startPort: {}\nmodels:\n  a:\n    cmd: {}\n",
+        s.ports.0,
+        fake(&s, "a", "")
+    );
+    std::fs::write(&path, &a).unwrap();
+    let (mut cfg, _) = llmvisor::config::load_with_warnings(&path).unwrap();
+    cfg.state_dir = s.state_dir();
+    let d = TestDaemon::start(cfg).await;
+    assert_eq!(chat(&d, "a").await, 200);
+    let pid = s.pids("a.pids")[0];
+
+    let ab = format!(
+        "{a}  b:\n    cmd: {}\ngroups:\n  both:\n    swap: false\n    members: [a, b]\n",
+        fake(&s, "b", "")
+    );
+    std::fs::write(&path, ab).unwrap();
+    llmvisor::daemon::reload(&d.state, &path, None, Some(s.state_dir())).await;
+    let ids: Vec<String> = d.get("/v1/models").await.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["a", "b"]);
+    assert_eq!(chat(&d, "b").await, 200);
+    assert!(
+        llmvisor::procfs::is_alive(pid),
+        "a runs on, now together with b"
+    );
+
+    std::fs::write(&path, "models:\n  a: [").unwrap();
+    llmvisor::daemon::reload(&d.state, &path, None, Some(s.state_dir())).await;
+    assert_eq!(
+        d.get("/v1/models").await.json()["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    finish(d, &s).await;
+}

@@ -15,11 +15,21 @@ pub enum Scope {
 pub fn scope_of(path: &str) -> Scope {
     if path == "/healthz" {
         Scope::Open
-    } else if path.starts_with("/api/") || path == "/api" || path == "/metrics" {
+    } else if path.starts_with("/api/")
+        || path == "/api"
+        || path == "/metrics"
+        || is_llama_swap_admin(path)
+    {
         Scope::Admin
     } else {
         Scope::Api
     }
+}
+
+/// llama-swap's operations routes: model output and unloads, guarded like `/api/*` (with no
+/// `admin_keys`, `api_keys` guard them, as llama-swap's `apiKeys` do).
+fn is_llama_swap_admin(path: &str) -> bool {
+    matches!(path, "/running" | "/unload" | "/logs" | "/logs/stream") || path.starts_with("/logs/")
 }
 
 /// True if the request may pass. With no keys configured for its scope, everything passes.
@@ -127,6 +137,11 @@ mod tests {
         assert_eq!(scope_of("/metrics"), Scope::Admin);
         assert_eq!(scope_of("/v1/models"), Scope::Api);
         assert_eq!(scope_of("/upstream/a/health"), Scope::Api);
+        assert_eq!(scope_of("/logs/stream/a"), Scope::Admin);
+        assert_eq!(scope_of("/running"), Scope::Admin);
+        assert_eq!(scope_of("/unload"), Scope::Admin);
+        assert_eq!(scope_of("/health"), Scope::Api);
+        assert_eq!(scope_of("/v1/models/a"), Scope::Api);
     }
 
     #[test]

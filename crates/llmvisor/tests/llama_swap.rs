@@ -724,3 +724,46 @@ async fn reload_reads_the_yaml_again() {
     );
     finish(d, &s).await;
 }
+
+/// A 200 MiB form upload through a `llmvisor serve` process: streamed, so the daemon's peak
+/// RSS (VmHWM) stays under 64 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_mib_multipart_upload_streams_through_in_little_memory() {
+    let s = Scratch::new();
+    let cfg = s.write_config(&[("whisper", "--echo-unknown")], "");
+    let mut serve = support::serve::ServeProcess::start(&cfg);
+    const CHUNK: usize = 1 << 20;
+    const CHUNKS: usize = 200;
+    let head = b"--BoUnD\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n\
+--BoUnD\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n\r\n"
+        .to_vec();
+    let tail = b"\r\n--BoUnD--\r\n".to_vec();
+    let total = head.len() + CHUNK * CHUNKS + tail.len();
+    let chunk = bytes::Bytes::from(vec![b'x'; CHUNK]);
+    let parts = std::iter::once(bytes::Bytes::from(head))
+        .chain(std::iter::repeat_n(chunk, CHUNKS))
+        .chain(std::iter::once(bytes::Bytes::from(tail)))
+        .map(Ok::<_, std::io::Error>);
+    let body = axum::body::Body::from_stream(futures_util::stream::iter(parts));
+    let req = http::Request::post(format!("{}/v1/audio/transcriptions", serve.url))
+        .header("content-type", "multipart/form-data; boundary=BoUnD")
+        .body(body)
+        .unwrap();
+    let resp = llmvisor::upstream::client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let echo: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(echo["body_len"], total, "every byte arrived");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", serve.pid())).unwrap();
+    let hwm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(
+        hwm_kib < 64 * 1024,
+        "the daemon's peak RSS was {hwm_kib} KiB"
+    );
+    assert!(serve.terminate(WITHIN).success());
+    s.assert_all_gone(WITHIN).await;
+}

@@ -104,8 +104,8 @@ impl OnComplete for AppState {
     }
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+pub fn router(state: Arc<AppState>, echo_unknown: bool) -> Router {
+    let r = Router::new()
         .route("/small", get(small))
         .route("/health", get(health))
         .route("/v1/models", get(models))
@@ -113,9 +113,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/echo", any(echo))
-        .route("/echo/{*rest}", any(echo))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .route("/echo/{*rest}", any(echo));
+    let r = if echo_unknown {
+        r.fallback(echo)
+    } else {
+        r.fallback(not_found)
+    };
+    r.method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -538,6 +542,9 @@ async fn embeddings(State(st): State<Arc<AppState>>, req: Request) -> Response {
     )
 }
 
+/// Bodies up to this size are echoed back; larger ones only as `body_len`.
+const ECHO_BODY_MAX: usize = 16 << 20;
+
 async fn echo(req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let bytes = match to_bytes(body, usize::MAX).await {
@@ -563,7 +570,9 @@ async fn echo(req: Request) -> Response {
         "path": parts.uri.path(),
         "query": parts.uri.query(),
         "headers": headers,
-        "body": String::from_utf8_lossy(&bytes),
+        // A large upload is only counted (echoing it would double the test's traffic).
+        "body": if bytes.len() <= ECHO_BODY_MAX { String::from_utf8_lossy(&bytes).into_owned() } else { String::new() },
+        "body_len": bytes.len(),
     });
     json_body(StatusCode::OK, body.to_string())
 }

@@ -89,6 +89,11 @@ pub struct Args {
     /// Accepted for llama-server compatibility; ignored.
     #[arg(short = 'c', long = "ctx-size", value_name = "N")]
     pub ctx_size: Option<String>,
+
+    /// Answer every route it does not know (llama-server's /completion, /props, POST /v1/x …)
+    /// like /echo: the method, path, query, headers and body it received, as JSON.
+    #[arg(long)]
+    pub echo_unknown: bool,
 }
 
 impl Args {

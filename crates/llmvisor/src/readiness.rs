@@ -72,7 +72,10 @@ pub async fn probe(
     health_path: &str,
     within: Duration,
 ) -> bool {
-    let Ok(uri) = endpoint.uri(health_path) else {
+    // `health_path = "none"`: any HTTP answer at `/` means up (llama-swap's checkEndpoint: none).
+    let any_answer = health_path == crate::config::NO_HEALTH_CHECK;
+    let path = if any_answer { "/" } else { health_path };
+    let Ok(uri) = endpoint.uri(path) else {
         return false;
     };
     let req = match http::Request::get(uri).body(crate::upstream::empty_body()) {
@@ -81,7 +84,7 @@ pub async fn probe(
     };
     let answer = async {
         let resp = client.request(req).await.ok()?;
-        let ok = resp.status().is_success();
+        let ok = any_answer || resp.status().is_success();
         // Read the (small) body so the connection goes back to the pool.
         resp.into_body().collect().await.ok()?;
         Some(ok)

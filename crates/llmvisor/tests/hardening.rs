@@ -141,7 +141,9 @@ async fn extractor_rejections_are_openai_errors() {
     let r = d.post("/api/models/m/load?wait=maybe", "").await;
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(r.error()["code"], "invalid_query");
-    let big = format!(r#"{{"model":"m","pad":"{}"}}"#, "x".repeat(3 << 20));
+    // Over the 64 KiB lease-body limit, but small enough to sit in the socket buffers whole: a
+    // multi-MiB body raced the daemon's early 413 and the client saw a reset instead.
+    let big = format!(r#"{{"model":"m","pad":"{}"}}"#, "x".repeat(80 << 10));
     let r = d.post("/api/leases", &big).await;
     assert_eq!(r.status, 413, "{}", r.text());
     r.error();

@@ -59,6 +59,15 @@ pub enum Command {
     Logs(LogsArgs),
     /// Find and stop servers left behind by a dead llmvisor
     Gc(GcArgs),
+    /// Print a llama-swap config (YAML) as the equivalent llmvisor TOML (warnings on stderr)
+    Convert(ConvertArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// The llama-swap config file (YAML)
+    #[arg(value_name = "FILE.yaml")]
+    pub file: PathBuf,
 }
 
 impl Command {
@@ -92,7 +101,7 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// The config file (TOML)
+    /// The config file (TOML, or llama-swap's YAML)
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: PathBuf,
 }
@@ -212,6 +221,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Unload(args) => unload(&args).await,
         Command::Logs(args) => logs(&args).await,
         Command::Gc(args) => gc(&args).await,
+        Command::Convert(args) => Ok(convert(&args.file)),
     };
     match result {
         Err(e) => match e.downcast_ref::<Reported>() {
@@ -223,8 +233,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Loads a config, printing its diagnostics (and failing with [`Reported`]) when it is invalid.
+/// Warnings (a llama-swap config's keys that llmvisor does not do) go to stderr too.
 fn load_config_or_report(path: &Path) -> anyhow::Result<Config> {
-    config::load(path).map_err(|errors| {
+    let (config, warnings) = load_config_with_warnings(path)?;
+    print_warnings(&warnings);
+    Ok(config)
+}
+
+fn print_warnings(warnings: &[config::Diagnostic]) {
+    let mut err = std::io::stderr().lock();
+    for w in warnings {
+        let _ = writeln!(err, "{}", config::llama_swap::render_warning(w));
+    }
+}
+
+/// [`load_config_or_report`] without printing the warnings.
+fn load_config_with_warnings(path: &Path) -> anyhow::Result<(Config, Vec<config::Diagnostic>)> {
+    config::load_with_warnings(path).map_err(|errors| {
         let _ = writeln!(std::io::stderr().lock(), "{errors}");
         if errors.len() > 1 {
             let _ = writeln!(
@@ -245,19 +270,53 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `llmvisor check`: prints `FILE: ok (N models: a, b)` or every diagnostic.
+/// `llmvisor check`: prints `FILE: ok (N models: a, b)` or every diagnostic. For a llama-swap
+/// config, also how each model maps, and its warnings (on stderr).
 pub fn check(path: &Path) -> ExitCode {
     match load_config_or_report(path) {
         Ok(config) => {
-            let _ = print_stdout(&format!(
-                "{}: ok ({})\n",
-                path.display(),
-                models_summary(&config)
-            ));
+            let mut text = format!("{}: ok ({})\n", path.display(), models_summary(&config));
+            if config::llama_swap::is_yaml_path(path) {
+                text.push_str("llama-swap models as llmvisor runs them:\n");
+                text.push_str(&config::llama_swap::mapping_summary(&config));
+            }
+            let _ = print_stdout(&text);
             ExitCode::SUCCESS
         }
         Err(_) => ExitCode::from(1),
     }
+}
+
+/// `llmvisor convert FILE.yaml`: the equivalent TOML on stdout, warnings on stderr; exit 1 with
+/// the diagnostics when the YAML is not a valid config.
+pub fn convert(path: &Path) -> ExitCode {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "{}: error: cannot read: {e}",
+                path.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
+    let env = |name: &str| std::env::var(name).ok();
+    let converted = match config::llama_swap::convert(&text, Some(path), &env) {
+        Ok(c) => c,
+        Err(errors) => {
+            let _ = writeln!(std::io::stderr().lock(), "{errors}");
+            return ExitCode::from(1);
+        }
+    };
+    // The TOML must itself be a valid config: report what is wrong at the YAML's positions.
+    if let Err(errors) = config::llama_swap::parse_yaml(&text, Some(path), &env) {
+        let _ = writeln!(std::io::stderr().lock(), "{errors}");
+        return ExitCode::from(1);
+    }
+    print_warnings(&converted.warnings);
+    let _ = print_stdout(&converted.toml);
+    ExitCode::SUCCESS
 }
 
 fn models_summary(config: &Config) -> String {

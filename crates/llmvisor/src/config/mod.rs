@@ -11,9 +11,12 @@ use std::time::Duration;
 
 mod diagnostic;
 mod expand;
+pub mod llama_swap;
 mod parse;
 mod tree;
 
+#[cfg(test)]
+mod llama_swap_tests;
 #[cfg(test)]
 mod tests;
 
@@ -21,7 +24,8 @@ pub use crate::units::{parse_duration, parse_size, DURATION_FORMS, MAX_DURATION,
 pub use diagnostic::{ConfigErrors, Diagnostic};
 pub use expand::{expand, process_env, ExpandError, ExpandedCommand, KNOWN_MACROS};
 pub use parse::{
-    load, parse, parse_with_env, DEFAULTS_KEYS, GROUP_KEYS, MODEL_KEYS, TOP_LEVEL_KEYS,
+    load, load_with_warnings, parse, parse_with_env, DEFAULTS_KEYS, GROUP_KEYS, MODEL_KEYS,
+    TOP_LEVEL_KEYS,
 };
 
 /// `listen` when the config does not set it.
@@ -51,6 +55,8 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(10 * 60);
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
 /// A model's `stop_timeout` when neither it nor `[defaults]` sets one.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// `health_path = "none"`: ready (and healthy) once the server answers anything over HTTP.
+pub const NO_HEALTH_CHECK: &str = "none";
 /// A model's `health_path` when neither it nor `[defaults]` sets one.
 pub const DEFAULT_HEALTH_PATH: &str = "/health";
 
@@ -100,6 +106,9 @@ pub struct HttpSettings {
     pub body_budget: u64,
     /// HTTP leases (`POST /api/leases`) one caller may hold at once.
     pub leases_per_caller: usize,
+    /// `GET /v1/models` lists aliases as entries of their own (llama-swap's
+    /// `includeAliasesInList`).
+    pub include_aliases_in_list: bool,
 }
 
 /// `send_timeout` when the config does not set it.
@@ -119,6 +128,7 @@ impl Default for HttpSettings {
             max_clients: DEFAULT_MAX_CLIENTS,
             body_budget: DEFAULT_BODY_BUDGET,
             leases_per_caller: DEFAULT_LEASES_PER_CALLER,
+            include_aliases_in_list: false,
         }
     }
 }
@@ -220,6 +230,52 @@ pub struct ModelConfig {
     pub replicas: u32,
     /// Fleet mode: the nodes it may run on (empty: any).
     pub nodes: Vec<String>,
+    /// How the router presents and rewrites requests for this model (llama-swap's per-model
+    /// API keys), and its stop command.
+    pub api: ModelApi,
+}
+
+/// Per-model router settings: listing, request rewriting, concurrency, stop command.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelApi {
+    /// Display name in `/v1/models`.
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// Free-form JSON object shown as `meta` in `/v1/models`.
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Left out of `/v1/models` (still served).
+    pub unlisted: bool,
+    /// The `model` the upstream server is sent instead of the requested name.
+    pub use_model_name: Option<String>,
+    pub filters: Filters,
+    /// Requests in flight at most; more get 429 with `Retry-After`.
+    pub concurrency_limit: Option<usize>,
+    /// A streamed request that waits for a load gets SSE progress chunks.
+    pub send_loading_state: bool,
+    /// argv run to stop the server (`${PID}`, `${PORT}`, `${MODEL_ID}` expanded); the process
+    /// group is still stopped and reaped afterwards.
+    pub cmd_stop: Option<Vec<String>>,
+    /// Ready once the port accepts a connection (no health path is probed).
+    pub no_health_check: bool,
+}
+
+/// Rewrites of a JSON request body before it is forwarded.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Filters {
+    /// Top-level keys removed (never `model`).
+    pub strip_params: Vec<String>,
+    /// Top-level keys set (overriding the client's).
+    pub set_params: serde_json::Map<String, serde_json::Value>,
+    /// Keys set when the request named this id or alias.
+    pub set_params_by_id: BTreeMap<String, serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Filters {
+    pub fn is_empty(&self) -> bool {
+        self.strip_params.is_empty()
+            && self.set_params.is_empty()
+            && self.set_params_by_id.is_empty()
+    }
 }
 
 /// How a ready server is watched: `health_interval`, `health_failures`, `on_unhealthy`.
@@ -277,6 +333,7 @@ impl ModelConfig {
             health: HealthCheck::default(),
             replicas: 1,
             nodes: Vec::new(),
+            api: ModelApi::default(),
         }
     }
 

@@ -41,6 +41,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "body_budget",
     "leases_per_caller",
     "cluster",
+    "include_aliases_in_list",
 ];
 
 /// Keys allowed in a `[models."ID"]` table.
@@ -63,10 +64,32 @@ pub const MODEL_KEYS: &[&str] = &[
     "max_connections",
     "replicas",
     "nodes",
+    "name",
+    "description",
+    "metadata",
+    "unlisted",
+    "use_model_name",
+    "filters",
+    "concurrency_limit",
+    "send_loading_state",
+    "cmd_stop",
 ];
 
 /// Per-model keys that differ for every model: not allowed in `[defaults]`.
-const MODEL_ONLY_KEYS: &[&str] = &["cmd", "aliases", "port"];
+const MODEL_ONLY_KEYS: &[&str] = &[
+    "cmd",
+    "aliases",
+    "port",
+    "name",
+    "description",
+    "metadata",
+    "use_model_name",
+    "filters",
+    "cmd_stop",
+];
+
+/// Keys allowed in a model's `filters` table.
+pub const FILTER_KEYS: &[&str] = &["strip_params", "set_params", "set_params_by_id"];
 
 /// Keys allowed in `[defaults]`: every per-model key but [`MODEL_ONLY_KEYS`] (derived from
 /// [`MODEL_KEYS`] at compile time, so the two lists cannot drift apart).
@@ -116,8 +139,31 @@ pub const GROUP_KEYS: &[&str] = &["members", "exclusive", "unload_others", "pers
 const CMD_EXAMPLE: &str =
     "e.g. cmd = [\"llama-server\", \"-m\", \"/models/model.gguf\", \"--port\", \"${PORT}\"]";
 
-/// Reads and parses a config file. `Config::source` is `path`.
+/// Reads and parses a config file. `Config::source` is `path`. A llama-swap YAML file
+/// (`.yaml`/`.yml`, or content that is YAML and not TOML) is read as such; its warnings are
+/// logged (see [`load_with_warnings`] to have them).
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let (config, warnings) = load_with_warnings(path)?;
+    for w in &warnings {
+        tracing::warn!("{}", super::llama_swap::render_warning(w));
+    }
+    Ok(config)
+}
+
+/// [`load`], returning the warnings (keys of a llama-swap config that llmvisor does not do)
+/// instead of logging them. A TOML config has none.
+pub fn load_with_warnings(path: &Path) -> Result<(Config, Vec<Diagnostic>), ConfigErrors> {
+    let text = read_config(path)?;
+    let yaml = super::llama_swap::is_yaml_path(path)
+        || (toml_edit::ImDocument::parse(text.as_str()).is_err()
+            && super::llama_swap::looks_like_yaml(&text));
+    if yaml {
+        return super::llama_swap::parse_yaml(&text, Some(path), &|name| std::env::var(name).ok());
+    }
+    parse(&text, Some(path)).map(|c| (c, Vec::new()))
+}
+
+fn read_config(path: &Path) -> Result<String, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         let help = match e.kind() {
             std::io::ErrorKind::NotFound => Some("check the path given to --config".to_string()),
@@ -130,7 +176,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             help,
         ))
     })?;
-    parse(&text, Some(path))
+    Ok(text)
 }
 
 /// Parses and validates config text. `path` names the file in diagnostics (`"<config>"` when
@@ -220,6 +266,17 @@ struct Settings {
     on_unhealthy: Option<OnUnhealthy>,
     replicas: Option<u32>,
     nodes: Option<Vec<String>>,
+    /// `health_path = "none"`.
+    no_health_check: Option<bool>,
+    name: Option<String>,
+    description: Option<String>,
+    metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    unlisted: Option<bool>,
+    use_model_name: Option<String>,
+    filters: Option<super::Filters>,
+    concurrency_limit: Option<Option<usize>>,
+    send_loading_state: Option<bool>,
+    cmd_stop: Option<Vec<String>>,
     /// Some template of this table was malformed (its ${PORT}/${SOCKET} uses are unknown).
     template_error: bool,
 }
@@ -264,6 +321,36 @@ impl Settings {
         }
         if let Some(nodes) = &self.nodes {
             m.nodes.clone_from(nodes);
+        }
+        if let Some(none) = self.no_health_check {
+            m.api.no_health_check = none;
+        }
+        if let Some(v) = &self.name {
+            m.api.name = Some(v.clone());
+        }
+        if let Some(v) = &self.description {
+            m.api.description = Some(v.clone());
+        }
+        if let Some(v) = &self.metadata {
+            m.api.metadata = Some(v.clone());
+        }
+        if let Some(v) = self.unlisted {
+            m.api.unlisted = v;
+        }
+        if let Some(v) = &self.use_model_name {
+            m.api.use_model_name = Some(v.clone());
+        }
+        if let Some(v) = &self.filters {
+            m.api.filters = v.clone();
+        }
+        if let Some(v) = self.concurrency_limit {
+            m.api.concurrency_limit = v;
+        }
+        if let Some(v) = self.send_loading_state {
+            m.api.send_loading_state = v;
+        }
+        if let Some(v) = &self.cmd_stop {
+            m.api.cmd_stop = Some(v.clone());
         }
     }
 }
@@ -657,6 +744,11 @@ impl Parser<'_> {
                 let list = self.string_list("cors_origins", n).unwrap_or_default();
                 top.http.cors_origins = list.into_iter().map(|o| o.v).collect();
             }
+            "include_aliases_in_list" => {
+                if let Some(b) = self.boolean("include_aliases_in_list", n) {
+                    top.http.include_aliases_in_list = b;
+                }
+            }
             "send_timeout" => match self.duration("send_timeout", n) {
                 Some(d) if !d.is_zero() => top.http.send_timeout = d,
                 Some(_) => self.err(n.at(), "`send_timeout` must be more than 0"),
@@ -962,7 +1054,10 @@ impl Parser<'_> {
                 "drain_timeout" => s.drain_timeout = self.duration("drain_timeout", v),
                 "health_path" => {
                     if let Some(h) = self.string("health_path", v) {
-                        if h.starts_with('/') && !h.chars().any(char::is_whitespace) {
+                        if h == super::NO_HEALTH_CHECK {
+                            s.no_health_check = Some(true);
+                            s.health_path = Some(h.to_string());
+                        } else if h.starts_with('/') && !h.chars().any(char::is_whitespace) {
                             s.health_path = Some(h.to_string());
                         } else {
                             self.err_help(
@@ -970,13 +1065,44 @@ impl Parser<'_> {
                                 format!(
                                     "`health_path` must be a path starting with `/`, found {h:?}"
                                 ),
-                                "e.g. health_path = \"/health\"",
+                                "e.g. health_path = \"/health\", or \"none\": ready once the port accepts connections",
                             );
                         }
                     }
                 }
                 "memory" => s.memory = self.size("memory", v).map(|b| Sp { v: b, at: v.at() }),
                 "pinned" => s.pinned = self.boolean("pinned", v),
+                "name" | "description" | "use_model_name" => {
+                    if let Some(text) = self.string(&f.key, v) {
+                        if text.is_empty() {
+                            self.err(v.at(), format!("`{}` is empty", f.key));
+                        } else {
+                            let text = Some(text.to_string());
+                            match f.key.as_str() {
+                                "name" => s.name = text,
+                                "description" => s.description = text,
+                                _ => s.use_model_name = text,
+                            }
+                        }
+                    }
+                }
+                "metadata" => match json_of(v) {
+                    serde_json::Value::Object(map) => s.metadata = Some(map),
+                    _ => self.type_err("`metadata`", v, "a table"),
+                },
+                "unlisted" => s.unlisted = self.boolean("unlisted", v),
+                "send_loading_state" => {
+                    s.send_loading_state = self.boolean("send_loading_state", v)
+                }
+                "concurrency_limit" => match &v.kind {
+                    Kind::Int(0) => s.concurrency_limit = Some(None),
+                    Kind::Int(i) if *i > 0 => {
+                        s.concurrency_limit = Some(Some(usize::try_from(*i).unwrap_or(usize::MAX)))
+                    }
+                    _ => self.type_err("`concurrency_limit`", v, "an integer of 0 (no limit) or more"),
+                },
+                "filters" => s.filters = self.filters(v),
+                "cmd_stop" => s.cmd_stop = self.cmd_stop(v),
                 "health_interval" => {
                     s.health_interval = self
                         .duration("health_interval", v)
@@ -1018,6 +1144,104 @@ impl Parser<'_> {
             }
         }
         s
+    }
+
+    /// `cmd_stop`: a string split like a shell would, or an array; `${PID}`, `${PORT}` and
+    /// `${MODEL_ID}` are expanded when it runs.
+    fn cmd_stop(&mut self, n: &Node) -> Option<Vec<String>> {
+        let argv = match &n.kind {
+            Kind::Str(s) => match shell_words::split(s) {
+                Ok(argv) => argv,
+                Err(e) => {
+                    self.err_help(
+                        n.at(),
+                        format!("cmd_stop cannot be split into words: {e}"),
+                        "check the quotes, or write cmd_stop as an array of strings",
+                    );
+                    return None;
+                }
+            },
+            Kind::Array(_) => self
+                .string_list("cmd_stop", n)?
+                .into_iter()
+                .map(|s| s.v)
+                .collect(),
+            _ => {
+                self.type_err("`cmd_stop`", n, "a string or an array of strings");
+                return None;
+            }
+        };
+        if argv.first().is_none_or(|a| a.is_empty()) {
+            self.err_help(
+                n.at(),
+                "cmd_stop is empty",
+                "e.g. cmd_stop = [\"docker\", \"stop\", \"${MODEL_ID}\"]; remove it to stop the process group",
+            );
+            return None;
+        }
+        Some(argv)
+    }
+
+    /// `filters = { strip_params = [...], set_params = {...}, set_params_by_id = {...} }`.
+    fn filters(&mut self, n: &Node) -> Option<super::Filters> {
+        let Kind::Table(fields) = &n.kind else {
+            self.type_err("`filters`", n, "a table");
+            return None;
+        };
+        let mut out = super::Filters::default();
+        for f in fields {
+            let v = &f.value;
+            match f.key.as_str() {
+                "strip_params" => {
+                    for p in self.string_list("strip_params", v).unwrap_or_default() {
+                        if p.v == "model" {
+                            self.err_help(
+                                p.at,
+                                "`model` cannot be stripped",
+                                "use use_model_name to change what the server is sent",
+                            );
+                        } else {
+                            out.strip_params.push(p.v);
+                        }
+                    }
+                }
+                "set_params" => match json_of(v) {
+                    serde_json::Value::Object(map) => out.set_params = map,
+                    _ => self.type_err("`set_params`", v, "a table"),
+                },
+                "set_params_by_id" => {
+                    let Kind::Table(ids) = &v.kind else {
+                        self.type_err("`set_params_by_id`", v, "a table of tables");
+                        continue;
+                    };
+                    for id in ids {
+                        match json_of(&id.value) {
+                            serde_json::Value::Object(map) => {
+                                out.set_params_by_id.insert(id.key.clone(), map);
+                            }
+                            _ => self.type_err(
+                                &format!("`set_params_by_id.{}`", id.key),
+                                &id.value,
+                                "a table",
+                            ),
+                        }
+                    }
+                }
+                other => {
+                    let help = closest(other, FILTER_KEYS.iter().copied())
+                        .map(|c| format!("did you mean `{c}`?"))
+                        .unwrap_or_else(|| {
+                            format!("the keys of filters are {}", FILTER_KEYS.join(", "))
+                        });
+                    self.err_help(
+                        f.key_at(),
+                        format!("unknown key `{other}` in filters"),
+                        help,
+                    );
+                }
+            }
+        }
+        Some(out)
     }
 
     fn cmd(&mut self, n: &Node) -> Option<(Sp<Vec<String>>, Vec<Mark>)> {
@@ -1519,6 +1743,24 @@ impl Parser<'_> {
             }
         }
         out
+    }
+}
+
+/// A TOML value as JSON (date-times as their text; arrays of tables are not kept).
+fn json_of(n: &Node) -> serde_json::Value {
+    match &n.kind {
+        Kind::Str(s) => serde_json::Value::String(s.clone()),
+        Kind::Int(i) => serde_json::Value::from(*i),
+        Kind::Float(f) => serde_json::Value::from(*f),
+        Kind::Bool(b) => serde_json::Value::Bool(*b),
+        Kind::Datetime | Kind::TableArray => serde_json::Value::Null,
+        Kind::Array(items) => serde_json::Value::Array(items.iter().map(json_of).collect()),
+        Kind::Table(fields) => serde_json::Value::Object(
+            fields
+                .iter()
+                .map(|f| (f.key.clone(), json_of(&f.value)))
+                .collect(),
+        ),
     }
 }
 

@@ -1087,6 +1087,9 @@ fn every_listed_key_is_read_and_the_lists_agree() {
             "max_connections",
             "replicas",
             "nodes",
+            "unlisted",
+            "concurrency_limit",
+            "send_loading_state",
         ]
     );
     for key in TOP_LEVEL_KEYS {

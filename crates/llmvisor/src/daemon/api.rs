@@ -28,13 +28,7 @@ pub async fn healthz() -> Response {
 
 /// `GET /v1/models`: OpenAI's list; aliases are not listed separately.
 pub async fn v1_models(State(st): St) -> Response {
-    let data: Vec<_> = st
-        .sup
-        .model_ids()
-        .into_iter()
-        .map(|id| json!({"id": id, "object": "model", "owned_by": "llmvisor", "created": 0}))
-        .collect();
-    Json(json!({"object": "list", "data": data})).into_response()
+    Json(super::llama_swap::model_list(&st)).into_response()
 }
 
 pub async fn models(State(st): St) -> Response {
@@ -156,7 +150,7 @@ async fn lease_body(st: &AppState, req: Request) -> Result<Bytes, ApiError> {
 
 /// Who holds an HTTP lease: the key presented, else the client's IP address.
 fn caller_of(req: &Request) -> String {
-    if let Some(key) = super::auth::bearer(req.headers()) {
+    if let Some(key) = super::auth::presented_key(req.headers()) {
         return format!("key:{key}");
     }
     match req.extensions().get::<super::Peer>() {

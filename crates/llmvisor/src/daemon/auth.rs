@@ -15,11 +15,21 @@ pub enum Scope {
 pub fn scope_of(path: &str) -> Scope {
     if path == "/healthz" {
         Scope::Open
-    } else if path.starts_with("/api/") || path == "/api" || path == "/metrics" {
+    } else if path.starts_with("/api/")
+        || path == "/api"
+        || path == "/metrics"
+        || is_llama_swap_admin(path)
+    {
         Scope::Admin
     } else {
         Scope::Api
     }
+}
+
+/// llama-swap's operations routes: model output and unloads, guarded like `/api/*` (with no
+/// `admin_keys`, `api_keys` guard them, as llama-swap's `apiKeys` do).
+fn is_llama_swap_admin(path: &str) -> bool {
+    matches!(path, "/running" | "/unload" | "/logs" | "/logs/stream") || path.starts_with("/logs/")
 }
 
 /// True if the request may pass. With no keys configured for its scope, everything passes.
@@ -38,13 +48,59 @@ pub fn allowed(
     if keys.is_empty() {
         return true;
     }
-    let Some(presented) = bearer(headers) else {
+    let Some(presented) = presented_key(headers) else {
         return false;
     };
     // Compare against every key without stopping early, each in constant time.
     keys.iter().fold(false, |found, k| {
         found | bool::from(k.as_bytes().ct_eq(presented.as_bytes()))
     })
+}
+
+/// The key a request presents: `Authorization: Bearer KEY`, `x-api-key: KEY`, or Basic auth
+/// (`Authorization: Basic base64(USER:KEY)`; the user name is ignored).
+pub fn presented_key(headers: &HeaderMap) -> Option<String> {
+    if let Some(k) = bearer(headers) {
+        return Some(k.to_string());
+    }
+    if let Some(k) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(k.trim().to_string());
+    }
+    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = v.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = String::from_utf8(base64_decode(encoded.trim())?).ok()?;
+    let key = decoded
+        .split_once(':')
+        .map_or(decoded.as_str(), |(_, pass)| pass);
+    Some(key.to_string())
+}
+
+/// Standard base64 (padding optional); `None` when it is not.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for c in s.trim_end_matches('=').bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
 }
 
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -81,5 +137,26 @@ mod tests {
         assert_eq!(scope_of("/metrics"), Scope::Admin);
         assert_eq!(scope_of("/v1/models"), Scope::Api);
         assert_eq!(scope_of("/upstream/a/health"), Scope::Api);
+        assert_eq!(scope_of("/logs/stream/a"), Scope::Admin);
+        assert_eq!(scope_of("/running"), Scope::Admin);
+        assert_eq!(scope_of("/unload"), Scope::Admin);
+        assert_eq!(scope_of("/health"), Scope::Api);
+        assert_eq!(scope_of("/v1/models/a"), Scope::Api);
+    }
+
+    #[test]
+    fn x_api_key_and_basic_auth() {
+        let api = vec!["sk-1".to_string()];
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", "sk-1".parse().unwrap());
+        assert!(allowed(Scope::Api, &h, &api, &[]));
+        h.insert("x-api-key", "sk-2".parse().unwrap());
+        assert!(!allowed(Scope::Api, &h, &api, &[]));
+        // "user:sk-1" and ":sk-1"
+        assert!(allowed(Scope::Api, &with("Basic dXNlcjpzay0x"), &api, &[]));
+        assert!(allowed(Scope::Api, &with("basic OnNrLTE="), &api, &[]));
+        assert!(!allowed(Scope::Api, &with("Basic dXNlcjpzay0y"), &api, &[]));
+        assert!(!allowed(Scope::Api, &with("Basic !!!"), &api, &[]));
+        assert_eq!(base64_decode("aGk").unwrap(), b"hi");
     }
 }

@@ -18,6 +18,8 @@ mod error;
 mod extract;
 pub mod fleet;
 mod leases;
+mod llama_swap;
+mod multipart;
 mod proxy;
 mod redact;
 mod state;
@@ -76,7 +78,7 @@ pub enum DaemonError {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(api::healthz))
-        .route("/metrics", get(api::metrics))
+        .route("/metrics", get(llama_swap::metrics))
         .route("/v1/models", get(api::v1_models))
         .route("/v1/{*rest}", post(proxy::v1))
         .route("/upstream/{model}", any(proxy::upstream_root))
@@ -90,6 +92,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/leases/{id}/renew", post(api::renew_lease))
         .route("/api/leases/{id}", delete(api::release_lease))
         .route("/api/cluster", get(fleet::cluster))
+        // llama-swap's endpoints and llama-server's own routes.
+        .merge(llama_swap::routes())
         .fallback(|| async {
             ApiError::not_found("no such route (see GET /v1/models and /api/models)")
         })

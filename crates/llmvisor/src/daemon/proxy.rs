@@ -32,6 +32,10 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 pub async fn v1(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let began = Instant::now();
     let (parts, body) = req.into_parts();
+    // A form upload: routed by its `model` field, streamed through (never buffered whole).
+    if let Some(boundary) = super::multipart::boundary(&parts.headers) {
+        return super::multipart::forward(st, parts, body, &boundary, began).await;
+    }
     if let Err(e) = super::browser::require_json(&parts.headers) {
         return e.into_response();
     }
@@ -45,13 +49,23 @@ pub async fn v1(State(st): State<Arc<AppState>>, req: Request) -> Response {
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_owned();
+    // llama-swap's per-model request filters (use_model_name, filters).
+    let body = match super::llama_swap::prepare_json(&st, &model, body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let path = path_and_query(&parts.uri, "/");
+    // send_loading_state: a streamed request that waits for a load sees its progress.
+    if super::llama_swap::wants_loading_state(&st, &model, &body) {
+        return super::llama_swap::loading_stream(st, model, parts, body, path, began).await;
+    }
     forward(st, &model, parts, Body::from(body), &path, began).await
+}
+
+/// The path and query of `uri` as sent upstream (`default` when it has none).
+pub(super) fn path_and_query(uri: &http::Uri, default: &str) -> String {
+    uri.path_and_query()
+        .map_or_else(|| default.to_owned(), |p| p.as_str().to_owned())
 }
 
 /// `ANY /upstream/{model}/{*path}`: passthrough, request body streamed.
@@ -194,7 +208,7 @@ pub fn routed_model(body: &[u8]) -> Result<String, ApiError> {
     }
 }
 
-async fn forward(
+pub(super) async fn forward(
     st: Arc<AppState>,
     model: &str,
     parts: http::request::Parts,
@@ -205,6 +219,14 @@ async fn forward(
     let (parts, body) = match super::fleet::divert(&st, model, parts, body, path_and_query).await {
         Ok(resp) => return resp,
         Err(local) => local,
+    };
+    // llama-swap's concurrencyLimit: 429 beyond it; the slot is held until the answer ends.
+    let concurrency = match st.config().model(model) {
+        Some(m) => match super::llama_swap::concurrency_slot(&st, m) {
+            Ok(slot) => slot,
+            Err(e) => return e.into_response(),
+        },
+        None => None,
     };
     let in_flight = InFlight::new(st.clone());
     let acquire_began = Instant::now();
@@ -278,6 +300,7 @@ async fn forward(
         sse: is_sse,
         state: BodyState::Streaming,
         _in_flight: in_flight,
+        _concurrency: concurrency,
     };
     st.metrics
         .proxy_overhead
@@ -343,7 +366,7 @@ pub(super) fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, strip_auth: boo
         if is_hop_by_hop(name, &listed)
             || name == header::HOST
             || name == header::CONTENT_LENGTH
-            || (strip_auth && name == header::AUTHORIZATION)
+            || (strip_auth && (name == header::AUTHORIZATION || name == "x-api-key"))
         {
             continue;
         }
@@ -385,6 +408,8 @@ struct LeasedBody {
     sse: bool,
     state: BodyState,
     _in_flight: InFlight,
+    /// The request's slot under the model's `concurrency_limit`, if it has one.
+    _concurrency: Option<OwnedSemaphorePermit>,
 }
 
 impl HttpBody for LeasedBody {

@@ -23,6 +23,8 @@ pub struct AppState {
     body_budget_total: usize,
     /// Fleet mode (set once at start when the config has `[cluster]`).
     pub fleet: std::sync::OnceLock<super::fleet::FleetHandle>,
+    /// llama-swap's per-model request slots (`concurrency_limit`).
+    pub swap: super::llama_swap::SwapState,
 }
 
 impl AppState {
@@ -40,6 +42,7 @@ impl AppState {
             body_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
             body_budget_total: budget,
             fleet: std::sync::OnceLock::new(),
+            swap: Default::default(),
         })
     }
 

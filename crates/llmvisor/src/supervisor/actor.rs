@@ -221,7 +221,15 @@ impl Actor {
             self.cfg.stop_timeout,
             self.events_tx.clone(),
         );
+        let cmd_stop = self.cfg.api.cmd_stop.as_ref().map(|argv| {
+            let argv =
+                super::cmd_stop::expand(argv, server.pid(), running.endpoint.port(), &self.cfg.id);
+            (argv, self.cfg.id.clone())
+        });
         tokio::spawn(async move {
+            if let (Some((argv, id)), Some(child)) = (cmd_stop, server.local()) {
+                super::cmd_stop::run(&argv, child, grace, &id).await;
+            }
             let status = server.stop(grace).await;
             let _ = events.send(Event::Stopped(status));
         });

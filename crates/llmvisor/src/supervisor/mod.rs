@@ -19,6 +19,7 @@
 mod actor;
 mod admission;
 mod cell;
+mod cmd_stop;
 #[cfg(test)]
 mod double;
 mod error;

@@ -80,6 +80,29 @@ proptest! {
     }
 
     #[test]
+    fn llama_swap_yaml_never_panics_on_any_text(text in "(?s).{0,200}") {
+        let _ = config::llama_swap::parse_yaml(&text, Some(Path::new("x.yaml")), &|_: &str| None);
+    }
+
+    #[test]
+    fn llama_swap_yaml_never_panics_on_config_shaped_text(
+        lines in prop::collection::vec(
+            (
+                0usize..4,
+                prop::sample::select(vec!["models", "macros", "groups", "cmd", "ttl", "aliases", "env", "filters", "proxy", "members", "swap", "x", "apiKeys", "checkEndpoint", "useModelName", "setParams", "stripParams", "hooks", "on_startup", "preload", "metadata", "cmdStop", "concurrencyLimit"]),
+                prop::sample::select(vec![" ", "[a, b]", "-1", "0", "1", "true", "x --port ${PORT}", "${m}", "${env.X}", "http://127.0.0.1:99", "none", "{a: 1}", "|", ">", "\"${MODEL_ID}\""]),
+            ),
+            0..16,
+        ),
+    ) {
+        let mut text = String::new();
+        for (depth, key, value) in lines {
+            text.push_str(&format!("{}{key}: {value}\n", "  ".repeat(depth)));
+        }
+        let _ = config::llama_swap::parse_yaml(&text, Some(Path::new("x.yaml")), &|_: &str| Some("v".into()));
+    }
+
+    #[test]
     fn macro_expansion_never_panics(
         template in "(\\$|\\{|\\}|[A-Za-z_.]|\\$\\{(PORT|SOCKET|MODEL_ID|env\\.[A-Z]{0,3})\\}|.){0,40}",
         port in proptest::option::of(any::<u16>()),

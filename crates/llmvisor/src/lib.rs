@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod escalate;
+pub mod events;
 pub mod ids;
 pub mod logs;
 pub mod metrics;

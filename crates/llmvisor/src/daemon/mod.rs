@@ -14,6 +14,7 @@ mod api;
 mod auth;
 mod browser;
 mod conn;
+mod dashboard;
 mod error;
 mod extract;
 mod leases;
@@ -86,6 +87,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/leases", post(api::create_lease))
         .route("/api/leases/{id}/renew", post(api::renew_lease))
         .route("/api/leases/{id}", delete(api::release_lease))
+        .merge(dashboard::routes())
         .fallback(|| async {
             ApiError::not_found("no such route (see GET /v1/models and /api/models)")
         })

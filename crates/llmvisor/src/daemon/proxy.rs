@@ -214,6 +214,7 @@ async fn forward(
         Err(e) => return ApiError::bad_request("invalid_path", e.to_string()).into_response(),
     };
     let mut req = http::Request::new(body);
+    let method = parts.method.clone();
     *req.method_mut() = parts.method;
     *req.uri_mut() = uri;
     let strip_auth = !st.config().api_keys.is_empty();
@@ -246,7 +247,18 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     strip_hop_by_hop(&mut head.headers);
+    // [dashboard hook] one `request` event per answer, read as it passes.
+    let observer = crate::events::RequestObserver::new(
+        st.events.clone(),
+        lease.model(),
+        path_and_query,
+        method.as_str(),
+        head.status.as_u16(),
+        began,
+        is_sse,
+    );
     let body = LeasedBody {
+        observer,
         inner: upstream_body,
         lease: Some(lease),
         sse: is_sse,
@@ -347,6 +359,7 @@ enum BodyState {
 
 /// The upstream's response body, holding the request's lease until it ends or is dropped.
 struct LeasedBody {
+    observer: crate::events::RequestObserver,
     inner: Incoming,
     lease: Option<Lease>,
     sse: bool,
@@ -374,8 +387,14 @@ impl HttpBody for LeasedBody {
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.observer.data(data);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
             Poll::Ready(None) => {
+                this.observer.finish();
                 this.state = BodyState::Done;
                 this.lease = None; // finished: the lease ends now, not when hyper drops us
                 Poll::Ready(None)

@@ -20,6 +20,8 @@ pub struct AppState {
     /// Bytes of request bodies buffered at once (`body_budget`), one permit per byte.
     pub body_budget: Arc<tokio::sync::Semaphore>,
     body_budget_total: usize,
+    /// The event stream (`/api/events`) and per-model request activity.
+    pub events: Arc<crate::events::EventBus>,
 }
 
 impl AppState {
@@ -27,7 +29,10 @@ impl AppState {
         let budget = usize::try_from(config.http.body_budget)
             .unwrap_or(usize::MAX)
             .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let events = Arc::new(crate::events::EventBus::new());
+        crate::events::attach(sup.clone(), &events);
         Arc::new(Self {
+            events,
             sup,
             config: RwLock::new(Arc::new(config)),
             client: upstream::client(),

@@ -19,7 +19,12 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
-# One closing line for the whole run, summed over every test binary.
+# The dashboard in a real browser (headless chromium); LLMVISOR_SKIP_UI=1 skips it (never in CI).
+if [ "${LLMVISOR_SKIP_UI:-0}" != 1 ]; then
+  scripts/ui-test.sh 2>&1 | tee -a "$log" || status=1
+fi
+# One closing line for the whole run, summed over every test binary and the browser test.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+     /^ui tests:/ { p += $3; f += $5 }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 exit "$status"

@@ -391,6 +391,9 @@ impl HttpBody for LeasedBody {
                 if let Some(data) = frame.data_ref() {
                     this.observer.data(data);
                 }
+                if this.inner.is_end_stream() {
+                    this.observer.finish(); // its declared length is all there
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use crate::metrics::{Histogram, START_BOUNDS};
+use crate::metrics::Histogram;
 use crate::supervisor::{ModelStatus, Phase, Supervisor};
 
 /// Events kept for `Last-Event-ID` resumption.
@@ -25,6 +25,10 @@ pub const REPLAY_EVENTS: usize = 1024;
 pub const FANOUT_EVENTS: usize = 512;
 /// Bytes of a non-streamed answer kept to read its `usage`; a line of a streamed one likewise.
 const USAGE_SCAN_CAP: usize = 256 * 1024;
+/// Buckets (seconds) of the time-to-first-byte and request duration histograms.
+pub const REQUEST_BOUNDS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
 /// Requests remembered per model for the requests-per-minute figure.
 const RECENT_WINDOW: Duration = Duration::from_secs(60);
 
@@ -209,6 +213,9 @@ pub fn attach(sup: Supervisor, bus: &Arc<EventBus>) {
     let prog = progress.clone();
     let sup2 = sup.clone();
     tokio::spawn(async move {
+        // The last status sent per model: a transition the outside cannot tell apart
+        // (Admitting → Starting are both `starting`) is not sent twice.
+        let mut last: HashMap<String, ModelStatus> = HashMap::new();
         loop {
             let status = changes.recv().await;
             let Some(bus) = weak.upgrade() else { return };
@@ -225,12 +232,16 @@ pub fn attach(sup: Supervisor, bus: &Arc<EventBus>) {
                         }
                     }
                     drop(p);
-                    bus.publish("model", model_body(&status));
+                    if last.get(&status.id) != Some(&status) {
+                        bus.publish("model", model_body(&status));
+                        last.insert(status.id.clone(), status);
+                    }
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     // Changes were missed: send every model's state as it is now.
                     for s in sup2.status() {
                         bus.publish("model", model_body(&s));
+                        last.insert(s.id.clone(), s);
                     }
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
@@ -366,8 +377,8 @@ impl Activity {
             .or_insert_with(|| {
                 Arc::new(ModelActivity {
                     inner: Mutex::default(),
-                    ttfb: Histogram::new(START_BOUNDS),
-                    duration: Histogram::new(START_BOUNDS),
+                    ttfb: Histogram::new(REQUEST_BOUNDS),
+                    duration: Histogram::new(REQUEST_BOUNDS),
                 })
             })
             .clone()

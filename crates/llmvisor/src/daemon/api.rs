@@ -348,6 +348,7 @@ pub async fn metrics(State(st): St) -> Response {
     st.metrics
         .proxy_overhead
         .render(&mut out, "llmvisor_proxy_overhead_seconds", "");
+    super::dashboard::render_metrics(&st, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -92,6 +92,57 @@ async fn activity(State(st): St) -> Response {
     Json(rows).into_response()
 }
 
+/// The request activity's lines of `/metrics`: per model, requests by status, tokens, time to
+/// first byte and duration.
+pub fn render_metrics(st: &AppState, out: &mut String) {
+    use crate::metrics::label;
+    use std::fmt::Write;
+    let all = st.events.activity.all();
+    let counts: Vec<_> = all.iter().map(|(m, a)| (label(m), a.counts())).collect();
+    out.push_str("# HELP llmvisor_model_requests_total Proxied requests per model by the status the server answered.\n# TYPE llmvisor_model_requests_total counter\n");
+    for (m, c) in &counts {
+        for (status, n) in &c.by_status {
+            let _ = writeln!(
+                out,
+                "llmvisor_model_requests_total{{model=\"{m}\",status=\"{status}\"}} {n}"
+            );
+        }
+    }
+    for (name, help, get) in [
+        (
+            "llmvisor_model_prompt_tokens_total",
+            "Prompt tokens per model, as the answers' usage/timings report them.",
+            (|c: &events::ActivityCounts| c.prompt_tokens) as fn(&events::ActivityCounts) -> u64,
+        ),
+        (
+            "llmvisor_model_completion_tokens_total",
+            "Generated tokens per model, as the answers' usage/timings report them.",
+            |c: &events::ActivityCounts| c.completion_tokens,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (m, c) in &counts {
+            let _ = writeln!(out, "{name}{{model=\"{m}\"}} {}", get(c));
+        }
+    }
+    out.push_str("# HELP llmvisor_model_ttfb_seconds Time from a proxied request's arrival to the first byte of its answer.\n# TYPE llmvisor_model_ttfb_seconds histogram\n");
+    for (m, a) in &all {
+        a.ttfb.render(
+            out,
+            "llmvisor_model_ttfb_seconds",
+            &format!("model=\"{}\"", label(m)),
+        );
+    }
+    out.push_str("# HELP llmvisor_model_request_duration_seconds Time from a proxied request's arrival to the end of its answer.\n# TYPE llmvisor_model_request_duration_seconds histogram\n");
+    for (m, a) in &all {
+        a.duration.render(
+            out,
+            "llmvisor_model_request_duration_seconds",
+            &format!("model=\"{}\"", label(m)),
+        );
+    }
+}
+
 #[derive(Deserialize)]
 struct EventsQuery {
     logs: Option<String>,

@@ -319,7 +319,19 @@ async fn ps(args: &PsArgs) -> anyhow::Result<ExitCode> {
         out.push('\n');
         print_stdout(&out)?;
     } else {
-        let models: Vec<ModelInfo> = daemon.json(Method::GET, "/api/models").await?;
+        let mut models: Vec<ModelInfo> = daemon.json(Method::GET, "/api/models").await?;
+        // Request activity, when the daemon has it (an older one answers 404: no columns).
+        if let Ok(activity) = daemon
+            .json::<Vec<serde_json::Value>>(Method::GET, "/api/activity")
+            .await
+        {
+            for m in &mut models {
+                let a = activity.iter().find(|a| a["model"] == m.id.as_str());
+                m.requests_per_min =
+                    Some(a.and_then(|a| a["requests_per_min"].as_u64()).unwrap_or(0));
+                m.last_tokens_per_s = a.and_then(|a| a["last_tokens_per_s"].as_f64());
+            }
+        }
         print_stdout(&table::render(&models))?;
     }
     Ok(ExitCode::SUCCESS)

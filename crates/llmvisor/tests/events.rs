@@ -353,3 +353,35 @@ async fn request_events_and_activity_match_what_the_client_saw() {
     d.stop().await;
     s.assert_all_gone(WITHIN).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_once_prints_every_model_and_recent_requests() {
+    let s = Scratch::new();
+    let d = TestDaemon::start(s.config(vec![s.model("a", &[]), s.model("b", &[])])).await;
+    assert_eq!(d.post("/api/models/a/load", "").await.status, 200);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_llmvisor"))
+        .args(["top", "--once", "--url", &d.url])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(WITHIN, out).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.starts_with("llmvisor "), "{text}");
+    let a = text
+        .lines()
+        .find(|l| l.starts_with("a "))
+        .expect("a listed");
+    assert!(a.contains("ready"), "{a}");
+    let b = text
+        .lines()
+        .find(|l| l.starts_with("b "))
+        .expect("b listed");
+    assert!(b.contains("stopped"), "{b}");
+    d.stop().await;
+    s.assert_all_gone(WITHIN).await;
+}

@@ -9,6 +9,7 @@ pub mod client;
 pub mod json;
 pub mod progress;
 pub mod table;
+pub mod top;
 pub mod url;
 
 use std::io::Write;
@@ -57,6 +58,8 @@ pub enum Command {
     Unload(UnloadArgs),
     /// Print a model's server output
     Logs(LogsArgs),
+    /// A live view of the daemon's models, queue and requests (q quits)
+    Top(TopArgs),
     /// Find and stop servers left behind by a dead llmvisor
     Gc(GcArgs),
 }
@@ -152,6 +155,15 @@ pub struct LogsArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    /// Print one screen after the first snapshot and exit
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct GcArgs {
     /// The state directory of the llmvisor that died (default: the config's, else the default)
     #[arg(long, value_name = "DIR")]
@@ -211,6 +223,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Load(args) => load(&args).await,
         Command::Unload(args) => unload(&args).await,
         Command::Logs(args) => logs(&args).await,
+        Command::Top(args) => top::run(&daemon_for(&args.daemon)?, args.once).await,
         Command::Gc(args) => gc(&args).await,
     };
     match result {

@@ -242,8 +242,12 @@ impl Reader {
             "keys": !cfg.admin_keys.is_empty() || !cfg.api_keys.is_empty(),
         });
         drop(cfg);
+        let statuses = self.st.sup.status();
+        let mut facts = facts;
+        // How many `model` events follow: the snapshot's end.
+        facts["models"] = json!(statuses.len());
         let mut frames = vec![events::render(head, "daemon", facts)];
-        for s in self.st.sup.status() {
+        for s in statuses {
             frames.push(events::render(head, "model", events::model_body(&s)));
         }
         for json in frames {

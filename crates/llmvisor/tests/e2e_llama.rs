@@ -619,7 +619,7 @@ async fn events_progress_requests_and_metrics_match_what_the_client_saw() {
         .filter_map(|l| l.strip_prefix("data: "))
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter_map(|v| v["usage"]["completion_tokens"].as_u64())
-        .last()
+        .next_back()
         .expect("usage in the stream");
     seen.clear();
     let mut n = 0;

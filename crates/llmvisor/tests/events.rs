@@ -385,3 +385,55 @@ async fn top_once_prints_every_model_and_recent_requests() {
     d.stop().await;
     s.assert_all_gone(WITHIN).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_opt_in_per_model_and_events_need_the_admin_key() {
+    let s = Scratch::new();
+    let mut cfg = s.config(vec![s.model("a", &["--log-lines", "3"])]);
+    cfg.admin_keys = vec!["adm".into()];
+    let d = TestDaemon::start(cfg).await;
+    let url = format!("{}/api/events", d.url);
+    let (status, _, _) = send("GET", &url, &[], "").await;
+    assert_eq!(status, 401, "events need the admin key");
+    let (status, head, _) = send("GET", &format!("{}/ui/", d.url), &[], "").await;
+    assert_eq!(status, 200, "the page itself is open");
+    assert!(head["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let auth = [("authorization", "Bearer adm")];
+    let (status, _, _) = send("GET", &format!("{url}?logs=nope"), &auth, "").await;
+    assert_eq!(status, 404, "unknown model");
+    let r =
+        support::http::request("POST", &format!("{}/api/models/a/load", d.url), &auth, "").await;
+    assert_eq!(r.status, 200);
+    let (status, _, body) = send("GET", &format!("{url}?logs=a"), &auth, "").await;
+    assert_eq!(status, 200);
+    let mut ev = Events {
+        body,
+        buf: String::new(),
+    };
+    let mut lines = Vec::new();
+    while lines.len() < 3 {
+        let e = ev.next().await;
+        if e.v["type"] == "log" {
+            assert_eq!(e.v["model"], "a");
+            assert_eq!(e.id, None, "log events carry no id");
+            let line = e.v["line"].as_str().unwrap().to_owned();
+            if line.starts_with("fake-llm log line") {
+                lines.push(line);
+            }
+        }
+    }
+    assert_eq!(
+        lines,
+        [
+            "fake-llm log line 1",
+            "fake-llm log line 2",
+            "fake-llm log line 3"
+        ]
+    );
+    drop(ev);
+    d.stop().await;
+    s.assert_all_gone(WITHIN).await;
+}

@@ -516,6 +516,20 @@ impl RequestObserver {
         }
     }
 
+    /// Publishes the `request` event of a request that got no answer from its server (`status`:
+    /// what the client got instead, e.g. 502).
+    pub fn failed(
+        bus: &Arc<EventBus>,
+        model: &str,
+        route: &str,
+        method: &str,
+        status: u16,
+        began: Instant,
+    ) {
+        let mut o = RequestObserver::new(bus.clone(), model, route, method, status, began, false);
+        o.finish();
+    }
+
     /// A chunk of the answer on its way to the client.
     pub fn data(&mut self, chunk: &[u8]) {
         if self.first_byte.is_none() && !chunk.is_empty() {

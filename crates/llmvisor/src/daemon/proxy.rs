@@ -236,6 +236,15 @@ async fn forward(
                     lease.model()
                 )
             };
+            // [dashboard hook] the client got a 502: a `request` event says so.
+            crate::events::RequestObserver::failed(
+                &st.events,
+                lease.model(),
+                path_and_query,
+                method.as_str(),
+                502,
+                began,
+            );
             return ApiError::bad_gateway(what).into_response();
         }
     };

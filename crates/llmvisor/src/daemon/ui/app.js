@@ -71,7 +71,9 @@ async function connect() {
   }
   if (resp.status === 401) {
     setConn("key needed", false);
-    return askKey(key() ? "That key was refused." : null);
+    const refused = key() !== null;
+    sessionStorage.removeItem(KEY_STORE);
+    return askKey(refused ? "That key was refused." : null);
   }
   if (!resp.ok) { setConn("error " + resp.status, false); return reconnect(); }
   retry = 0;
@@ -181,7 +183,7 @@ async function act(id, what) {
   msg.textContent = `${what === "load" ? "Loading" : "Unloading"} ${id}…`;
   try {
     const r = await fetch(path, { method: "POST", headers: headers({ "Content-Type": "application/json" }), body: "{}" });
-    if (r.status === 401) return askKey("That key was refused.");
+    if (r.status === 401) { sessionStorage.removeItem(KEY_STORE); return askKey("That key was refused."); }
     if (!r.ok) {
       let m = r.statusText;
       try { m = (await r.json()).error.message; } catch { /* not JSON */ }

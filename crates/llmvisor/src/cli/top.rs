@@ -21,6 +21,8 @@ const REDRAW: Duration = Duration::from_millis(250);
 #[derive(Default)]
 pub struct View {
     facts: Value,
+    /// When the daemon event came (uptime keeps counting from there).
+    facts_at: Option<Instant>,
     models: BTreeMap<String, Value>,
     progress: HashMap<String, (u64, String)>,
     requests: VecDeque<Value>,
@@ -33,7 +35,10 @@ impl View {
     pub fn apply(&mut self, ev: &Value) {
         let model = ev["model"].as_str().unwrap_or_default().to_owned();
         match ev["type"].as_str() {
-            Some("daemon") => self.facts = ev.clone(),
+            Some("daemon") => {
+                self.facts = ev.clone();
+                self.facts_at = Some(Instant::now());
+            }
             Some("model") => {
                 if ev["status"]["state"] != "starting" {
                     self.progress.remove(&model);
@@ -73,7 +78,8 @@ impl View {
             out,
             "llmvisor {}  up {}s  models {}   (q quits)",
             f["version"].as_str().unwrap_or("?"),
-            f["uptime_s"].as_u64().unwrap_or(0),
+            f["uptime_s"].as_u64().unwrap_or(0)
+                + self.facts_at.map_or(0, |t| t.elapsed().as_secs()),
             self.models.len()
         );
         let _ = writeln!(

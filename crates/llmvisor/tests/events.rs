@@ -437,3 +437,58 @@ async fn logs_are_opt_in_per_model_and_events_need_the_admin_key() {
     d.stop().await;
     s.assert_all_gone(WITHIN).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_waiting_for_room_gives_queue_events() {
+    let s = Scratch::new();
+    let mut cfg = s.config(vec![s.model("a", &[]), s.model("b", &[])]);
+    cfg.max_loaded = Some(1);
+    let d = TestDaemon::start(cfg).await;
+    // a is held: b's start must wait for its room.
+    let lease = d.post("/api/leases", r#"{"model":"a"}"#).await;
+    assert_eq!(lease.status, 200, "{}", lease.text());
+    let lease_id = lease.json()["id"].as_str().unwrap().to_owned();
+    let mut ev = Events::open(&d, None).await;
+    ev.snapshot(2).await;
+    let url = d.url.clone();
+    let waiting = tokio::spawn(async move {
+        support::http::request(
+            "POST",
+            &format!("{url}/v1/chat/completions"),
+            &[("content-type", "application/json")],
+            r#"{"model":"b","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await
+        .status
+    });
+    let queued = loop {
+        let e = ev.next().await;
+        if e.v["type"] == "queue" && e.v["model"] == "b" {
+            break e.v;
+        }
+    };
+    assert!(queued["queued"].as_u64().unwrap() >= 1, "{queued}");
+    assert!(
+        queued["wait_reason"].as_str().unwrap().contains('a'),
+        "{queued}"
+    );
+    let r = support::http::request(
+        "DELETE",
+        &format!("{}/api/leases/{lease_id}", d.url),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(waiting.await.unwrap(), 200);
+    let cleared = loop {
+        let e = ev.next().await;
+        if e.v["type"] == "queue" && e.v["model"] == "b" {
+            break e.v;
+        }
+    };
+    assert_eq!(cleared["queued"], 0, "{cleared}");
+    drop(ev);
+    d.stop().await;
+    s.assert_all_gone(WITHIN).await;
+}

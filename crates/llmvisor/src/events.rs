@@ -36,6 +36,8 @@ const RECENT_WINDOW: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Event {
     pub id: u64,
+    /// Its `type`.
+    pub kind: String,
     /// The JSON object (with `id` and `type`).
     pub json: String,
 }
@@ -109,6 +111,7 @@ impl EventBus {
         ring.next_id += 1;
         let event = Arc::new(Event {
             id,
+            kind: kind.to_owned(),
             json: render(id, kind, body),
         });
         if ring.events.len() == REPLAY_EVENTS {
@@ -144,6 +147,21 @@ impl EventBus {
             })
         });
         Subscription { replay, head, rx }
+    }
+
+    /// The last `n` buffered events of type `kind`, oldest first (a snapshot's recent requests).
+    pub fn recent(&self, kind: &str, n: usize) -> Vec<Arc<Event>> {
+        let ring = self.ring.lock().unwrap();
+        let mut v: Vec<_> = ring
+            .events
+            .iter()
+            .rev()
+            .filter(|e| e.kind == kind)
+            .take(n)
+            .cloned()
+            .collect();
+        v.reverse();
+        v
     }
 
     /// Readers connected now.

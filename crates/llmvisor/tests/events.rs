@@ -332,6 +332,16 @@ async fn request_events_and_activity_match_what_the_client_saw() {
     assert!(a["ttfb_ms"].as_f64().unwrap() <= a["duration_ms"].as_f64().unwrap());
     assert_eq!(b["status"], 200);
     assert_eq!(b["cut"], false);
+    // A new subscriber's snapshot ends with the recent requests.
+    let mut late = Events::open(&d, None).await;
+    let snap = late.snapshot(1).await;
+    let head = snap[0].id;
+    for want in [a, b] {
+        let e = late.next().await;
+        assert_eq!(e.id, head, "numbered as the snapshot");
+        assert_eq!(e.v["id"], want["id"]);
+    }
+    drop(late);
     let act = d.get("/api/activity").await.json();
     assert_eq!(act[0]["model"], "a");
     assert_eq!(act[0]["requests"], 2);

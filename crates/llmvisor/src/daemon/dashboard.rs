@@ -23,6 +23,8 @@ use crate::events::{self, Event};
 
 /// A comment line this often keeps proxies and idle timers from closing a quiet stream.
 const KEEPALIVE: Duration = Duration::from_secs(15);
+/// Request events (still in the replay ring) sent after a snapshot's models.
+const RECENT_REQUESTS: usize = 50;
 /// Lines of a model's log sent first on `?logs=MODEL`.
 const LOG_BACKLOG: usize = 200;
 
@@ -250,6 +252,15 @@ impl Reader {
         for s in statuses {
             frames.push(events::render(head, "model", events::model_body(&s)));
         }
+        // Recent requests still buffered, so a new page shows some history (numbered `head` too:
+        // a resume never goes back).
+        let recent = self.st.events.recent("request", RECENT_REQUESTS);
+        frames.extend(
+            recent
+                .iter()
+                .filter(|e| e.id <= head)
+                .map(|e| e.json.clone()),
+        );
         for json in frames {
             self.queue
                 .push_back(Bytes::from(format!("id: {head}\ndata: {json}\n\n")));

@@ -306,7 +306,12 @@ function followLog(id) {
 // ---------------------------------------------------------------------------------------------
 // Requests and charts
 
+const seenRequests = new Set();
+
 function addRequest(ev) {
+  // A fresh snapshot repeats the recent requests it still has.
+  if (seenRequests.has(ev.id)) return;
+  seenRequests.add(ev.id);
   requests.unshift(ev);
   if (requests.length > 50) requests.pop();
   samples.push({ t: ev.time || Date.now(), model: ev.model, tps: ev.tokens_per_s });

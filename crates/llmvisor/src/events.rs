@@ -234,6 +234,9 @@ pub fn attach(sup: Supervisor, bus: &Arc<EventBus>) {
         // The last status sent per model: a transition the outside cannot tell apart
         // (Admitting → Starting are both `starting`) is not sent twice.
         let mut last: HashMap<String, ModelStatus> = HashMap::new();
+        // Evictions counted per model at its last event; models whose last stop was a crash.
+        let mut evicted: HashMap<String, u64> = HashMap::new();
+        let mut crashed: std::collections::HashSet<String> = Default::default();
         loop {
             let status = changes.recv().await;
             let Some(bus) = weak.upgrade() else { return };
@@ -250,8 +253,22 @@ pub fn attach(sup: Supervisor, bus: &Arc<EventBus>) {
                         }
                     }
                     drop(p);
-                    if last.get(&status.id) != Some(&status) {
-                        bus.publish("model", model_body(&status));
+                    let prev = last.get(&status.id);
+                    if prev != Some(&status) {
+                        let evictions = sup2
+                            .model(&status.id)
+                            .map(|c| c.stats.evictions.load(std::sync::atomic::Ordering::Relaxed))
+                            .unwrap_or(0);
+                        let seen = evicted.insert(status.id.clone(), evictions).unwrap_or(0);
+                        let was_crash = crashed.remove(&status.id);
+                        let reason =
+                            reason_of(prev.map(|p| p.state), &status, evictions > seen, was_crash);
+                        if reason == Some("crashed") {
+                            crashed.insert(status.id.clone());
+                        }
+                        let mut body = model_body(&status);
+                        body["reason"] = json!(reason);
+                        bus.publish("model", body);
                         last.insert(status.id.clone(), status);
                     }
                 }
@@ -310,6 +327,24 @@ pub fn attach(sup: Supervisor, bus: &Arc<EventBus>) {
             t.abort();
         }
     });
+}
+
+/// Why a model changed, where the change tells: `evicted` (stopping for another model's room),
+/// `crashed` (its server went away while ready), `start_failed`, `restart` (starting after a
+/// crash). None otherwise (a load, an unload, an idle stop).
+fn reason_of(
+    prev: Option<Phase>,
+    now: &ModelStatus,
+    evicted: bool,
+    after_crash: bool,
+) -> Option<&'static str> {
+    match (prev, now.state) {
+        (_, Phase::Stopping) if evicted => Some("evicted"),
+        (Some(Phase::Ready), Phase::Stopped | Phase::Failed) => Some("crashed"),
+        (Some(Phase::Starting), Phase::Failed) => Some("start_failed"),
+        (_, Phase::Starting) if after_crash => Some("restart"),
+        _ => None,
+    }
 }
 
 fn follow_progress(

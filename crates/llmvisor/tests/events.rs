@@ -155,6 +155,21 @@ async fn model_events_for_load_eviction_and_crash_restart_come_in_order() {
     assert_eq!(d.post("/v1/chat/completions", CHAT).await.status, 200);
     let restart = ev.model_states_until(is("a", "ready")).await;
     assert_eq!(restart, ["a:starting", "a:ready"]);
+    // Each change says why, where it can tell.
+    let reasons = d.state.events.recent("model", 64);
+    let why: Vec<String> = reasons
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(&e.json).unwrap())
+        .filter(|v| !v["reason"].is_null())
+        .map(|v| {
+            format!(
+                "{}:{}",
+                v["model"].as_str().unwrap(),
+                v["reason"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(why, ["a:evicted", "a:crashed", "a:restart"], "{why:?}");
     d.stop().await;
     s.assert_all_gone(WITHIN).await;
 }

@@ -129,6 +129,8 @@ function onEvent(ev) {
     case "model": {
       const s = ev.status;
       const prev = models.get(s.id);
+      // Why it changed (evicted, crashed, …), kept until the next change that says.
+      s.reason = ev.reason || (prev && s.state === prev.state ? prev.reason : null);
       if (s.state !== "starting") progress.delete(s.id);
       else if (!prev || prev.state !== "starting") progress.set(s.id, { percent: 0, stage: "waiting for room" });
       models.set(s.id, s);
@@ -210,6 +212,7 @@ function renderModel(s) {
     ["last exit", s.last_exit ?? "–"],
   ];
   if (s.aliases && s.aliases.length) rows.unshift(["aliases", s.aliases.join(", ")]);
+  if (s.reason) rows.push(["why", s.reason.replace("_", " ")]);
   const dl = el("dl");
   for (const [k, v] of rows) dl.append(el("dt", {}, k), el("dd", {}, String(v)));
   let prog = null;

@@ -60,8 +60,15 @@ if [ "${LLMVISOR_SKIP_PYTHON:-0}" != 1 ]; then
   fi
 fi
 
-# One closing line for the whole run, summed over every test binary and pytest's run.
+# The dashboard in a real browser (headless chromium); LLMVISOR_SKIP_UI=1 skips it (never in CI).
+if [ "${LLMVISOR_SKIP_UI:-0}" != 1 ]; then
+  scripts/ui-test.sh 2>&1 | tee -a "$log" || status=1
+fi
+
+# One closing line for the whole run, summed over every test binary, the browser test and
+# pytest's run.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
+     /^ui tests:/ { p += $3; f += $5 }
      END { printf "%d %d\n", p, f }' "$log" >"$log.sum"
 read -r passed failed <"$log.sum"
 rm -f "$log.sum"

@@ -534,3 +534,121 @@ async fn a_unix_socket_model_serves_without_a_port() {
     assert!(m["port"].is_null(), "{m}");
     serve.shutdown().await;
 }
+
+/// Reads `/api/events` frames from `body` into JSON objects until `done` holds for one.
+async fn events_until(
+    body: &mut hyper::body::Incoming,
+    buf: &mut String,
+    seen: &mut Vec<Value>,
+    mut done: impl FnMut(&Value) -> bool,
+) {
+    let read = async {
+        loop {
+            while let Some(i) = buf.find("\n\n") {
+                let block: String = buf.drain(..i + 2).collect();
+                let data: String = block
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .collect();
+                if let Ok(v) = serde_json::from_str::<Value>(&data) {
+                    let stop = done(&v);
+                    seen.push(v);
+                    if stop {
+                        return;
+                    }
+                }
+            }
+            let frame = body.frame().await.expect("event stream ended").unwrap();
+            if let Some(d) = frame.data_ref() {
+                buf.push_str(std::str::from_utf8(d).unwrap());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(90), read)
+        .await
+        .expect("events did not come in time");
+}
+
+#[tokio::test]
+async fn events_progress_requests_and_metrics_match_what_the_client_saw() {
+    let env = llama_env!();
+    let s = Scratch::new();
+    let serve = Serve::start(&s, &llama::config(&s, &env, &[("gemma", Transport::Tcp)])).await;
+    let (status, _, mut events) = support::http::send(
+        "GET",
+        &format!("{}/api/events", serve.url),
+        &[("accept", "text/event-stream")],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (mut buf, mut seen) = (String::new(), Vec::new());
+    serve.load("gemma").await;
+    events_until(&mut events, &mut buf, &mut seen, |v| {
+        v["type"] == "model" && v["status"]["state"] == "ready"
+    })
+    .await;
+    let states: Vec<&str> = seen
+        .iter()
+        .filter(|v| v["type"] == "model")
+        .map(|v| v["status"]["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["stopped", "starting", "ready"], "{seen:?}");
+    let progress: Vec<u64> = seen
+        .iter()
+        .filter(|v| v["type"] == "progress")
+        .map(|v| v["percent"].as_u64().unwrap())
+        .collect();
+    eprintln!("progress while loading: {progress:?}");
+    assert!(!progress.is_empty(), "no progress events: {seen:?}");
+    assert!(progress.windows(2).all(|w| w[0] < w[1]), "{progress:?}");
+
+    // One plain and one streamed answer; the client's own token counts.
+    let r = serve
+        .post("/v1/chat/completions", &chat_body("gemma", 8, false))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let plain = r.json()["usage"]["completion_tokens"].as_u64().unwrap();
+    let mut body: Value = serde_json::from_str(&chat_body("gemma", 8, true)).unwrap();
+    body["stream_options"] = json!({"include_usage": true});
+    let r = serve.post("/v1/chat/completions", &body.to_string()).await;
+    assert_eq!(r.status, 200);
+    let streamed = r
+        .text()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["usage"]["completion_tokens"].as_u64())
+        .next_back()
+        .expect("usage in the stream");
+    seen.clear();
+    let mut n = 0;
+    events_until(&mut events, &mut buf, &mut seen, |v| {
+        if v["type"] == "request" {
+            n += 1;
+        }
+        n == 2
+    })
+    .await;
+    let reqs: Vec<&Value> = seen.iter().filter(|v| v["type"] == "request").collect();
+    eprintln!("request events: {reqs:?}");
+    for (ev, tokens) in reqs.iter().zip([plain, streamed]) {
+        assert_eq!(ev["model"], "gemma");
+        assert_eq!(ev["status"], 200);
+        assert_eq!(ev["cut"], false);
+        assert_eq!(ev["completion_tokens"], tokens, "{ev}");
+        assert!(ev["tokens_per_s"].as_f64().unwrap() > 0.0, "{ev}");
+    }
+    let metrics = serve.get("/metrics").await.text();
+    for line in [
+        "llmvisor_model_requests_total{model=\"gemma\",status=\"200\"} 2".to_string(),
+        format!(
+            "llmvisor_model_completion_tokens_total{{model=\"gemma\"}} {}",
+            plain + streamed
+        ),
+    ] {
+        assert!(metrics.contains(&line), "missing {line}");
+    }
+    drop(events);
+    serve.shutdown().await;
+}

@@ -9,6 +9,7 @@ pub mod client;
 pub mod json;
 pub mod progress;
 pub mod table;
+pub mod top;
 pub mod url;
 
 use std::io::Write;
@@ -57,6 +58,8 @@ pub enum Command {
     Unload(UnloadArgs),
     /// Print a model's server output
     Logs(LogsArgs),
+    /// A live view of the daemon's models, queue and requests (q quits)
+    Top(TopArgs),
     /// Find and stop servers left behind by a dead llmvisor
     Gc(GcArgs),
     /// Print a llama-swap config (YAML) as the equivalent llmvisor TOML (warnings on stderr)
@@ -161,6 +164,15 @@ pub struct LogsArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    /// Print one screen after the first snapshot and exit
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct GcArgs {
     /// The state directory of the llmvisor that died (default: the config's, else the default)
     #[arg(long, value_name = "DIR")]
@@ -220,6 +232,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Load(args) => load(&args).await,
         Command::Unload(args) => unload(&args).await,
         Command::Logs(args) => logs(&args).await,
+        Command::Top(args) => top::run(&daemon_for(&args.daemon)?, args.once).await,
         Command::Gc(args) => gc(&args).await,
         Command::Convert(args) => Ok(convert(&args.file)),
     };
@@ -378,7 +391,19 @@ async fn ps(args: &PsArgs) -> anyhow::Result<ExitCode> {
         out.push('\n');
         print_stdout(&out)?;
     } else {
-        let models: Vec<ModelInfo> = daemon.json(Method::GET, "/api/models").await?;
+        let mut models: Vec<ModelInfo> = daemon.json(Method::GET, "/api/models").await?;
+        // Request activity, when the daemon has it (an older one answers 404: no columns).
+        if let Ok(activity) = daemon
+            .json::<Vec<serde_json::Value>>(Method::GET, "/api/activity")
+            .await
+        {
+            for m in &mut models {
+                let a = activity.iter().find(|a| a["model"] == m.id.as_str());
+                m.requests_per_min =
+                    Some(a.and_then(|a| a["requests_per_min"].as_u64()).unwrap_or(0));
+                m.last_tokens_per_s = a.and_then(|a| a["last_tokens_per_s"].as_f64());
+            }
+        }
         print_stdout(&table::render(&models))?;
     }
     Ok(ExitCode::SUCCESS)

@@ -22,6 +22,12 @@ pub struct ModelInfo {
     pub memory: Option<u64>,
     /// Fleet mode: the node whose server this describes.
     pub node: Option<String>,
+    /// Requests finished in the last minute (from `GET /api/activity`; None: not asked).
+    #[serde(skip)]
+    pub requests_per_min: Option<u64>,
+    /// Generation speed of the last request that reported it (`GET /api/activity`).
+    #[serde(skip)]
+    pub last_tokens_per_s: Option<f64>,
 }
 
 /// Longest ERROR cell, in characters.
@@ -32,13 +38,18 @@ const MAX_ERROR_CHARS: usize = 100;
 /// has one.
 pub fn render(models: &[ModelInfo]) -> String {
     let with_error = models.iter().any(|m| error_cell(m).is_some());
-    // NODE only in fleet mode, where the daemon names the node.
+    // NODE only in fleet mode, where the daemon names the node; activity columns only when the
+    // daemon reported activity (older daemons do not).
     let with_node = models.iter().any(|m| m.node.is_some());
+    let with_activity = models.iter().any(|m| m.requests_per_min.is_some());
     let mut header = vec![
         "MODEL", "STATE", "PID", "PORT", "LEASES", "RESTARTS", "READY", "MEMORY",
     ];
     if with_node {
         header.insert(1, "NODE");
+    }
+    if with_activity {
+        header.extend(["REQ/MIN", "TOK/S"]);
     }
     if with_error {
         header.push("ERROR");
@@ -62,6 +73,13 @@ pub fn render(models: &[ModelInfo]) -> String {
         ];
         if with_node {
             row.insert(1, m.node.clone().unwrap_or_else(|| "-".to_string()));
+        }
+        if with_activity {
+            row.push(opt(m.requests_per_min));
+            row.push(
+                m.last_tokens_per_s
+                    .map_or_else(|| "-".to_string(), |t| format!("{t:.1}")),
+            );
         }
         if with_error {
             row.push(error_cell(m).unwrap_or_else(|| "-".to_string()));
@@ -203,6 +221,23 @@ b      -      stopped  -    -     0       0         -      -
         assert_eq!(
             lines[2],
             "ab     ready  -    -     0       0         -      -"
+        );
+    }
+
+    #[test]
+    fn activity_columns_appear_when_the_daemon_reports_activity() {
+        let mut a = model("a", "ready");
+        a.requests_per_min = Some(12);
+        a.last_tokens_per_s = Some(41.25);
+        let mut b = model("b", "stopped");
+        b.requests_per_min = Some(0);
+        assert_eq!(
+            render(&[a, b]),
+            "\
+MODEL  STATE    PID  PORT  LEASES  RESTARTS  READY  MEMORY  REQ/MIN  TOK/S
+a      ready    -    -     0       0         -      -       12       41.2
+b      stopped  -    -     0       0         -      -       0        -
+"
         );
     }
 

@@ -371,6 +371,7 @@ pub async fn metrics(State(st): St) -> Response {
         .proxy_overhead
         .render(&mut out, "llmvisor_proxy_overhead_seconds", "");
     super::fleet::metrics(&st, &mut out);
+    super::dashboard::render_metrics(&st, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

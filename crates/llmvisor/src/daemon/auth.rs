@@ -13,7 +13,8 @@ pub enum Scope {
 }
 
 pub fn scope_of(path: &str) -> Scope {
-    if path == "/healthz" {
+    // The dashboard's static assets hold no secret; the page asks for the admin key itself.
+    if path == "/healthz" || path == "/ui" || path.starts_with("/ui/") {
         Scope::Open
     } else if path.starts_with("/api/")
         || path == "/api"

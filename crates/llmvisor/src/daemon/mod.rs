@@ -14,6 +14,7 @@ mod api;
 mod auth;
 mod browser;
 mod conn;
+mod dashboard;
 mod error;
 mod extract;
 pub mod fleet;
@@ -94,6 +95,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/cluster", get(fleet::cluster))
         // llama-swap's endpoints and llama-server's own routes.
         .merge(llama_swap::routes())
+        .merge(dashboard::routes())
         .fallback(|| async {
             ApiError::not_found("no such route (see GET /v1/models and /api/models)")
         })

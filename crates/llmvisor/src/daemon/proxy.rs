@@ -262,6 +262,7 @@ pub(super) async fn forward(
         Err(e) => return ApiError::bad_request("invalid_path", e.to_string()).into_response(),
     };
     let mut req = http::Request::new(crate::upstream::body(body));
+    let method = parts.method.clone();
     *req.method_mut() = parts.method;
     *req.uri_mut() = uri;
     let strip_auth = !st.config().api_keys.is_empty();
@@ -283,6 +284,15 @@ pub(super) async fn forward(
                     lease.model()
                 )
             };
+            // [dashboard hook] the client got a 502: a `request` event says so.
+            crate::events::RequestObserver::failed(
+                &st.events,
+                lease.model(),
+                path_and_query,
+                method.as_str(),
+                502,
+                began,
+            );
             return ApiError::bad_gateway(what).into_response();
         }
     };
@@ -294,7 +304,18 @@ pub(super) async fn forward(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     strip_hop_by_hop(&mut head.headers);
+    // [dashboard hook] one `request` event per answer, read as it passes.
+    let observer = crate::events::RequestObserver::new(
+        st.events.clone(),
+        lease.model(),
+        path_and_query,
+        method.as_str(),
+        head.status.as_u16(),
+        began,
+        is_sse,
+    );
     let body = LeasedBody {
+        observer,
         inner: upstream_body,
         lease: Some(Held { lease, _slot: slot }),
         sse: is_sse,
@@ -403,6 +424,7 @@ struct Held {
 
 /// The upstream's response body, holding the request's lease until it ends or is dropped.
 struct LeasedBody {
+    observer: crate::events::RequestObserver,
     inner: Incoming,
     lease: Option<Held>,
     sse: bool,
@@ -432,8 +454,17 @@ impl HttpBody for LeasedBody {
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.observer.data(data);
+                }
+                if this.inner.is_end_stream() {
+                    this.observer.finish(); // its declared length is all there
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
             Poll::Ready(None) => {
+                this.observer.finish();
                 this.state = BodyState::Done;
                 this.lease = None; // finished: the lease ends now, not when hyper drops us
                 Poll::Ready(None)

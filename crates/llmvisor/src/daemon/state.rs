@@ -25,6 +25,8 @@ pub struct AppState {
     pub fleet: std::sync::OnceLock<super::fleet::FleetHandle>,
     /// llama-swap's per-model request slots (`concurrency_limit`).
     pub swap: super::llama_swap::SwapState,
+    /// The event stream (`/api/events`) and per-model request activity.
+    pub events: Arc<crate::events::EventBus>,
 }
 
 impl AppState {
@@ -32,7 +34,10 @@ impl AppState {
         let budget = usize::try_from(config.http.body_budget)
             .unwrap_or(usize::MAX)
             .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let events = Arc::new(crate::events::EventBus::new());
+        crate::events::attach(sup.clone(), &events);
         Arc::new(Self {
+            events,
             sup,
             config: RwLock::new(Arc::new(config)),
             client: upstream::client(),

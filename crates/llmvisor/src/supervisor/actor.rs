@@ -171,6 +171,10 @@ impl Actor {
 
     fn notify(&self) {
         self.cell.changed.send_modify(|n| *n += 1);
+        // [dashboard hook] the event stream's `model` events.
+        if self.ctx.changes.receiver_count() > 0 {
+            let _ = self.ctx.changes.send(self.cell.status());
+        }
     }
 
     /// Stopped/Failed → Admitting: ask the scheduler for room under `max_loaded`,

@@ -73,6 +73,9 @@ pub enum SupervisorError {
     Owner(#[from] OwnerError),
 }
 
+/// [dashboard hook] Phase changes buffered for slow `Supervisor::changes` receivers.
+pub(crate) const CHANGES_CAPACITY: usize = 1024;
+
 /// What every model's actor and tasks share.
 pub(crate) struct Context {
     pub instance_id: Arc<str>,
@@ -85,6 +88,8 @@ pub(crate) struct Context {
     pub state_dir: PathBuf,
     /// How servers are started: real processes, or a test double in the actor's unit tests.
     pub launcher: start::Launcher,
+    /// [dashboard hook] Every phase change's full status, for `/api/events` (`Supervisor::changes`).
+    pub changes: tokio::sync::broadcast::Sender<ModelStatus>,
 }
 
 impl Context {
@@ -206,6 +211,7 @@ impl Supervisor {
             registry,
             state_dir,
             launcher: start::Launcher::Process,
+            changes: tokio::sync::broadcast::channel(CHANGES_CAPACITY).0,
         });
         let mut models = Models::default();
         let mut actors = Vec::new();
@@ -229,6 +235,12 @@ impl Supervisor {
                 _owner: owner,
             }),
         })
+    }
+
+    /// [dashboard hook] The status of a model after each of its phase changes, in order (the event
+    /// stream). A receiver that falls more than a few hundred changes behind gets `Lagged`.
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<ModelStatus> {
+        self.shared.ctx.changes.subscribe()
     }
 
     /// The id of this llmvisor instance, carried by its children as `LLMVISOR_INSTANCE`.

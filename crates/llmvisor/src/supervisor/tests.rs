@@ -55,6 +55,7 @@ async fn harness(limits: Limits, load: Duration) -> Harness {
         registry: Registry::default(),
         state_dir: dir.path().to_owned(),
         launcher: Launcher::Double(launches.clone()),
+        changes: tokio::sync::broadcast::channel(super::CHANGES_CAPACITY).0,
     });
     Harness {
         ctx,

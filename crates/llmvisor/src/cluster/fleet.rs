@@ -48,6 +48,8 @@ pub struct Fleet {
     etcd_down: Mutex<Option<String>>,
     /// Every placement by key, kept by a watch while it runs (`None`: no live watch; read etcd).
     cache: Mutex<Option<HashMap<String, Placement>>>,
+    /// Models for which an extra replica found no room, until when not to try again.
+    no_room_until: Mutex<HashMap<String, Instant>>,
     /// One claim at a time per model on this node.
     claims: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     /// Requests this node has forwarded and not finished, by target node.
@@ -95,6 +97,7 @@ impl Fleet {
             etcd_down: Mutex::new(None),
             cache: Mutex::new(None),
             claims: Mutex::new(HashMap::new()),
+            no_room_until: Mutex::new(HashMap::new()),
             forwarding: Mutex::new(HashMap::new()),
             forwards: AtomicU64::new(0),
             placements_claimed: AtomicU64::new(0),
@@ -340,7 +343,11 @@ impl Fleet {
                 Err(FleetError::NotPlacedHere(model.id.clone()))
             };
         }
-        if (placed.len() as u32) < model.replicas {
+        let backing_off = !placed.is_empty()
+            && Self::lock(&self.no_room_until)
+                .get(&model.id)
+                .is_some_and(|until| Instant::now() < *until);
+        if (placed.len() as u32) < model.replicas && !backing_off {
             // Room for another instance: claim one (eagerly, up to `replicas`).
             match self.claim(model, false).await {
                 Ok(route @ Route::Remote { .. }) if here => {
@@ -349,7 +356,12 @@ impl Fleet {
                 }
                 Ok(route) => return Ok(route),
                 Err(e) if placed.is_empty() => return Err(e),
-                Err(e) => tracing::debug!(model = %model.id, "no extra replica: {e}"),
+                Err(e) => {
+                    // Serve from the instances there are; look for room again in a second.
+                    tracing::debug!(model = %model.id, "no extra replica: {e}");
+                    Self::lock(&self.no_room_until)
+                        .insert(model.id.clone(), Instant::now() + Duration::from_secs(1));
+                }
             }
         }
         let placed = if placed.is_empty() {
@@ -750,12 +762,15 @@ async fn upkeep(weak: std::sync::Weak<Fleet>) {
             k.keep_alive().await.map_err(|e| e.to_string())?;
             s.message().await.map_err(|e| e.to_string())
         };
-        let ttl = match tokio::time::timeout(tick, answer).await {
+        // Half the TTL for an answer; a slow answer keeps the stream (it may still come, and
+        // on a loaded machine re-creating it every tick would never finish).
+        let ttl = match tokio::time::timeout(fleet.cfg.lease_ttl / 2, answer).await {
             Ok(Ok(Some(resp))) => Some(resp.ttl()),
-            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+            Ok(Ok(None)) | Ok(Err(_)) => {
                 keeper = None;
                 None
             }
+            Err(_) => None,
         };
         match ttl {
             Some(t) if t > 0 => {
@@ -853,7 +868,8 @@ async fn watch_placements(weak: std::sync::Weak<Fleet>) {
             let Some(fleet) = weak.upgrade() else { return };
             let resp = match msg {
                 Ok(Some(r)) if !r.canceled() => r,
-                _ => {
+                other => {
+                    tracing::info!("fleet mode: placement watch ended ({other:?}); reading etcd until it is back");
                     *Fleet::lock(&fleet.cache) = None;
                     break;
                 }

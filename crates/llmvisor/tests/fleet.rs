@@ -360,7 +360,9 @@ async fn etcd_quorum_loss_keeps_local_serving_and_refuses_new_placements() {
     assert_eq!(
         nodes[0].running("a"),
         a_pids,
-        "the model served through the outage still runs"
+        "the model served through the outage still runs; n0's log:
+{}",
+        nodes[0].serve().stderr_so_far()
     );
     assert_eq!(total_spawns(&nodes, "a"), 1);
     assert_eq!(total_spawns(&nodes, "b"), 1);

@@ -671,20 +671,30 @@ impl Fleet {
     /// Whether some etcd member answers but has no leader (quorum lost): nobody can place
     /// anything then, so running servers may keep serving.
     async fn quorum_lost(&self) -> bool {
-        for ep in &self.cfg.etcd {
-            let opts = ConnectOptions::new()
-                .with_connect_timeout(Duration::from_millis(500))
-                .with_timeout(Duration::from_millis(500));
-            let Ok(mut c) = Client::connect([ep], Some(opts)).await else {
-                continue;
-            };
-            if let Ok(s) = c.status().await {
-                if s.leader() == 0 {
-                    return true;
+        // Every member at once, each given a second: a loaded machine must not turn a slow
+        // answer into "nobody answers" (which fences).
+        let probes = self.cfg.etcd.iter().enumerate().map(|(i, ep)| async move {
+            let cached = Self::lock(&self.clients).get(i).cloned().flatten();
+            let client = match cached {
+                Some(c) => c,
+                None => {
+                    let opts = ConnectOptions::new()
+                        .with_connect_timeout(Duration::from_secs(1))
+                        .with_timeout(Duration::from_secs(1));
+                    Client::connect([ep], Some(opts)).await.ok()?
                 }
+            };
+            let mut c = client;
+            let status = tokio::time::timeout(Duration::from_secs(1), c.status()).await;
+            match status {
+                Ok(Ok(s)) => Some(s.leader() == 0),
+                _ => None,
             }
-        }
-        false
+        });
+        futures_util::future::join_all(probes)
+            .await
+            .into_iter()
+            .any(|leaderless| leaderless == Some(true))
     }
 
     /// Called once the upkeep loop ends (shutdown): revoke the lease so the placements go now.

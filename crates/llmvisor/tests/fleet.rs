@@ -221,6 +221,20 @@ async fn two_replicas_run_on_two_nodes_and_share_the_load() {
         metrics.contains("llmvisor_fleet_forwards_total"),
         "{metrics}"
     );
+    // The placement gauges (from the watch, which may lag the claims by a moment).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = get(&urls[2], "/metrics").await.unwrap();
+        let gauges = metrics
+            .lines()
+            .filter(|l| l.starts_with("llmvisor_fleet_placements{model=\"m\""))
+            .count();
+        if gauges == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The placements `/api/cluster` of `url` lists, as (model, node).

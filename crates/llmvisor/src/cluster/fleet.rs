@@ -290,6 +290,13 @@ impl Fleet {
             .collect())
     }
 
+    /// Every placement as the watch last saw it (`None` without a live watch).
+    pub fn cached_placements(&self) -> Option<Vec<Placement>> {
+        Self::lock(&self.cache)
+            .as_ref()
+            .map(|all| all.values().cloned().collect())
+    }
+
     /// The placements of `model` as the watch last saw them (`None` without a live watch).
     fn cached(&self, model: &str) -> Option<Vec<Placement>> {
         let cache = Self::lock(&self.cache);

@@ -221,6 +221,20 @@ async fn two_replicas_run_on_two_nodes_and_share_the_load() {
         metrics.contains("llmvisor_fleet_forwards_total"),
         "{metrics}"
     );
+    // Load spread: each instance's node proxied some of the 12 requests to its server.
+    let mut served = Vec::new();
+    for n in nodes.iter().filter(|n| !n.running("m").is_empty()) {
+        let (_, m) = get(&n.url, "/metrics").await.unwrap();
+        let count: u64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("llmvisor_proxy_overhead_seconds_count "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no proxy count in {m}"));
+        served.push((n.id.clone(), count));
+    }
+    eprintln!("requests served per instance: {served:?}");
+    assert!(served.iter().all(|(_, c)| *c > 0), "{served:?}");
+    assert_eq!(served.iter().map(|(_, c)| c).sum::<u64>(), 12, "{served:?}");
     // The placement gauges (from the watch, which may lag the claims by a moment).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -660,3 +660,50 @@ async fn a_forwarded_stream_is_not_buffered() {
         "buffered: first {first:?}, total {total:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preloaded_model_runs_once_and_moves_by_itself_when_its_node_dies() {
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let etcd = Etcd::start(3);
+    let fleet = fleet_name("preload");
+    let eps = etcd.endpoints();
+    let mut nodes: Vec<FleetNode> = (0..3)
+        .map(|i| {
+            FleetNode::with_top(
+                &format!("n{i}"),
+                &fleet,
+                &eps,
+                "2s",
+                &[("m", "--startup-delay 300ms", "")],
+                "preload = [\"m\"]",
+            )
+        })
+        .collect();
+    for n in &mut nodes {
+        n.start();
+    }
+    eventually(Duration::from_secs(20), "the preloaded model runs", || {
+        running_on(&nodes, "m").len() == 1
+    })
+    .await;
+    assert_eq!(total_spawns(&nodes, "m"), 1, "one start fleet-wide");
+    let h = nodes
+        .iter()
+        .position(|n| !n.running("m").is_empty())
+        .unwrap();
+    let children = nodes[h].spawned("m");
+
+    // Its node dies: another node starts it when the lease expires, with no request at all.
+    let began = Instant::now();
+    nodes[h].kill9();
+    support::assert_gone(&children, Duration::from_secs(10)).await;
+    eventually(Duration::from_secs(20), "the preloaded model moved", || {
+        running_on(&nodes, "m").len() == 1
+    })
+    .await;
+    eprintln!("preloaded model running again after {:?}", began.elapsed());
+    assert_eq!(total_spawns(&nodes, "m"), 2);
+    assert_ne!(running_on(&nodes, "m")[0], nodes[h].id);
+}

@@ -37,6 +37,8 @@ pub struct Fleet {
     connect: ConnectOptions,
     sup: Supervisor,
     models: Vec<ModelConfig>,
+    /// `preload`: kept running somewhere in the fleet.
+    preload: Vec<String>,
     budget_total: Option<u64>,
     max_loaded: Option<usize>,
     /// The lease this node's keys hang on (0: none yet).
@@ -89,6 +91,7 @@ impl Fleet {
             connect: opts,
             sup,
             models: config.models.clone(),
+            preload: config.preload.clone(),
             budget_total: config.memory_budget,
             max_loaded: config.max_loaded,
             lease: AtomicI64::new(0),
@@ -313,6 +316,38 @@ impl Fleet {
             .status()
             .iter()
             .any(|s| s.id == id && s.state == Phase::Ready)
+    }
+
+    /// Starts every `preload` model that has a free slot, here (see [`Self::place_preloaded`]).
+    pub fn preload_all(self: &Arc<Self>) {
+        for id in self.preload.clone() {
+            let fleet = self.clone();
+            tokio::spawn(async move { fleet.place_preloaded(&id).await });
+        }
+    }
+
+    /// A `preload` model runs somewhere in the fleet: every node tries to claim a slot for itself
+    /// (at start, and when a placement of the model goes away); the winners start it.
+    async fn place_preloaded(&self, id: &str) {
+        let Some(model) = self.model(id) else { return };
+        if self.is_fenced() {
+            return;
+        }
+        let here = match self.placements(Some(&model.id)).await {
+            Ok(p) if p.iter().any(|p| p.node == self.cfg.node) => true,
+            Ok(p) if p.len() as u32 >= model.replicas => false,
+            Ok(_) => matches!(self.claim(model, true).await, Ok(Route::Local)),
+            Err(e) => {
+                tracing::warn!(model = %model.id, "fleet mode: cannot place preloaded model: {e}");
+                false
+            }
+        };
+        if here {
+            match self.sup.load(&model.id).await {
+                Ok(_) => tracing::info!(model = %model.id, "fleet mode: preloaded here"),
+                Err(e) => tracing::warn!(model = %model.id, "fleet mode: preload failed: {e}"),
+            }
+        }
     }
 
     /// Where a request for `name` goes. `hop`: the request was forwarded by another node, which
@@ -901,7 +936,14 @@ async fn watch_placements(weak: std::sync::Weak<Fleet>) {
                         }
                     }
                     EventType::Delete => {
-                        map.remove(&key);
+                        // A preloaded model lost an instance (its node died, or it stopped):
+                        // place it again, without waiting for a request.
+                        if let Some(gone) = map.remove(&key) {
+                            if fleet.preload.contains(&gone.model) {
+                                let f = fleet.clone();
+                                tokio::spawn(async move { f.place_preloaded(&gone.model).await });
+                            }
+                        }
                     }
                 }
             }

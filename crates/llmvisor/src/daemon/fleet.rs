@@ -249,6 +249,18 @@ pub async fn start(st: &Arc<AppState>) -> Result<(), String> {
     }
 }
 
+/// Fleet mode's `preload`: true when it took it over (the models are then placed, not just
+/// started here).
+pub fn preload(st: &AppState) -> bool {
+    #[cfg(feature = "fleet")]
+    if let Some(fleet) = st.fleet.get() {
+        fleet.preload_all();
+        return true;
+    }
+    let _ = st;
+    false
+}
+
 /// Leaves the fleet at shutdown (the lease is revoked, so placements go at once).
 pub async fn leave(st: &AppState) {
     #[cfg(feature = "fleet")]

@@ -244,6 +244,9 @@ pub async fn serve_forever(
 
 /// Starts the config's `preload` models in the background (failures are logged).
 pub fn preload(state: &AppState) {
+    if fleet::preload(state) {
+        return;
+    }
     for id in state.config().preload.clone() {
         let sup = state.sup.clone();
         tokio::spawn(async move {

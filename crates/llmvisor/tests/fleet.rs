@@ -221,6 +221,34 @@ async fn two_replicas_run_on_two_nodes_and_share_the_load() {
         metrics.contains("llmvisor_fleet_forwards_total"),
         "{metrics}"
     );
+    // Load spread: each instance's node proxied some of the 12 requests to its server.
+    let mut served = Vec::new();
+    for n in nodes.iter().filter(|n| !n.running("m").is_empty()) {
+        let (_, m) = get(&n.url, "/metrics").await.unwrap();
+        let count: u64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("llmvisor_proxy_overhead_seconds_count "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no proxy count in {m}"));
+        served.push((n.id.clone(), count));
+    }
+    eprintln!("requests served per instance: {served:?}");
+    assert!(served.iter().all(|(_, c)| *c > 0), "{served:?}");
+    assert_eq!(served.iter().map(|(_, c)| c).sum::<u64>(), 12, "{served:?}");
+    // The placement gauges (from the watch, which may lag the claims by a moment).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = get(&urls[2], "/metrics").await.unwrap();
+        let gauges = metrics
+            .lines()
+            .filter(|l| l.starts_with("llmvisor_fleet_placements{model=\"m\""))
+            .count();
+        if gauges == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The placements `/api/cluster` of `url` lists, as (model, node).
@@ -360,7 +388,9 @@ async fn etcd_quorum_loss_keeps_local_serving_and_refuses_new_placements() {
     assert_eq!(
         nodes[0].running("a"),
         a_pids,
-        "the model served through the outage still runs"
+        "the model served through the outage still runs; n0's log:
+{}",
+        nodes[0].serve().stderr_so_far()
     );
     assert_eq!(total_spawns(&nodes, "a"), 1);
     assert_eq!(total_spawns(&nodes, "b"), 1);
@@ -629,4 +659,51 @@ async fn a_forwarded_stream_is_not_buffered() {
         first + Duration::from_millis(1000) < total,
         "buffered: first {first:?}, total {total:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preloaded_model_runs_once_and_moves_by_itself_when_its_node_dies() {
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let etcd = Etcd::start(3);
+    let fleet = fleet_name("preload");
+    let eps = etcd.endpoints();
+    let mut nodes: Vec<FleetNode> = (0..3)
+        .map(|i| {
+            FleetNode::with_top(
+                &format!("n{i}"),
+                &fleet,
+                &eps,
+                "2s",
+                &[("m", "--startup-delay 300ms", "")],
+                "preload = [\"m\"]",
+            )
+        })
+        .collect();
+    for n in &mut nodes {
+        n.start();
+    }
+    eventually(Duration::from_secs(20), "the preloaded model runs", || {
+        running_on(&nodes, "m").len() == 1
+    })
+    .await;
+    assert_eq!(total_spawns(&nodes, "m"), 1, "one start fleet-wide");
+    let h = nodes
+        .iter()
+        .position(|n| !n.running("m").is_empty())
+        .unwrap();
+    let children = nodes[h].spawned("m");
+
+    // Its node dies: another node starts it when the lease expires, with no request at all.
+    let began = Instant::now();
+    nodes[h].kill9();
+    support::assert_gone(&children, Duration::from_secs(10)).await;
+    eventually(Duration::from_secs(20), "the preloaded model moved", || {
+        running_on(&nodes, "m").len() == 1
+    })
+    .await;
+    eprintln!("preloaded model running again after {:?}", began.elapsed());
+    assert_eq!(total_spawns(&nodes, "m"), 2);
+    assert_ne!(running_on(&nodes, "m")[0], nodes[h].id);
 }

@@ -37,6 +37,8 @@ pub struct Fleet {
     connect: ConnectOptions,
     sup: Supervisor,
     models: Vec<ModelConfig>,
+    /// `preload`: kept running somewhere in the fleet.
+    preload: Vec<String>,
     budget_total: Option<u64>,
     max_loaded: Option<usize>,
     /// The lease this node's keys hang on (0: none yet).
@@ -48,6 +50,8 @@ pub struct Fleet {
     etcd_down: Mutex<Option<String>>,
     /// Every placement by key, kept by a watch while it runs (`None`: no live watch; read etcd).
     cache: Mutex<Option<HashMap<String, Placement>>>,
+    /// Models for which an extra replica found no room, until when not to try again.
+    no_room_until: Mutex<HashMap<String, Instant>>,
     /// One claim at a time per model on this node.
     claims: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     /// Requests this node has forwarded and not finished, by target node.
@@ -87,6 +91,7 @@ impl Fleet {
             connect: opts,
             sup,
             models: config.models.clone(),
+            preload: config.preload.clone(),
             budget_total: config.memory_budget,
             max_loaded: config.max_loaded,
             lease: AtomicI64::new(0),
@@ -95,6 +100,7 @@ impl Fleet {
             etcd_down: Mutex::new(None),
             cache: Mutex::new(None),
             claims: Mutex::new(HashMap::new()),
+            no_room_until: Mutex::new(HashMap::new()),
             forwarding: Mutex::new(HashMap::new()),
             forwards: AtomicU64::new(0),
             placements_claimed: AtomicU64::new(0),
@@ -287,6 +293,13 @@ impl Fleet {
             .collect())
     }
 
+    /// Every placement as the watch last saw it (`None` without a live watch).
+    pub fn cached_placements(&self) -> Option<Vec<Placement>> {
+        Self::lock(&self.cache)
+            .as_ref()
+            .map(|all| all.values().cloned().collect())
+    }
+
     /// The placements of `model` as the watch last saw them (`None` without a live watch).
     fn cached(&self, model: &str) -> Option<Vec<Placement>> {
         let cache = Self::lock(&self.cache);
@@ -303,6 +316,38 @@ impl Fleet {
             .status()
             .iter()
             .any(|s| s.id == id && s.state == Phase::Ready)
+    }
+
+    /// Starts every `preload` model that has a free slot, here (see [`Self::place_preloaded`]).
+    pub fn preload_all(self: &Arc<Self>) {
+        for id in self.preload.clone() {
+            let fleet = self.clone();
+            tokio::spawn(async move { fleet.place_preloaded(&id).await });
+        }
+    }
+
+    /// A `preload` model runs somewhere in the fleet: every node tries to claim a slot for itself
+    /// (at start, and when a placement of the model goes away); the winners start it.
+    async fn place_preloaded(&self, id: &str) {
+        let Some(model) = self.model(id) else { return };
+        if self.is_fenced() {
+            return;
+        }
+        let here = match self.placements(Some(&model.id)).await {
+            Ok(p) if p.iter().any(|p| p.node == self.cfg.node) => true,
+            Ok(p) if p.len() as u32 >= model.replicas => false,
+            Ok(_) => matches!(self.claim(model, true).await, Ok(Route::Local)),
+            Err(e) => {
+                tracing::warn!(model = %model.id, "fleet mode: cannot place preloaded model: {e}");
+                false
+            }
+        };
+        if here {
+            match self.sup.load(&model.id).await {
+                Ok(_) => tracing::info!(model = %model.id, "fleet mode: preloaded here"),
+                Err(e) => tracing::warn!(model = %model.id, "fleet mode: preload failed: {e}"),
+            }
+        }
     }
 
     /// Where a request for `name` goes. `hop`: the request was forwarded by another node, which
@@ -340,7 +385,11 @@ impl Fleet {
                 Err(FleetError::NotPlacedHere(model.id.clone()))
             };
         }
-        if (placed.len() as u32) < model.replicas {
+        let backing_off = !placed.is_empty()
+            && Self::lock(&self.no_room_until)
+                .get(&model.id)
+                .is_some_and(|until| Instant::now() < *until);
+        if (placed.len() as u32) < model.replicas && !backing_off {
             // Room for another instance: claim one (eagerly, up to `replicas`).
             match self.claim(model, false).await {
                 Ok(route @ Route::Remote { .. }) if here => {
@@ -349,7 +398,12 @@ impl Fleet {
                 }
                 Ok(route) => return Ok(route),
                 Err(e) if placed.is_empty() => return Err(e),
-                Err(e) => tracing::debug!(model = %model.id, "no extra replica: {e}"),
+                Err(e) => {
+                    // Serve from the instances there are; look for room again in a second.
+                    tracing::debug!(model = %model.id, "no extra replica: {e}");
+                    Self::lock(&self.no_room_until)
+                        .insert(model.id.clone(), Instant::now() + Duration::from_secs(1));
+                }
             }
         }
         let placed = if placed.is_empty() {
@@ -659,20 +713,30 @@ impl Fleet {
     /// Whether some etcd member answers but has no leader (quorum lost): nobody can place
     /// anything then, so running servers may keep serving.
     async fn quorum_lost(&self) -> bool {
-        for ep in &self.cfg.etcd {
-            let opts = ConnectOptions::new()
-                .with_connect_timeout(Duration::from_millis(500))
-                .with_timeout(Duration::from_millis(500));
-            let Ok(mut c) = Client::connect([ep], Some(opts)).await else {
-                continue;
-            };
-            if let Ok(s) = c.status().await {
-                if s.leader() == 0 {
-                    return true;
+        // Every member at once, each given a second: a loaded machine must not turn a slow
+        // answer into "nobody answers" (which fences).
+        let probes = self.cfg.etcd.iter().enumerate().map(|(i, ep)| async move {
+            let cached = Self::lock(&self.clients).get(i).cloned().flatten();
+            let client = match cached {
+                Some(c) => c,
+                None => {
+                    let opts = ConnectOptions::new()
+                        .with_connect_timeout(Duration::from_secs(1))
+                        .with_timeout(Duration::from_secs(1));
+                    Client::connect([ep], Some(opts)).await.ok()?
                 }
+            };
+            let mut c = client;
+            let status = tokio::time::timeout(Duration::from_secs(1), c.status()).await;
+            match status {
+                Ok(Ok(s)) => Some(s.leader() == 0),
+                _ => None,
             }
-        }
-        false
+        });
+        futures_util::future::join_all(probes)
+            .await
+            .into_iter()
+            .any(|leaderless| leaderless == Some(true))
     }
 
     /// Called once the upkeep loop ends (shutdown): revoke the lease so the placements go now.
@@ -750,12 +814,15 @@ async fn upkeep(weak: std::sync::Weak<Fleet>) {
             k.keep_alive().await.map_err(|e| e.to_string())?;
             s.message().await.map_err(|e| e.to_string())
         };
-        let ttl = match tokio::time::timeout(tick, answer).await {
+        // Half the TTL for an answer; a slow answer keeps the stream (it may still come, and
+        // on a loaded machine re-creating it every tick would never finish).
+        let ttl = match tokio::time::timeout(fleet.cfg.lease_ttl / 2, answer).await {
             Ok(Ok(Some(resp))) => Some(resp.ttl()),
-            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+            Ok(Ok(None)) | Ok(Err(_)) => {
                 keeper = None;
                 None
             }
+            Err(_) => None,
         };
         match ttl {
             Some(t) if t > 0 => {
@@ -853,7 +920,8 @@ async fn watch_placements(weak: std::sync::Weak<Fleet>) {
             let Some(fleet) = weak.upgrade() else { return };
             let resp = match msg {
                 Ok(Some(r)) if !r.canceled() => r,
-                _ => {
+                other => {
+                    tracing::info!("fleet mode: placement watch ended ({other:?}); reading etcd until it is back");
                     *Fleet::lock(&fleet.cache) = None;
                     break;
                 }
@@ -868,7 +936,14 @@ async fn watch_placements(weak: std::sync::Weak<Fleet>) {
                         }
                     }
                     EventType::Delete => {
-                        map.remove(&key);
+                        // A preloaded model lost an instance (its node died, or it stopped):
+                        // place it again, without waiting for a request.
+                        if let Some(gone) = map.remove(&key) {
+                            if fleet.preload.contains(&gone.model) {
+                                let f = fleet.clone();
+                                tokio::spawn(async move { f.place_preloaded(&gone.model).await });
+                            }
+                        }
                     }
                 }
             }

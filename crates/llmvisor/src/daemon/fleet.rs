@@ -249,6 +249,18 @@ pub async fn start(st: &Arc<AppState>) -> Result<(), String> {
     }
 }
 
+/// Fleet mode's `preload`: true when it took it over (the models are then placed, not just
+/// started here).
+pub fn preload(st: &AppState) -> bool {
+    #[cfg(feature = "fleet")]
+    if let Some(fleet) = st.fleet.get() {
+        fleet.preload_all();
+        return true;
+    }
+    let _ = st;
+    false
+}
+
 /// Leaves the fleet at shutdown (the lease is revoked, so placements go at once).
 pub async fn leave(st: &AppState) {
     #[cfg(feature = "fleet")]
@@ -273,6 +285,23 @@ pub fn metrics(st: &AppState, out: &mut String) {
             fleet.placements_claimed.load(Ordering::Relaxed),
             fleet.fences.load(Ordering::Relaxed),
         );
+        let _ = writeln!(
+            out,
+            "# TYPE llmvisor_fleet_fenced gauge\nllmvisor_fleet_fenced {}\n\
+             # HELP llmvisor_fleet_placements Placements cluster-wide as this node's watch sees them.\n\
+             # TYPE llmvisor_fleet_placements gauge",
+            u8::from(fleet.is_fenced())
+        );
+        let mut placed = fleet.cached_placements().unwrap_or_default();
+        placed.sort_by(|a, b| (&a.model, &a.node).cmp(&(&b.model, &b.node)));
+        for p in placed {
+            let _ = writeln!(
+                out,
+                "llmvisor_fleet_placements{{model=\"{}\",node=\"{}\"}} 1",
+                crate::metrics::label(&p.model),
+                crate::metrics::label(&p.node)
+            );
+        }
     }
     let _ = (st, out);
 }

@@ -317,6 +317,9 @@ pub fn raise_open_files_limit() {
 
 /// Starts the config's `preload` models in the background (failures are logged).
 pub fn preload(state: &AppState) {
+    if fleet::preload(state) {
+        return;
+    }
     for id in state.config().preload.clone() {
         let sup = state.sup.clone();
         tokio::spawn(async move {

@@ -200,10 +200,22 @@ impl FleetNode {
         lease_ttl: &str,
         models: &[(&str, &str, &str)],
     ) -> FleetNode {
+        Self::with_top(id, fleet, etcd, lease_ttl, models, "")
+    }
+
+    /// [`Self::new`] with extra top-level TOML (e.g. `preload = [...]`).
+    pub fn with_top(
+        id: &str,
+        fleet: &str,
+        etcd: &[String],
+        lease_ttl: &str,
+        models: &[(&str, &str, &str)],
+        top: &str,
+    ) -> FleetNode {
         let scratch = Scratch::new();
         let url = format!("http://127.0.0.1:{}", closed_port());
         let mut text = format!(
-            "listen = {:?}\nstate_dir = {:?}\nport_range = [{}, {}]\napi_keys = [{CLIENT_KEY:?}]\n\
+            "{top}\nlisten = {:?}\nstate_dir = {:?}\nport_range = [{}, {}]\napi_keys = [{CLIENT_KEY:?}]\n\
              [cluster]\netcd = {etcd:?}\nname = {fleet:?}\nnode = {id:?}\nadvertise = {url:?}\n\
              lease_ttl = {lease_ttl:?}\ncluster_key = {CLUSTER_KEY:?}\n",
             url.trim_start_matches("http://"),

@@ -11,6 +11,10 @@ use serde_json::Value;
 use support::http::{send, TestDaemon};
 use support::Scratch;
 
+/// The tests of this file run one at a time: one of them measures the process's RSS, which the
+/// others (200 subscribers, daemons, fake servers) would inflate if they ran beside it.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const WITHIN: Duration = Duration::from_secs(10);
 
 /// One subscriber of `/api/events`, parsing frames as they come.
@@ -118,6 +122,7 @@ const CHAT: &str = r#"{"model":"a","messages":[{"role":"user","content":"hi"}]}"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_events_for_load_eviction_and_crash_restart_come_in_order() {
+    let _serial = SERIAL.lock().await;
     let s = Scratch::new();
     let mut cfg = s.config(vec![
         s.model("a", &["--crash-after", "1"]),
@@ -169,13 +174,22 @@ async fn model_events_for_load_eviction_and_crash_restart_come_in_order() {
             )
         })
         .collect();
-    assert_eq!(why, ["a:evicted", "a:crashed", "a:restart"], "{why:?}");
+    // (a crashes after every answer: the restarted one may already have crashed again.)
+    assert!(
+        why.starts_with(&[
+            "a:evicted".to_string(),
+            "a:crashed".into(),
+            "a:restart".into()
+        ]) && why[3..].iter().all(|w| w == "a:crashed"),
+        "{why:?}"
+    );
     d.stop().await;
     s.assert_all_gone(WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_increase_and_last_event_id_resumes_or_falls_back_to_a_snapshot() {
+    let _serial = SERIAL.lock().await;
     let s = Scratch::new();
     let d = TestDaemon::start(s.config(vec![s.model("a", &[])])).await;
     let bus = d.state.events.clone();
@@ -217,6 +231,7 @@ fn rss_bytes() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_never_reads_is_bounded_and_delays_no_one() {
+    let _serial = SERIAL.lock().await;
     let s = Scratch::new();
     let d = TestDaemon::start(s.config(vec![s.model("a", &[])])).await;
     let bus = d.state.events.clone();
@@ -292,6 +307,7 @@ async fn a_subscriber_that_never_reads_is_bounded_and_delays_no_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_subscribers_all_get_every_event() {
+    let _serial = SERIAL.lock().await;
     let s = Scratch::new();
     let d = TestDaemon::start(s.config(vec![s.model("a", &[])])).await;
     let mut readers = Vec::new();
@@ -316,6 +332,7 @@ async fn two_hundred_subscribers_all_get_every_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_events_and_activity_match_what_the_client_saw() {
+    let _serial = SERIAL.lock().await;
     let s = Scratch::new();
     let d = TestDaemon::start(s.config(vec![s.model("a", &["--chunks", "6"])])).await;
     assert_eq!(d.post("/api/models/a/load", "").await.status, 200);
@@ -381,6 +398,7 @@ async fn request_events_and_activity_match_what_the_client_saw() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_once_prints_every_model_and_recent_requests() {
+    let _serial = SERIAL.lock().await;
     let s = Scratch::new();
     let d = TestDaemon::start(s.config(vec![s.model("a", &[]), s.model("b", &[])])).await;
     assert_eq!(d.post("/api/models/a/load", "").await.status, 200);
@@ -413,6 +431,7 @@ async fn top_once_prints_every_model_and_recent_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_are_opt_in_per_model_and_events_need_the_admin_key() {
+    let _serial = SERIAL.lock().await;
     let s = Scratch::new();
     let mut cfg = s.config(vec![s.model("a", &["--log-lines", "3"])]);
     cfg.admin_keys = vec!["adm".into()];
@@ -465,6 +484,7 @@ async fn logs_are_opt_in_per_model_and_events_need_the_admin_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_waiting_for_room_gives_queue_events() {
+    let _serial = SERIAL.lock().await;
     let s = Scratch::new();
     let mut cfg = s.config(vec![s.model("a", &[]), s.model("b", &[])]);
     cfg.max_loaded = Some(1);

@@ -9,6 +9,11 @@ use std::time::{Duration, Instant};
 
 use support::fleet::{chat, etcd_or_skip, get, post, post_with, Etcd, FleetNode, CLUSTER_KEY};
 
+/// One fleet test at a time: each runs three etcd members and three daemons, and their timing
+/// assertions (lease expiry, elections) need the machine they were written for, not nine such
+/// clusters at once on two cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A fleet name of its own per test, so tests sharing nothing but the binary never meet.
 fn fleet_name(test: &str) -> String {
     format!("{test}-{}", std::process::id())
@@ -54,6 +59,7 @@ async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_concurrent_requests_over_three_nodes_spawn_once() {
+    let _serial = SERIAL.lock().await;
     if etcd_or_skip().is_none() {
         return;
     }
@@ -139,6 +145,7 @@ async fn thirty_concurrent_requests_over_three_nodes_spawn_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_the_holding_node_moves_the_model_within_lease_ttl() {
+    let _serial = SERIAL.lock().await;
     if etcd_or_skip().is_none() {
         return;
     }
@@ -185,6 +192,7 @@ async fn kill9_of_the_holding_node_moves_the_model_within_lease_ttl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_run_on_two_nodes_and_share_the_load() {
+    let _serial = SERIAL.lock().await;
     if etcd_or_skip().is_none() {
         return;
     }
@@ -272,6 +280,7 @@ async fn placements(url: &str) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_beyond_lease_ttl_replaces_and_sigcont_stops_the_stale_server() {
+    let _serial = SERIAL.lock().await;
     use rustix::process::Signal;
     if etcd_or_skip().is_none() {
         return;
@@ -331,6 +340,7 @@ async fn sigstop_beyond_lease_ttl_replaces_and_sigcont_stops_the_stale_server() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_quorum_loss_keeps_local_serving_and_refuses_new_placements() {
+    let _serial = SERIAL.lock().await;
     if etcd_or_skip().is_none() {
         return;
     }
@@ -401,6 +411,7 @@ async fn etcd_quorum_loss_keeps_local_serving_and_refuses_new_placements() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run on demand"]
 async fn bench_forwarded_vs_local() {
+    let _serial = SERIAL.lock().await;
     if etcd_or_skip().is_none() {
         return;
     }
@@ -463,6 +474,7 @@ async fn bench_forwarded_vs_local() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_loaded_through_the_api_gets_a_placement_and_keeps_running() {
+    let _serial = SERIAL.lock().await;
     if etcd_or_skip().is_none() {
         return;
     }
@@ -507,6 +519,7 @@ impl Rng {
 /// `replicas` instances (sampled every 100 ms), no orphans at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_of_kills_and_restarts_under_a_request_stream() {
+    let _serial = SERIAL.lock().await;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     if etcd_or_skip().is_none() {
@@ -608,6 +621,7 @@ async fn chaos_of_kills_and_restarts_under_a_request_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_stream_is_not_buffered() {
+    let _serial = SERIAL.lock().await;
     use http_body_util::BodyExt;
     if etcd_or_skip().is_none() {
         return;
@@ -663,6 +677,7 @@ async fn a_forwarded_stream_is_not_buffered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preloaded_model_runs_once_and_moves_by_itself_when_its_node_dies() {
+    let _serial = SERIAL.lock().await;
     if etcd_or_skip().is_none() {
         return;
     }

@@ -61,8 +61,10 @@ pub struct Fleet {
     pub fences: AtomicU64,
 }
 
-/// How long an etcd operation is retried over the endpoints before it counts as failed.
-const ETCD_RETRY: Duration = Duration::from_secs(2);
+/// How long an etcd operation is retried over the endpoints before it counts as failed, at
+/// least: a leader election after a member died takes over a second (etcd's election timeout),
+/// several on a loaded machine — 2 s failed a CI run. The window grows with `lease_ttl`.
+const ETCD_RETRY_MIN: Duration = Duration::from_secs(5);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -147,9 +149,9 @@ impl Fleet {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        // Rounds over the endpoints for up to ETCD_RETRY: long enough to ride out a leader
+        // Rounds over the endpoints for up to lease_ttl (at least ETCD_RETRY_MIN): long enough to ride out a leader
         // election ("leader changed") after a member died.
-        let deadline = Instant::now() + ETCD_RETRY;
+        let deadline = Instant::now() + self.cfg.lease_ttl.max(ETCD_RETRY_MIN);
         loop {
             match self.kv_round(&op).await {
                 Ok(v) => return Ok(v),

@@ -257,7 +257,7 @@ pub fn attach(sup: Supervisor, bus: &Arc<EventBus>) {
                     if prev != Some(&status) {
                         let evictions = sup2
                             .model(&status.id)
-                            .map(|c| c.stats.evictions.load(std::sync::atomic::Ordering::Relaxed))
+                            .map(|c| c.counters().evictions)
                             .unwrap_or(0);
                         let seen = evicted.insert(status.id.clone(), evictions).unwrap_or(0);
                         let was_crash = crashed.remove(&status.id);

@@ -270,54 +270,53 @@ pub async fn metrics(State(st): St) -> Response {
         .iter()
         .filter_map(|m| st.sup.model(&m.id).ok())
         .collect();
-    let count = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let counters: Vec<(&str, crate::supervisor::Counters)> =
+        cells.iter().map(|c| (&*c.id, c.counters())).collect();
     per_model(
         &mut out,
         "llmvisor_model_starts_total",
         "counter",
         "Server starts per model.",
-        cells.iter().map(|c| (&*c.id, count(&c.stats.starts))),
+        counters.iter().map(|(id, c)| (*id, c.starts)),
     );
     per_model(
         &mut out,
         "llmvisor_model_start_failures_total",
         "counter",
         "Failed server starts per model.",
-        cells
-            .iter()
-            .map(|c| (&*c.id, count(&c.stats.start_failures))),
+        counters.iter().map(|(id, c)| (*id, c.start_failures)),
     );
     per_model(
         &mut out,
         "llmvisor_model_evictions_total",
         "counter",
         "Times a model was stopped to make room for another.",
-        cells.iter().map(|c| (&*c.id, count(&c.stats.evictions))),
+        counters.iter().map(|(id, c)| (*id, c.evictions)),
     );
     per_model(
         &mut out,
         "llmvisor_model_swaps_total",
         "counter",
         "Starts that had to wait for other models to stop (swaps); their wait is in llmvisor_model_queue_wait_seconds.",
-        cells.iter().map(|c| (&*c.id, count(&c.stats.swaps))),
+        counters.iter().map(|(id, c)| (*id, c.swaps)),
     );
     per_model(
         &mut out,
         "llmvisor_model_connections_in_use",
         "gauge",
         "Proxied requests holding one of the server's connection slots (max_connections).",
-        cells
+        counters
             .iter()
-            .map(|c| (&*c.id, c.connections_in_use().0 as u64)),
+            .map(|(id, c)| (*id, c.connections_in_use as u64)),
     );
     per_model(
         &mut out,
         "llmvisor_model_max_connections",
         "gauge",
         "The server's connection slots (max_connections).",
-        cells
+        counters
             .iter()
-            .map(|c| (&*c.id, c.connections_in_use().1 as u64)),
+            .map(|(id, c)| (*id, c.max_connections as u64)),
     );
     per_model(
         &mut out,

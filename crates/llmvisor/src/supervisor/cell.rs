@@ -34,6 +34,19 @@ pub struct ModelCell {
     pub(super) connections: Connections,
 }
 
+/// A model's counters at one moment, as plain numbers: what the daemon's /metrics and the
+/// event stream read (they never touch the cell's atomics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub starts: u64,
+    pub start_failures: u64,
+    pub evictions: u64,
+    pub swaps: u64,
+    /// Proxied requests holding a connection slot, and the slots there are.
+    pub connections_in_use: usize,
+    pub max_connections: usize,
+}
+
 /// The per-server connection limit: a semaphore whose size follows the config.
 pub(super) struct Connections {
     slots: Arc<tokio::sync::Semaphore>,
@@ -291,6 +304,20 @@ impl ModelCell {
             .acquire_owned()
             .await
             .expect("the connection semaphore is never closed")
+    }
+
+    /// The model's counters now.
+    pub fn counters(&self) -> Counters {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (connections_in_use, max_connections) = self.connections_in_use();
+        Counters {
+            starts: load(&self.stats.starts),
+            start_failures: load(&self.stats.start_failures),
+            evictions: load(&self.stats.evictions),
+            swaps: load(&self.stats.swaps),
+            connections_in_use,
+            max_connections,
+        }
     }
 
     /// (in use, limit) of the server's connection slots.

@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::task::JoinHandle;
 
-pub use cell::ModelCell;
+pub use cell::{Counters, ModelCell};
 pub use error::AcquireError;
 pub use lease::Lease;
 pub use status::{ModelStatus, Phase};

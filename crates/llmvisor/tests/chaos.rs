@@ -39,14 +39,32 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// A stranger: its own session, no `LLMVISOR_INSTANCE`, never started by llmvisor.
-fn stranger() -> Child {
-    Command::new("setsid")
-        .args(["sleep", "100000"])
-        .env_remove("LLMVISOR_INSTANCE")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap()
+/// A stranger: its own session, no `LLMVISOR_INSTANCE`, never started by llmvisor. Killed (by
+/// its pid: exactly this child) and reaped when dropped, so a failing round leaves none behind.
+struct Stranger(Child);
+
+impl Stranger {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Stranger {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn stranger() -> Stranger {
+    Stranger(
+        Command::new("setsid")
+            .args(["sleep", "100000"])
+            .env_remove("LLMVISOR_INSTANCE")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// A forged `children` row naming `pid` (with its real start time and group, world-readable in
@@ -142,8 +160,8 @@ async fn sigkill_at_random_moments_never_leaves_an_orphan_or_kills_a_stranger() 
     let mut rng = Rng(seed);
     let s = Scratch::new();
     let config = config(&s);
-    let mut plain = stranger();
-    let mut forged = stranger();
+    let plain = stranger();
+    let forged = stranger();
     let strangers = [plain.id(), forged.id()];
     let began = Instant::now();
     let mut escaped = 0usize;
@@ -200,8 +218,5 @@ async fn sigkill_at_random_moments_never_leaves_an_orphan_or_kills_a_stranger() 
     );
     s.assert_all_gone(Duration::from_secs(2)).await;
     reap_zombie_children(&s.all_pids());
-    for c in [&mut plain, &mut forged] {
-        c.kill().unwrap(); // by pid: exactly this child
-        c.wait().unwrap();
-    }
+    drop((plain, forged));
 }

@@ -181,12 +181,12 @@ async fn a_live_owners_dead_server_is_not_attached_to() {
         .arg("1000")
         .spawn()
         .unwrap();
-    let rec =
-        ChildRecord::of_process(&owner, "m", server.id(), Some(s.ports.0), None, "ready").unwrap();
-    store.record_child(&rec).await.unwrap();
-    store.claim_model("m", &owner).await.unwrap();
+    let rec = ChildRecord::of_process(&owner, "m", server.id(), Some(s.ports.0), None, "ready");
+    // Killed (by pid: exactly this child) and reaped before anything here can fail.
     server.kill().unwrap();
     server.wait().unwrap();
+    store.record_child(&rec.unwrap()).await.unwrap();
+    store.claim_model("m", &owner).await.unwrap();
     drop(store);
 
     let mut m = s.model("m", &[]);

@@ -50,6 +50,12 @@ pub fn is_alive(pid: u32) -> bool {
     stat(pid).is_some_and(|s| !s.is_zombie())
 }
 
+/// True if `pid` runs (not a zombie) and is the process that started at `start_time`: the pair
+/// names one process for all time within a boot.
+pub fn is_same_process(pid: u32, start_time: u64) -> bool {
+    stat(pid).is_some_and(|s| !s.is_zombie() && s.start_time == start_time)
+}
+
 /// Every pid currently in `/proc`.
 pub fn all_pids() -> Vec<u32> {
     let Ok(dir) = fs::read_dir("/proc") else {

@@ -963,8 +963,7 @@ fn scan_markers(skip: &HashSet<u32>) -> Vec<(u32, ProcStat, String)> {
         let Some(id) = procfs::environ_var(pid, INSTANCE_ENV) else {
             continue;
         };
-        let after = procfs::stat(pid);
-        if after.is_some_and(|a| !a.is_zombie() && a.start_time == before.start_time) {
+        if procfs::is_same_process(pid, before.start_time) {
             hits.push((pid, before, id));
         }
     }

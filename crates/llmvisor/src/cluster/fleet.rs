@@ -262,7 +262,14 @@ impl Fleet {
 
     /// Every live node's record.
     pub async fn nodes(&self) -> Result<Vec<NodeRecord>, FleetError> {
-        let key = format!("{}nodes/", self.prefix);
+        self.records_under(format!("{}nodes/", self.prefix)).await
+    }
+
+    /// Every JSON record stored under the key prefix `key` (unreadable ones are skipped).
+    async fn records_under<T: serde::de::DeserializeOwned>(
+        &self,
+        key: String,
+    ) -> Result<Vec<T>, FleetError> {
         let resp = self
             .kv(|mut c| {
                 let key = key.clone();
@@ -282,17 +289,7 @@ impl Fleet {
             Some(m) => self.slot_prefix(m),
             None => format!("{}placements/", self.prefix),
         };
-        let resp = self
-            .kv(|mut c| {
-                let key = key.clone();
-                async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
-            .collect())
+        self.records_under(key).await
     }
 
     /// Every placement as the watch last saw it (`None` without a live watch).

@@ -307,7 +307,7 @@ impl Actor {
                 cancel: if force { None } else { cancel },
                 then: Some(Why::merge_opt(then, why)),
             },
-            State::Ready { running, ttl } => {
+            State::Ready { running, .. } => {
                 let idle = {
                     let mut st = self.cell.lock();
                     // Under the lock: no fast-path acquire slips in after this.
@@ -317,7 +317,6 @@ impl Actor {
                 if force || idle {
                     return self.begin_stop(running, why);
                 }
-                let _ = ttl;
                 State::Draining {
                     running,
                     why,

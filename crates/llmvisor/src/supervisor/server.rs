@@ -116,7 +116,7 @@ impl RemoteServer {
 
     /// True if `pid` runs, not a zombie, and is the process that started at `start_time`.
     pub fn process_alive(pid: u32, start_time: u64) -> bool {
-        crate::procfs::stat(pid).is_some_and(|s| !s.is_zombie() && s.start_time == start_time)
+        crate::procfs::is_same_process(pid, start_time)
     }
 
     /// Attaches to `owner`'s server `pid` for `model`: takes a remote lease and watches it.

@@ -105,6 +105,20 @@ async fn unload(cell: &ModelCell, force: bool) {
     let _ = done.await;
 }
 
+/// An acquire that waits in a task of its own (its lease, or error, from the handle).
+fn spawn_acquire(
+    cell: &Arc<ModelCell>,
+) -> tokio::task::JoinHandle<Result<super::Lease, AcquireError>> {
+    let cell = cell.clone();
+    tokio::spawn(async move { cell.acquire(false).await })
+}
+
+/// A gentle unload that waits in a task of its own.
+fn spawn_unload(cell: &Arc<ModelCell>) -> tokio::task::JoinHandle<()> {
+    let cell = cell.clone();
+    tokio::spawn(async move { unload(&cell, false).await })
+}
+
 async fn wait_phase(cell: &ModelCell, phase: Phase) {
     let waited = tokio::time::timeout(secs(3600), cell.wait_for_phase(|p| p == phase)).await;
     assert!(
@@ -246,10 +260,7 @@ async fn an_unload_drains_the_leases_first_and_a_forced_one_does_not() {
     let mut h = harness(Limits::default(), secs(1)).await;
     let cell = h.single(model("m"));
     let lease = cell.acquire(false).await.unwrap();
-    let unloading = tokio::spawn({
-        let cell = cell.clone();
-        async move { unload(&cell, false).await }
-    });
+    let unloading = spawn_unload(&cell);
     wait_phase(&cell, Phase::Stopping).await;
     pass(MIN).await;
     let server = h.launches.server(0);
@@ -276,10 +287,7 @@ async fn an_unload_drains_the_leases_first_and_a_forced_one_does_not() {
 async fn a_forced_unload_cancels_a_start_and_answers_its_waiters() {
     let mut h = harness(Limits::default(), secs(30)).await;
     let cell = h.single(model("m"));
-    let waiter = tokio::spawn({
-        let cell = cell.clone();
-        async move { cell.acquire(false).await }
-    });
+    let waiter = spawn_acquire(&cell);
     pass(secs(1)).await;
     assert_eq!(cell.phase(), Phase::Starting);
     unload(&cell, true).await;
@@ -295,15 +303,9 @@ async fn a_forced_unload_cancels_a_start_and_answers_its_waiters() {
 async fn a_gentle_unload_during_a_start_lets_the_waiters_finish_then_stops() {
     let mut h = harness(Limits::default(), secs(30)).await;
     let cell = h.single(model("m"));
-    let waiter = tokio::spawn({
-        let cell = cell.clone();
-        async move { cell.acquire(false).await }
-    });
+    let waiter = spawn_acquire(&cell);
     pass(secs(1)).await;
-    let unloading = tokio::spawn({
-        let cell = cell.clone();
-        async move { unload(&cell, false).await }
-    });
+    let unloading = spawn_unload(&cell);
     let lease = waiter.await.unwrap().expect("the waiter is served");
     assert_eq!(cell.phase(), Phase::Stopping, "draining, not ready");
     assert!(!unloading.is_finished());
@@ -393,10 +395,7 @@ async fn eviction_drains_a_busy_model_and_a_cancelled_eviction_keeps_it() {
     let a = h.add(model("a"), limits.clone());
     let b = h.add(model("b"), limits);
     let held = a.acquire(false).await.unwrap();
-    let wants_b = tokio::spawn({
-        let b = b.clone();
-        async move { b.acquire(false).await }
-    });
+    let wants_b = spawn_acquire(&b);
     wait_phase(&a, Phase::Stopping).await;
     assert!(
         h.launches.server(0).is_running(),
@@ -422,10 +421,7 @@ async fn retiring_ends_the_actor_from_every_state() {
     let starting = h.single(model("starting"));
     let ready = h.single(model("ready"));
     let lease = ready.acquire(false).await.unwrap();
-    let waiter = tokio::spawn({
-        let c = starting.clone();
-        async move { c.acquire(false).await }
-    });
+    let waiter = spawn_acquire(&starting);
     pass(secs(1)).await;
     assert_eq!(starting.phase(), Phase::Starting);
     for cell in [&stopped, &starting, &ready] {
@@ -458,10 +454,7 @@ async fn a_busy_model_serves_on_until_the_swap_bound_then_drains() {
     let a = h.add(model("a"), limits.clone());
     let b = h.add(model("b"), limits);
     let held = a.acquire(false).await.unwrap();
-    let wants_b = tokio::spawn({
-        let b = b.clone();
-        async move { b.acquire(false).await }
-    });
+    let wants_b = spawn_acquire(&b);
     pass(secs(10)).await;
     // Still ready: a's own new requests are served rather than queued behind a swap.
     assert_eq!(a.phase(), Phase::Ready);
@@ -494,10 +487,7 @@ async fn a_model_that_goes_idle_is_swapped_out_at_once() {
     let a = h.add(model("a"), limits.clone());
     let b = h.add(model("b"), limits);
     let held = a.acquire(false).await.unwrap();
-    let wants_b = tokio::spawn({
-        let b = b.clone();
-        async move { b.acquire(false).await }
-    });
+    let wants_b = spawn_acquire(&b);
     pass(secs(3)).await;
     let asked = tokio::time::Instant::now();
     drop(held);
@@ -552,10 +542,7 @@ async fn a_drain_that_outlasts_drain_timeout_is_cut() {
     cfg.drain_timeout = 2 * MIN;
     let cell = h.single(cfg);
     let stuck = cell.acquire(false).await.unwrap();
-    let unloading = tokio::spawn({
-        let cell = cell.clone();
-        async move { unload(&cell, false).await }
-    });
+    let unloading = spawn_unload(&cell);
     wait_phase(&cell, Phase::Stopping).await;
     pass(2 * MIN - secs(1)).await;
     assert!(stuck.is_up(), "cut before drain_timeout");

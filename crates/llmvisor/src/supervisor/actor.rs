@@ -308,12 +308,7 @@ impl Actor {
                 then: Some(Why::merge_opt(then, why)),
             },
             State::Ready { running, .. } => {
-                let idle = {
-                    let mut st = self.cell.lock();
-                    // Under the lock: no fast-path acquire slips in after this.
-                    st.phase = super::Phase::Stopping;
-                    st.leases == 0
-                };
+                let idle = self.close_to_new_leases(true);
                 if force || idle {
                     return self.begin_stop(running, why);
                 }
@@ -875,21 +870,25 @@ impl Actor {
                 return;
             }
         };
-        let idle = {
-            let mut st = self.cell.lock();
-            // Under the lock: no acquire can slip in between the check and the phase change.
-            let idle = st.leases == 0;
-            if idle {
-                st.phase = super::Phase::Stopping;
-            }
-            idle
-        };
+        let idle = self.close_to_new_leases(false);
         if idle {
             tracing::info!(model = %self.cfg.id, "idle for {}; stopping", units::format_duration(self.cfg.ttl.unwrap_or_default()));
             self.begin_stop(running, Why::Idle);
         } else {
             self.state = State::Ready { running, ttl };
         }
+    }
+
+    /// Shows the model as stopping — so the fast path grants no new lease — always, or with
+    /// `even_if_busy = false` only when no lease is held; returns whether none is. One lock for
+    /// the check and the change: no acquire slips in between.
+    fn close_to_new_leases(&self, even_if_busy: bool) -> bool {
+        let mut st = self.cell.lock();
+        let idle = st.leases == 0;
+        if idle || even_if_busy {
+            st.phase = super::Phase::Stopping;
+        }
+        idle
     }
 
     /// Ready and idle: the TTL starts (never for a pinned model, nor without a ttl).

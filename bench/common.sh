@@ -88,6 +88,42 @@ ensure_wrk() {
         || die "could not install wrk"
 }
 
+# ensure_nginx: installs Debian's nginx when it is missing (its service is not started: the
+# benchmarks run their own nginx processes in the foreground, one per run directory).
+ensure_nginx() {
+    command -v nginx >/dev/null && return 0
+    command -v apt-get >/dev/null || die "nginx is missing and there is no apt-get to install it"
+    log "installing nginx from Debian"
+    local sudo=
+    [[ $(id -u) == 0 ]] || sudo=sudo
+    $sudo apt-get update -qq >&2 && $sudo apt-get install -y -qq nginx >&2 \
+        || die "could not install nginx"
+}
+
+# nginx_conf DIR SERVERS: writes DIR/nginx.conf, one foreground process (no master, no daemon),
+# access log off, its temp files under DIR, and SERVERS (upstream/server blocks) in `http`.
+nginx_conf() {
+    cat >"$1/nginx.conf" <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+pid nginx.pid;
+error_log stderr warn;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    keepalive_timeout 75s;
+    keepalive_requests 100000000;
+    client_body_temp_path body;
+    proxy_temp_path proxy;
+    fastcgi_temp_path fastcgi;
+    uwsgi_temp_path uwsgi;
+    scgi_temp_path scgi;
+$2
+}
+EOF
+}
+
 ensure_python() {
     command -v python3 >/dev/null && return 0
     log "installing python3 from Debian"

@@ -1,35 +1,42 @@
 #!/usr/bin/env bash
-# bench/proxy.sh — issue 3's benchmark: what llmvisor's proxy hop costs against a fast upstream.
+# bench/proxy.sh — what llmvisor's proxy hop costs against a fast upstream (issues 3 and 14).
 #
-# In one run, side by side and interleaved round by round (the order rotates every round):
-#   direct     wrk against fake-llm (release build) itself
-#   llmvisor   wrk against `llmvisor serve`, proxying to its model `m`, another fake-llm of the
-#              same binary, loaded before measuring
+# One upstream server answers every variant: llmvisor's model `m`, started by the daemon on a
+# fixed port and loaded before measuring. By default it is nginx (1 process, `return 200` with a
+# small JSON body); UPSTREAM=fake-llm uses the release fake-llm instead. In one run, side by
+# side and interleaved round by round (the order rotates every round):
+#   direct       wrk against the upstream itself
+#   llmvisor     wrk against `llmvisor serve`, proxying to the upstream
+#   nginx        wrk against nginx as a reverse proxy in front of the same upstream
+#                (`proxy_pass` with upstream keep-alive, 1 worker process, access log off)
 #   daemon-only  (GET only) wrk against the daemon's own `GET /healthz`: the daemon's HTTP
-#              server with no upstream hop, to separate serving cost from proxying cost
+#                server with no upstream hop, to separate serving cost from proxying cost
 # for two requests:
-#   GET /small                              (direct: /small; llmvisor: /upstream/m/small)
-#   POST /v1/chat/completions, not streamed (same path both ways; llmvisor parses the body's model)
+#   GET /small                              (llmvisor: /upstream/m/small)
+#   POST /v1/chat/completions, not streamed (same path everywhere; llmvisor parses the body's model)
 # at each connection count in $CONNS. Also the daemon's VmRSS: idle with one model configured and
 # not loaded, with the model loaded, and after the load test.
 #
 # Usage: bench/proxy.sh                  (prints Markdown tables; raw data stays in the run dir)
 # Environment:
-#   ROUNDS=7        rounds (every variant once per round)
+#   ROUNDS=5        rounds (every variant once per round)
 #   DURATION=5      seconds per wrk run
 #   CONNS="1 16"    connection counts (wrk uses -t1 for 1 connection, else -t2)
+#   UPSTREAM=nginx  or fake-llm
 #   SKIP_BUILD=1    use the existing target/release binaries without running cargo
 #   LLMVISOR_BIN_DIR=DIR  take llmvisor and fake-llm from DIR (LLMVISOR_VERSION=text names it)
 #   LLMVISOR_B_BIN_DIR=DIR  A/B: also run a second daemon from DIR/llmvisor (variant
-#                   "llmvisor-B", its model being the same fake-llm) in the same rounds;
-#                   LLMVISOR_B_LABEL=text says what B is
+#                   "llmvisor-B", its model another upstream of the same kind) in the same
+#                   rounds; LLMVISOR_B_LABEL=text says what B is; LLMVISOR_B_ENV="K=V ..." is
+#                   B's extra environment (e.g. the same build with LLMVISOR_WORKER_THREADS=2)
 #   BENCH_WORK=DIR  run directory (default: a new /tmp/llmvisor-bench-proxy.XXXXXX)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-ROUNDS=${ROUNDS:-7}
+ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-5}
 CONNS=${CONNS:-"1 16"}
+UPSTREAM=${UPSTREAM:-nginx}
 WORK=${BENCH_WORK:-$(mktemp -d /tmp/llmvisor-bench-proxy.XXXXXX)}
 mkdir -p "$WORK/raw"
 trap cleanup EXIT
@@ -37,43 +44,82 @@ trap 'exit 130' INT TERM
 
 ensure_python
 ensure_wrk
+ensure_nginx
 build_llmvisor
 RESULTS=$WORK/results.jsonl
 EXTRA=$WORK/extra.jsonl
 : >"$RESULTS"
 : >"$EXTRA"
-MACHINE=$(machine_info)
+MACHINE="$(machine_info), $(nginx -v 2>&1 | sed 's/^nginx version: //'), upstream: $UPSTREAM"
 log "run directory: $WORK"
 log "machine: $MACHINE"
 
-read -r P_DIRECT P_DAEMON P_DAEMON_B <<<"$("${BENCH_PY[@]}" ports 3)"
-read -r P_LO P_HI <<<"$("${BENCH_PY[@]}" port-range 20)"
+read -r P_UP P_UP_B P_DAEMON P_DAEMON_B P_NGINX <<<"$("${BENCH_PY[@]}" ports 5)"
 
-write_config() { # FILE LISTEN_PORT STATE_DIR PORT_LO PORT_HI
+# upstream_cmd PORT NAME: the TOML array that starts one upstream on PORT.
+upstream_cmd() {
+    case $UPSTREAM in
+    fake-llm) echo "[\"$FAKE_LLM\", \"--port\", \"$1\"]" ;;
+    nginx)
+        mkdir -p "$WORK/$2"
+        nginx_conf "$WORK/$2" "$(cat <<EOF
+    server {
+        listen 127.0.0.1:$1 backlog=4096;
+        default_type application/json;
+        location = /health { return 200 '{"status":"ok"}'; }
+        location = /small { return 200 '{"ok":true}\n'; }
+        location = /v1/chat/completions {
+            return 200 '{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"length"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}';
+        }
+    }
+EOF
+)"
+        echo "[\"$(command -v nginx)\", \"-p\", \"$WORK/$2\", \"-c\", \"nginx.conf\", \"-e\", \"stderr\"]"
+        ;;
+    *) die "UPSTREAM must be nginx or fake-llm, not $UPSTREAM" ;;
+    esac
+}
+
+write_config() { # FILE LISTEN_PORT STATE_DIR UPSTREAM_PORT NAME
     cat >"$1" <<EOF
 listen = "127.0.0.1:$2"
 state_dir = "$3"
-port_range = [$4, $5]
 
 [defaults]
 ttl = "0"
 
 [models.m]
-cmd = ["$FAKE_LLM", "--port", "\${PORT}"]
+cmd = $(upstream_cmd "$4" "$5")
+port = $4
 EOF
 }
-write_config "$WORK/llmvisor.toml" "$P_DAEMON" "$WORK/state" "$P_LO" $((P_LO + 9))
+write_config "$WORK/llmvisor.toml" "$P_DAEMON" "$WORK/state" "$P_UP" up
 "$LLMVISOR" check --config "$WORK/llmvisor.toml" >&2 || die "config rejected"
 VARIANTS_B=()
 if [[ -n ${LLMVISOR_B_BIN_DIR:-} ]]; then
     cp "$LLMVISOR_B_BIN_DIR/llmvisor" "$WORK/bin/llmvisor-b" || die "no $LLMVISOR_B_BIN_DIR/llmvisor"
-    write_config "$WORK/llmvisor-b.toml" "$P_DAEMON_B" "$WORK/state-b" $((P_LO + 10)) "$P_HI"
+    write_config "$WORK/llmvisor-b.toml" "$P_DAEMON_B" "$WORK/state-b" "$P_UP_B" up-b
     VARIANTS_B=(llmvisor-B)
 fi
 
-start_bg "$WORK/fake-direct.log" "$FAKE_LLM" --port "$P_DIRECT"
-FAKE_DIRECT_PID=$BG_PID
-"${BENCH_PY[@]}" wait-http "http://127.0.0.1:$P_DIRECT/health" 30 || die "fake-llm did not start"
+# nginx as a reverse proxy in front of the upstream: one worker, keep-alive to the upstream.
+mkdir -p "$WORK/nginx-proxy"
+nginx_conf "$WORK/nginx-proxy" "$(cat <<EOF
+    upstream up {
+        server 127.0.0.1:$P_UP;
+        keepalive 64;
+        keepalive_requests 100000000;
+    }
+    server {
+        listen 127.0.0.1:$P_NGINX backlog=4096;
+        location / {
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+EOF
+)"
 
 start_bg "$WORK/daemon.log" "$LLMVISOR" serve --config "$WORK/llmvisor.toml"
 DAEMON_PID=$BG_PID
@@ -82,42 +128,55 @@ sleep 1
 "${BENCH_PY[@]}" rss "$DAEMON_PID" --record "$EXTRA" --process "llmvisor daemon" \
     --when "idle after start, 1 model configured, not loaded" >/dev/null
 
-"${BENCH_PY[@]}" http POST "http://127.0.0.1:$P_DAEMON/api/models/m/load" >/dev/null \
-    || die "could not load model m"
-CHILD_PID=$("${BENCH_PY[@]}" http GET "http://127.0.0.1:$P_DAEMON/api/models/m" --field pid)
-[[ $CHILD_PID =~ ^[0-9]+$ ]] || die "no pid for model m"
+# load_model DAEMON_PORT: loads `m` and prints its server's pid.
+load_model() {
+    "${BENCH_PY[@]}" http POST "http://127.0.0.1:$1/api/models/m/load" >/dev/null \
+        || die "could not load model m on :$1"
+    local pid
+    pid=$("${BENCH_PY[@]}" http GET "http://127.0.0.1:$1/api/models/m" --field pid)
+    [[ $pid =~ ^[0-9]+$ ]] || die "no pid for model m on :$1"
+    echo "$pid"
+}
+UP_PID=$(load_model "$P_DAEMON")
 sleep 0.5
 "${BENCH_PY[@]}" rss "$DAEMON_PID" --record "$EXTRA" --process "llmvisor daemon" \
     --when "model m loaded, before the load test" >/dev/null
-log "fake-llm direct pid $FAKE_DIRECT_PID :$P_DIRECT; llmvisor pid $DAEMON_PID :$P_DAEMON; its child pid $CHILD_PID"
+
+start_bg "$WORK/nginx-proxy.log" nginx -p "$WORK/nginx-proxy" -c nginx.conf -e stderr
+NGINX_PID=$BG_PID
+"${BENCH_PY[@]}" wait-http "http://127.0.0.1:$P_NGINX/small" 30 || die "nginx proxy did not start"
+log "upstream ($UPSTREAM) pid $UP_PID :$P_UP; llmvisor pid $DAEMON_PID :$P_DAEMON; nginx proxy pid $NGINX_PID :$P_NGINX"
 if [[ -n ${VARIANTS_B[*]} ]]; then
-    start_bg "$WORK/daemon-b.log" "$WORK/bin/llmvisor-b" serve --config "$WORK/llmvisor-b.toml"
+    # shellcheck disable=SC2086
+    start_bg "$WORK/daemon-b.log" env ${LLMVISOR_B_ENV:-} "$WORK/bin/llmvisor-b" serve --config "$WORK/llmvisor-b.toml"
     DAEMON_B_PID=$BG_PID
     "${BENCH_PY[@]}" wait-http "http://127.0.0.1:$P_DAEMON_B/healthz" 30 || die "llmvisor B did not start"
-    "${BENCH_PY[@]}" http POST "http://127.0.0.1:$P_DAEMON_B/api/models/m/load" >/dev/null \
-        || die "B could not load model m"
-    CHILD_B_PID=$("${BENCH_PY[@]}" http GET "http://127.0.0.1:$P_DAEMON_B/api/models/m" --field pid)
-    log "B: llmvisor-b pid $DAEMON_B_PID :$P_DAEMON_B; its child pid $CHILD_B_PID (${LLMVISOR_B_LABEL:-})"
+    UP_B_PID=$(load_model "$P_DAEMON_B")
+    log "B: llmvisor-b pid $DAEMON_B_PID :$P_DAEMON_B; its upstream pid $UP_B_PID (${LLMVISOR_B_LABEL:-})"
 fi
 
-# url_of GROUP VARIANT ; cpu_of VARIANT
+# url_of GROUP VARIANT ; cpu_args VARIANT
 url_of() {
+    local chat=/v1/chat/completions
     case "$1/$2" in
-    get/direct) echo "http://127.0.0.1:$P_DIRECT/small" ;;
+    get/direct) echo "http://127.0.0.1:$P_UP/small" ;;
     get/llmvisor) echo "http://127.0.0.1:$P_DAEMON/upstream/m/small" ;;
+    get/nginx) echo "http://127.0.0.1:$P_NGINX/small" ;;
     get/daemon-only) echo "http://127.0.0.1:$P_DAEMON/healthz" ;;
     get/llmvisor-B) echo "http://127.0.0.1:$P_DAEMON_B/upstream/m/small" ;;
-    post/llmvisor-B) echo "http://127.0.0.1:$P_DAEMON_B/v1/chat/completions" ;;
-    post/direct) echo "http://127.0.0.1:$P_DIRECT/v1/chat/completions" ;;
-    post/llmvisor) echo "http://127.0.0.1:$P_DAEMON/v1/chat/completions" ;;
+    post/direct) echo "http://127.0.0.1:$P_UP$chat" ;;
+    post/llmvisor) echo "http://127.0.0.1:$P_DAEMON$chat" ;;
+    post/nginx) echo "http://127.0.0.1:$P_NGINX$chat" ;;
+    post/llmvisor-B) echo "http://127.0.0.1:$P_DAEMON_B$chat" ;;
     esac
 }
 cpu_args() {
     case "$1" in
-    direct) echo "--cpu upstream=$FAKE_DIRECT_PID" ;;
-    llmvisor) echo "--cpu daemon=$DAEMON_PID --cpu upstream=$CHILD_PID" ;;
-    daemon-only) echo "--cpu daemon=$DAEMON_PID" ;;
-    llmvisor-B) echo "--cpu daemon=$DAEMON_B_PID --cpu upstream=$CHILD_B_PID" ;;
+    direct) echo "--cpu upstream=$UP_PID" ;;
+    llmvisor) echo "--cpu proxy=$DAEMON_PID --cpu upstream=$UP_PID" ;;
+    nginx) echo "--cpu proxy=$NGINX_PID --cpu upstream=$UP_PID" ;;
+    daemon-only) echo "--cpu proxy=$DAEMON_PID" ;;
+    llmvisor-B) echo "--cpu proxy=$DAEMON_B_PID --cpu upstream=$UP_B_PID" ;;
     esac
 }
 group_name() { [[ $1 == get ]] && echo "GET /small" || echo "POST chat (non-streamed)"; }
@@ -144,27 +203,25 @@ rotated() {
 
 log "warm-up (1 s per variant, not recorded)"
 for g in get post; do
-    for v in direct llmvisor "${VARIANTS_B[@]}"; do
+    for v in direct llmvisor nginx "${VARIANTS_B[@]}"; do
         RESULTS=/dev/null run_wrk warm "$g" 16 "$v" 1 >/dev/null
     done
 done
 rm -f "$WORK"/raw/rwarm-*
 
-log "measuring: $ROUNDS rounds × conns {$CONNS} × {GET direct/llmvisor/daemon-only, POST direct/llmvisor}, ${DURATION}s each"
+log "measuring: $ROUNDS rounds × conns {$CONNS} × {GET direct/llmvisor/nginx/daemon-only, POST direct/llmvisor/nginx}, ${DURATION}s each"
 for ((r = 0; r < ROUNDS; r++)); do
     log "round $((r + 1))/$ROUNDS (load average $(cut -d' ' -f1 /proc/loadavg))"
     for c in $CONNS; do
-        for v in $(rotated "$r" direct llmvisor daemon-only "${VARIANTS_B[@]}"); do run_wrk "$r" get "$c" "$v"; done
-        for v in $(rotated "$r" direct llmvisor "${VARIANTS_B[@]}"); do run_wrk "$r" post "$c" "$v"; done
+        for v in $(rotated "$r" direct llmvisor nginx daemon-only "${VARIANTS_B[@]}"); do run_wrk "$r" get "$c" "$v"; done
+        for v in $(rotated "$r" direct llmvisor nginx "${VARIANTS_B[@]}"); do run_wrk "$r" post "$c" "$v"; done
     done
 done
 
 sleep 1
 "${BENCH_PY[@]}" rss "$DAEMON_PID" --record "$EXTRA" --process "llmvisor daemon" \
     --when "after the load test (model m loaded)" >/dev/null
-"${BENCH_PY[@]}" rss "$CHILD_PID" --record "$EXTRA" --process "fake-llm (llmvisor's child), for scale" \
-    --when "after the load test" >/dev/null
-"${BENCH_PY[@]}" rss "$FAKE_DIRECT_PID" --record "$EXTRA" --process "fake-llm (direct), for scale" \
+"${BENCH_PY[@]}" rss "$NGINX_PID" --record "$EXTRA" --process "nginx proxy, for scale" \
     --when "after the load test" >/dev/null
 "${BENCH_PY[@]}" overhead "http://127.0.0.1:$P_DAEMON/metrics" --record "$EXTRA" >/dev/null || true
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)

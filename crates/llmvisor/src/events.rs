@@ -13,6 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
@@ -104,8 +105,9 @@ impl EventBus {
         self.started_at.elapsed()
     }
 
-    /// Publishes an event of `kind` with the fields of `body` (an object); returns its id.
-    pub fn publish(&self, kind: &str, body: Value) -> u64 {
+    /// Publishes an event of `kind` with the fields of `body` (a JSON object: a `json!` value or
+    /// a struct); returns its id.
+    pub fn publish(&self, kind: &str, body: impl Serialize) -> u64 {
         let mut ring = self.ring.lock().unwrap();
         let id = ring.next_id;
         ring.next_id += 1;
@@ -170,16 +172,33 @@ impl EventBus {
     }
 }
 
-/// The JSON of one event: `{"id":…,"type":…,"time":…, …body}`.
-pub fn render(id: u64, kind: &str, body: Value) -> String {
-    let mut obj = serde_json::Map::new();
-    obj.insert("id".into(), json!(id));
-    obj.insert("type".into(), json!(kind));
-    obj.insert("time".into(), json!(now_ms()));
-    if let Value::Object(fields) = body {
-        obj.extend(fields);
+/// The JSON of one event: `{"id":…,"type":…,"time":…, …body}`, written straight from `body`
+/// (no intermediate tree: a `request` event is rendered for every proxied request).
+pub fn render(id: u64, kind: &str, body: impl Serialize) -> String {
+    #[derive(Serialize)]
+    struct Envelope<'a, B> {
+        id: u64,
+        #[serde(rename = "type")]
+        kind: &'a str,
+        time: u64,
+        #[serde(flatten)]
+        body: B,
     }
-    Value::Object(obj).to_string()
+    let event = Envelope {
+        id,
+        kind,
+        time: now_ms(),
+        body,
+    };
+    // Serialising plain fields and a JSON object cannot fail; a body that is not an object is
+    // a bug, shown as an event without it rather than as a panic.
+    serde_json::to_string(&event).unwrap_or_else(|e| {
+        format!(
+            r#"{{"id":{id},"type":{},"error":{}}}"#,
+            json!(kind),
+            json!(e.to_string())
+        )
+    })
 }
 
 /// The body of a `model` event.
@@ -408,24 +427,43 @@ pub struct ActivityCounts {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub last_tokens_per_s: Option<f64>,
-    recent: VecDeque<Instant>,
+    /// Requests finished per second of the last minute, oldest first: a fixed size whatever
+    /// the request rate (one entry per request would be a million at 20,000 requests/s).
+    recent: VecDeque<(Instant, usize)>,
 }
 
 impl ActivityCounts {
-    /// Requests finished in the last minute.
+    /// Requests finished in the last minute (to the second).
     pub fn per_minute(&self) -> usize {
         self.recent
             .iter()
-            .filter(|t| t.elapsed() <= RECENT_WINDOW)
-            .count()
+            .filter(|(t, _)| t.elapsed() <= RECENT_WINDOW)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    fn count_finished(&mut self, now: Instant) {
+        match self.recent.back_mut() {
+            Some((second, n)) if now.duration_since(*second) < Duration::from_secs(1) => *n += 1,
+            _ => self.recent.push_back((now, 1)),
+        }
+        while self
+            .recent
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RECENT_WINDOW)
+        {
+            self.recent.pop_front();
+        }
     }
 }
 
 impl Activity {
     pub fn model(&self, id: &str) -> Arc<ModelActivity> {
-        self.models
-            .lock()
-            .unwrap()
+        let mut models = self.models.lock().unwrap();
+        if let Some(a) = models.get(id) {
+            return a.clone();
+        }
+        models
             .entry(id.to_owned())
             .or_insert_with(|| {
                 Arc::new(ModelActivity {
@@ -468,15 +506,7 @@ impl ModelActivity {
         if r.tokens_per_s.is_some() {
             c.last_tokens_per_s = r.tokens_per_s;
         }
-        let now = Instant::now();
-        c.recent.push_back(now);
-        while c
-            .recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > RECENT_WINDOW)
-        {
-            c.recent.pop_front();
-        }
+        c.count_finished(Instant::now());
     }
 }
 
@@ -519,27 +549,75 @@ struct Usage {
     per_s: Option<f64>,
 }
 
+/// The fields of an answer (or of one SSE chunk) that carry token counts, read without building
+/// the rest of the document: every other field is skipped as it is parsed.
+#[derive(serde::Deserialize)]
+struct Counted {
+    usage: Option<CountedUsage>,
+    timings: Option<CountedTimings>,
+}
+
+#[derive(serde::Deserialize)]
+struct CountedUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+struct CountedTimings {
+    prompt_n: Option<u64>,
+    predicted_n: Option<u64>,
+    predicted_per_second: Option<f64>,
+}
+
 impl Usage {
-    fn read(&mut self, v: &Value) {
-        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-            if let Some(n) = u.get("prompt_tokens").and_then(Value::as_u64) {
-                self.prompt = Some(n);
-            }
-            if let Some(n) = u.get("completion_tokens").and_then(Value::as_u64) {
-                self.completion = Some(n);
+    /// Reads the counts of one JSON document; one without `usage` or `timings` is not parsed.
+    fn scan(&mut self, json: &[u8]) {
+        let has = |needle: &[u8]| json.windows(needle.len()).any(|w| w == needle);
+        if !has(b"\"usage\"") && !has(b"\"timings\"") {
+            return;
+        }
+        match serde_json::from_slice::<Counted>(json) {
+            Ok(c) => self.read(c),
+            // Odd shapes (`"usage": null`, a count as a float): the lenient, slower way.
+            Err(_) => {
+                if let Ok(v) = serde_json::from_slice::<Value>(json) {
+                    self.read_value(&v);
+                }
             }
         }
-        if let Some(t) = v.get("timings").filter(|t| t.is_object()) {
-            if let Some(n) = t.get("prompt_n").and_then(Value::as_u64) {
+    }
+
+    fn read(&mut self, c: Counted) {
+        if let Some(u) = c.usage {
+            self.prompt = u.prompt_tokens.or(self.prompt);
+            self.completion = u.completion_tokens.or(self.completion);
+        }
+        if let Some(t) = c.timings {
+            if let Some(n) = t.prompt_n {
                 self.prompt.get_or_insert(n);
             }
-            if let Some(n) = t.get("predicted_n").and_then(Value::as_u64) {
+            if let Some(n) = t.predicted_n {
                 self.completion.get_or_insert(n);
             }
-            if let Some(r) = t.get("predicted_per_second").and_then(Value::as_f64) {
-                self.per_s = Some(r);
-            }
+            self.per_s = t.predicted_per_second.or(self.per_s);
         }
+    }
+
+    fn read_value(&mut self, v: &Value) {
+        let field = |obj: &str, key: &str| v.get(obj).filter(|o| o.is_object())?.get(key).cloned();
+        self.read(Counted {
+            usage: Some(CountedUsage {
+                prompt_tokens: field("usage", "prompt_tokens").and_then(|n| n.as_u64()),
+                completion_tokens: field("usage", "completion_tokens").and_then(|n| n.as_u64()),
+            }),
+            timings: Some(CountedTimings {
+                prompt_n: field("timings", "prompt_n").and_then(|n| n.as_u64()),
+                predicted_n: field("timings", "predicted_n").and_then(|n| n.as_u64()),
+                predicted_per_second: field("timings", "predicted_per_second")
+                    .and_then(|n| n.as_f64()),
+            }),
+        });
     }
 }
 
@@ -623,13 +701,7 @@ impl RequestObserver {
         let Some(data) = self.buf.strip_prefix(b"data:") else {
             return;
         };
-        let has = |needle: &[u8]| data.windows(needle.len()).any(|w| w == needle);
-        if !has(b"\"usage\"") && !has(b"\"timings\"") {
-            return;
-        }
-        if let Ok(v) = serde_json::from_slice::<Value>(data.trim_ascii()) {
-            self.usage.read(&v);
-        }
+        self.usage.scan(data.trim_ascii());
     }
 
     /// The answer ended normally.
@@ -641,9 +713,7 @@ impl RequestObserver {
         if self.sse {
             self.sse_line();
         } else if !self.overflow && !self.buf.is_empty() {
-            if let Ok(v) = serde_json::from_slice::<Value>(&self.buf) {
-                self.usage.read(&v);
-            }
+            self.usage.scan(&self.buf);
         }
         let duration = self.began.elapsed();
         let ttfb = self.first_byte.map(|t| t.duration_since(self.began));
@@ -668,6 +738,21 @@ impl RequestObserver {
     }
 }
 
+/// The body of a `request` event.
+#[derive(Serialize)]
+struct RequestEvent<'a> {
+    model: &'a str,
+    route: &'a str,
+    method: &'a str,
+    status: u16,
+    duration_ms: f64,
+    ttfb_ms: Option<f64>,
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    tokens_per_s: Option<f64>,
+    cut: bool,
+}
+
 impl Drop for RequestObserver {
     fn drop(&mut self) {
         let s = self.summary();
@@ -675,18 +760,18 @@ impl Drop for RequestObserver {
         let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 10.0).round() / 10.0;
         self.bus.publish(
             "request",
-            json!({
-                "model": self.model,
-                "route": self.route,
-                "method": self.method,
-                "status": s.status,
-                "duration_ms": ms(s.duration),
-                "ttfb_ms": s.ttfb.map(ms),
-                "prompt_tokens": s.prompt_tokens,
-                "completion_tokens": s.completion_tokens,
-                "tokens_per_s": s.tokens_per_s,
-                "cut": s.cut,
-            }),
+            RequestEvent {
+                model: &self.model,
+                route: &self.route,
+                method: &self.method,
+                status: s.status,
+                duration_ms: ms(s.duration),
+                ttfb_ms: s.ttfb.map(ms),
+                prompt_tokens: s.prompt_tokens,
+                completion_tokens: s.completion_tokens,
+                tokens_per_s: s.tokens_per_s,
+                cut: s.cut,
+            },
         );
     }
 }
@@ -778,5 +863,86 @@ mod tests {
         assert_eq!(c.by_status[&200], 2);
         assert_eq!((c.prompt_tokens, c.completion_tokens), (5, 11));
         assert_eq!(c.per_minute(), 2);
+    }
+
+    #[test]
+    fn odd_usage_shapes_are_read_leniently_and_others_are_not_parsed() {
+        let scan = |json: &[u8]| {
+            let mut u = Usage::default();
+            u.scan(json);
+            (u.prompt, u.completion, u.per_s)
+        };
+        // `usage: null` beside llama-server's timings: the typed read fails, the lenient one
+        // still finds the timings.
+        assert_eq!(
+            scan(br#"{"usage":null,"timings":{"prompt_n":5,"predicted_n":9,"predicted_per_second":2.5}}"#),
+            (Some(5), Some(9), Some(2.5))
+        );
+        // a float count is no count; the other one stays
+        assert_eq!(
+            scan(br#"{"usage":{"prompt_tokens":1.5,"completion_tokens":2}}"#),
+            (None, Some(2), None)
+        );
+        // usage wins over timings for the counts
+        assert_eq!(
+            scan(br#"{"timings":{"prompt_n":1,"predicted_n":1},"usage":{"prompt_tokens":3,"completion_tokens":4},"x":[{"y":{}}]}"#),
+            (Some(3), Some(4), None)
+        );
+        assert_eq!(
+            scan(br#"{"choices":[{"text":"usage"}]}"#),
+            (None, None, None)
+        );
+        assert_eq!(scan(b"not json \"usage\""), (None, None, None));
+    }
+
+    #[test]
+    fn an_event_is_its_envelope_then_the_fields_of_its_body() {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            model: &'a str,
+            n: Option<u64>,
+        }
+        let typed = render(
+            7,
+            "request",
+            Body {
+                model: "m",
+                n: None,
+            },
+        );
+        let v: Value = serde_json::from_str(&typed).unwrap();
+        assert_eq!(
+            (v["id"].clone(), v["type"].clone()),
+            (json!(7), json!("request"))
+        );
+        assert!(v["time"].as_u64().unwrap() > 1_600_000_000_000);
+        assert_eq!(
+            (v["model"].clone(), v["n"].clone()),
+            (json!("m"), Value::Null)
+        );
+        assert!(
+            typed.starts_with(r#"{"id":7,"type":"request","time":"#),
+            "{typed}"
+        );
+        let untyped: Value =
+            serde_json::from_str(&render(8, "model", json!({"model": "m", "n": null}))).unwrap();
+        assert_eq!(untyped["model"], "m");
+        assert_eq!(untyped.as_object().unwrap().len(), 5);
+    }
+
+    #[test]
+    fn requests_per_minute_counts_whole_seconds_in_fixed_space() {
+        let mut c = ActivityCounts::default();
+        let t0 = Instant::now();
+        for i in 0..10_000u64 {
+            c.count_finished(t0 + Duration::from_micros(i * 10)); // 10,000 in 0.1 s
+        }
+        assert_eq!(c.recent.len(), 1);
+        c.count_finished(t0 + Duration::from_secs(30));
+        assert_eq!(c.recent.len(), 2);
+        // a minute and a bit later the first second has left the window
+        c.count_finished(t0 + Duration::from_secs(61));
+        assert_eq!(c.recent.len(), 2);
+        assert_eq!(c.recent.iter().map(|(_, n)| n).sum::<usize>(), 2);
     }
 }

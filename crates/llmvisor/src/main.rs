@@ -36,8 +36,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         logs.without_time().with_target(false).init();
     }
 
-    let runtime = if cli.command.is_serve() {
-        tokio::runtime::Builder::new_multi_thread()
+    let threads = if cli.command.is_serve() {
+        worker_threads()?
+    } else {
+        1
+    };
+    // One thread runs every task, like one nginx worker: a proxied request then costs no
+    // cross-thread wake-ups, which on a small VM cost more than the request itself (about half
+    // the daemon's CPU per request: docs/benchmarks-http.md). Nothing on the daemon's tasks
+    // blocks: the state store, spawning and reaping have threads of their own.
+    let runtime = if threads > 1 {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
     } else {
         tokio::runtime::Builder::new_current_thread()
     }
@@ -45,4 +56,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     .build()
     .map_err(|e| anyhow::Error::new(e).context("cannot start the async runtime"))?;
     runtime.block_on(cli::run(cli))
+}
+
+/// `LLMVISOR_WORKER_THREADS`: threads that run the daemon's tasks (default 1; more only pays off
+/// when the proxy itself, not the models, is the bottleneck).
+fn worker_threads() -> anyhow::Result<usize> {
+    match std::env::var("LLMVISOR_WORKER_THREADS") {
+        Err(_) => Ok(1),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=1024).contains(&n) => Ok(n),
+            _ => anyhow::bail!(
+                "LLMVISOR_WORKER_THREADS={v:?} is not a thread count (fix: a number from 1 to 1024, or unset it)"
+            ),
+        },
+    }
 }

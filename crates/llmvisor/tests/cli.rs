@@ -114,6 +114,22 @@ tll = "5m"
 }
 
 #[test]
+fn a_bad_worker_thread_count_is_refused_with_the_fix() {
+    for bad in ["0", "two", "-1", "99999"] {
+        let o = llmvisor_env(
+            &["serve", "--config", "/nonexistent/llmvisor.toml"],
+            &[("LLMVISOR_WORKER_THREADS", bad)],
+        );
+        assert_eq!(o.status.code(), Some(1), "{bad}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains("LLMVISOR_WORKER_THREADS") && err.contains("fix: a number from 1 to 1024"),
+            "{bad}: {err}"
+        );
+    }
+}
+
+#[test]
 fn check_of_a_missing_file_says_so() {
     let out = llmvisor(&["check", "--config", "/nonexistent/llmvisor.toml"]);
     assert_eq!(out.status.code(), Some(1));

@@ -537,3 +537,45 @@ async fn a_start_waiting_for_room_gives_queue_events() {
     d.stop().await;
     s.assert_all_gone(WITHIN).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_before_reaching_a_server_is_an_event_too() {
+    let _serial = SERIAL.lock().await;
+    let s = Scratch::new();
+    let mut m = s.model("a", &["--chunks", "3", "--chunk-delay", "200ms"]);
+    m.aliases = vec!["alias-a".into()];
+    m.api.concurrency_limit = Some(1);
+    let d = TestDaemon::start(s.config(vec![m])).await;
+    assert_eq!(d.post("/api/models/a/load", "").await.status, 200);
+    let mut ev = Events::open(&d, None).await;
+    ev.snapshot(1).await;
+    // One streamed answer holds the only slot; the next request (by alias) is refused.
+    let stream = r#"{"model":"a","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let (status, _, body) = d.send_chat(stream).await;
+    assert_eq!(status, 200);
+    let over = r#"{"model":"alias-a","messages":[{"role":"user","content":"hi"}]}"#;
+    assert_eq!(d.post("/v1/chat/completions", over).await.status, 429);
+    // A made-up model name is refused without an event (nor an activity entry).
+    let r = d.post("/v1/chat/completions", r#"{"model":"nope"}"#).await;
+    assert_eq!(r.status, 404);
+    body.collect().await.unwrap();
+    let mut statuses = Vec::new();
+    while statuses.len() < 2 {
+        let e = ev.next().await;
+        if e.v["type"] == "request" {
+            assert_eq!(e.v["model"], "a", "{}", e.v);
+            statuses.push(e.v["status"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(statuses, [429, 200], "the refusal is told at once");
+    let act = d.get("/api/activity").await.json();
+    assert_eq!(act.as_array().unwrap().len(), 1, "{act}");
+    let metrics = d.get("/metrics").await.text();
+    assert!(
+        metrics.contains("llmvisor_model_requests_total{model=\"a\",status=\"429\"} 1"),
+        "{metrics}"
+    );
+    drop(ev);
+    d.stop().await;
+    s.assert_all_gone(WITHIN).await;
+}

@@ -220,11 +220,12 @@ pub(super) async fn forward(
         Ok(resp) => return resp,
         Err(local) => local,
     };
+    let method = parts.method.clone();
     // llama-swap's concurrencyLimit: 429 beyond it; the slot is held until the answer ends.
     let concurrency = match st.config().model(model) {
         Some(m) => match super::llama_swap::concurrency_slot(&st, m) {
             Ok(slot) => slot,
-            Err(e) => return e.into_response(),
+            Err(e) => return refused(&st, model, path_and_query, &method, e, began),
         },
         None => None,
     };
@@ -232,7 +233,10 @@ pub(super) async fn forward(
     let acquire_began = Instant::now();
     let lease = match st.sup.acquire(model).await {
         Ok(l) => l,
-        Err(e) => return acquire_error(&st, model, &parts.headers, e).into_response(),
+        Err(e) => {
+            let e = acquire_error(&st, model, &parts.headers, e);
+            return refused(&st, model, path_and_query, &method, e, began);
+        }
     };
     // One of the server's connection slots (max_connections): beyond them requests wait here,
     // in order, rather than inside the server holding one of its HTTP threads.
@@ -253,7 +257,8 @@ pub(super) async fn forward(
                 ),
                 retry_after: Some(Duration::from_secs(1)),
             };
-            return acquire_error(&st, model, &parts.headers, busy).into_response();
+            let e = acquire_error(&st, model, &parts.headers, busy);
+            return refused(&st, model, path_and_query, &method, e, began);
         }
     };
     let acquire_took = acquire_began.elapsed();
@@ -262,7 +267,6 @@ pub(super) async fn forward(
         Err(e) => return ApiError::bad_request("invalid_path", e.to_string()).into_response(),
     };
     let mut req = http::Request::new(crate::upstream::body(body));
-    let method = parts.method.clone();
     *req.method_mut() = parts.method;
     *req.uri_mut() = uri;
     let strip_auth = !st.config().api_keys.is_empty();
@@ -327,6 +331,30 @@ pub(super) async fn forward(
         .proxy_overhead
         .observe(before_upstream + answered.elapsed());
     Response::from_parts(head, Body::new(body))
+}
+
+/// A request refused before it reached a server (429 over `concurrency_limit`, 503 with no room
+/// or no free connection): answered with `err`, and shown on the event stream and in the metrics
+/// like any answer. Only for configured models: a name a client made up gets no activity entry.
+fn refused(
+    st: &AppState,
+    model: &str,
+    path_and_query: &str,
+    method: &http::Method,
+    err: ApiError,
+    began: Instant,
+) -> Response {
+    if let Ok(cell) = st.sup.model(model) {
+        crate::events::RequestObserver::failed(
+            &st.events,
+            &cell.id,
+            path_and_query,
+            method.as_str(),
+            err.status.as_u16(),
+            began,
+        );
+    }
+    err.into_response()
 }
 
 /// A failed acquire as the caller sees it: secrets of the model's command line are cut from the

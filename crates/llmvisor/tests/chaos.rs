@@ -8,7 +8,7 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http_body_util::BodyExt;
@@ -17,7 +17,7 @@ use llmvisor::procfs;
 use llmvisor::store::{ChildRecord, InstanceRecord, Store};
 use rustix::process::Signal;
 use support::serve::ServeProcess;
-use support::{assert_gone, fake_llm, reap_zombie_children, Scratch};
+use support::{assert_gone, fake_llm, reap_zombie_children, Procs, Scratch};
 
 /// A small deterministic generator (xorshift64*): a failing round can be replayed by its seed.
 struct Rng(u64);
@@ -39,32 +39,14 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// A stranger: its own session, no `LLMVISOR_INSTANCE`, never started by llmvisor. Killed (by
-/// its pid: exactly this child) and reaped when dropped, so a failing round leaves none behind.
-struct Stranger(Child);
-
-impl Stranger {
-    fn id(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Stranger {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn stranger() -> Stranger {
-    Stranger(
-        Command::new("setsid")
-            .args(["sleep", "100000"])
-            .env_remove("LLMVISOR_INSTANCE")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+/// A stranger: its own session, no `LLMVISOR_INSTANCE`, never started by llmvisor. Held by
+/// `procs`, which kills it (by its pid: exactly this child) and reaps it when dropped, so a
+/// failing round leaves none behind.
+fn stranger(procs: &mut Procs) -> u32 {
+    let mut cmd = Command::new("setsid");
+    cmd.args(["sleep", "100000"])
+        .env_remove("LLMVISOR_INSTANCE");
+    procs.spawn(cmd)
 }
 
 /// A forged `children` row naming `pid` (with its real start time and group, world-readable in
@@ -160,15 +142,16 @@ async fn sigkill_at_random_moments_never_leaves_an_orphan_or_kills_a_stranger() 
     let mut rng = Rng(seed);
     let s = Scratch::new();
     let config = config(&s);
-    let plain = stranger();
-    let forged = stranger();
-    let strangers = [plain.id(), forged.id()];
+    let mut procs = Procs::default();
+    let plain = stranger(&mut procs);
+    let forged = stranger(&mut procs);
+    let strangers = [plain, forged];
     let began = Instant::now();
     let mut escaped = 0usize;
     for round in 0..rounds {
         // The state dir exists from round 1 on; re-forge each time (a sweep removes the row).
         if round > 0 {
-            forge_record(&s.state_dir(), round, forged.id()).await;
+            forge_record(&s.state_dir(), round, forged).await;
         }
         let before = s.all_pids();
         let d = ServeProcess::start(&config);
@@ -218,5 +201,5 @@ async fn sigkill_at_random_moments_never_leaves_an_orphan_or_kills_a_stranger() 
     );
     s.assert_all_gone(Duration::from_secs(2)).await;
     reap_zombie_children(&s.all_pids());
-    drop((plain, forged));
+    drop(procs);
 }

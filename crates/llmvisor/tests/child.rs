@@ -1,6 +1,8 @@
 //! Stopping one server's process group (`ChildProcess::stop`): SIGTERM, the grace, SIGKILL —
 //! with real processes.
 
+mod support;
+
 use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +11,7 @@ use llmvisor::child::ChildProcess;
 use llmvisor::logs::LogSink;
 use llmvisor::procfs;
 use llmvisor::reaper::Registry;
+use support::Procs;
 use tokio::process::Command;
 
 /// Reads the pid a shell wrote to `path` (bounded).
@@ -30,6 +33,9 @@ async fn a_member_ignoring_sigterm_is_killed_through_the_leaders_pidfd_after_the
 {
     // Orphaned members come to this process, which reaps them below.
     rustix::process::set_child_subreaper(Some(rustix::process::getpid())).unwrap();
+    // The leader and its group (the member) are killed and reaped by pid when the test ends,
+    // pass or fail.
+    let mut procs = Procs::default();
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("member.pid");
     // The leader dies of SIGTERM; the member it leaves in its group ignores SIGTERM (and
@@ -45,11 +51,12 @@ async fn a_member_ignoring_sigterm_is_killed_through_the_leaders_pidfd_after_the
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    procs.adopt_group(child.id().expect("a just-spawned child has a pid"));
     let registry = Registry::default();
     let process = ChildProcess::launch(child, Arc::new(LogSink::new(None)), registry.clone());
     let leader = process.pid();
     let member = read_pid(&pid_file).await;
-    let member_start = procfs::stat(member).unwrap().start_time;
+    procs.adopt(member);
     assert_eq!(procfs::stat(member).map(|s| s.pgrp), Some(leader));
     assert_eq!(registry.live(), vec![leader]);
 
@@ -57,20 +64,8 @@ async fn a_member_ignoring_sigterm_is_killed_through_the_leaders_pidfd_after_the
     let status = process.stop(Duration::from_millis(300)).await;
     let took = began.elapsed();
     let member_alive = procfs::is_alive(member);
-    if member_alive {
-        // Clean up by pid, then fail.
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_raw(member as i32).unwrap(),
-            rustix::process::Signal::KILL,
-        );
-    }
-    // Reap the member (our orphan now), by pid.
-    if procfs::stat(member).is_some_and(|s| s.start_time == member_start) {
-        let _ = rustix::process::waitpid(
-            rustix::process::Pid::from_raw(member as i32),
-            rustix::process::WaitOptions::empty(),
-        );
-    }
+    // Reap the member (our orphan now), by pid; should it have survived, `procs` kills it.
+    drop(procs);
     assert!(!member_alive, "the member survived stop()");
     assert!(
         took >= Duration::from_millis(300),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rustix::process::Signal;
 use support::http::request;
 use support::serve::ServeProcess;
-use support::{assert_gone, fake_llm, reap_zombie_children, Scratch};
+use support::{assert_gone, fake_llm, reap_zombie_children, Procs, Scratch};
 
 const BIN: &str = env!("CARGO_BIN_EXE_llmvisor");
 
@@ -57,11 +57,14 @@ fn gc(s: &Scratch, dry_run: bool) -> String {
 }
 
 /// Starts the daemon, loads `w`, SIGKILLs the daemon; returns the escaped grandchild's pid.
-async fn orphan_a_grandchild(s: &Scratch, config: &std::path::Path) -> u32 {
+/// The wrapper shell goes into `procs` (the grandchild is in `s`'s pid file): should the test
+/// fail, it is killed and reaped, not left a zombie of ours.
+async fn orphan_a_grandchild(s: &Scratch, config: &std::path::Path, procs: &mut Procs) -> u32 {
     let mut d = ServeProcess::start(config);
     let r = request("POST", &format!("{}/api/models/w/load", d.url), &[], "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     let wrapper = r.json()["pid"].as_u64().unwrap() as u32;
+    procs.adopt(wrapper);
     let grandchild = s.pids("w.pids")[0];
     assert_ne!(wrapper, grandchild);
     d.signal(Signal::KILL);
@@ -79,8 +82,9 @@ async fn orphan_a_grandchild(s: &Scratch, config: &std::path::Path) -> u32 {
 async fn the_next_llmvisor_on_the_state_dir_stops_an_escaped_grandchild() {
     become_subreaper();
     let s = Scratch::new();
+    let mut procs = Procs::default();
     let config = wrapper_config(&s);
-    let grandchild = orphan_a_grandchild(&s, &config).await;
+    let grandchild = orphan_a_grandchild(&s, &config, &mut procs).await;
 
     let started = Instant::now();
     let mut d = ServeProcess::start(&config);
@@ -99,8 +103,9 @@ async fn the_next_llmvisor_on_the_state_dir_stops_an_escaped_grandchild() {
 async fn gc_dry_run_reports_then_gc_stops_and_finally_finds_nothing() {
     become_subreaper();
     let s = Scratch::new();
+    let mut procs = Procs::default();
     let config = wrapper_config(&s);
-    let grandchild = orphan_a_grandchild(&s, &config).await;
+    let grandchild = orphan_a_grandchild(&s, &config, &mut procs).await;
 
     let report = gc(&s, true);
     assert!(

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use llmvisor::Supervisor;
-use support::{assert_gone, Scratch};
+use support::{assert_gone, Procs, Scratch};
 
 const HELPER_ENV: &str = "LLMVISOR_TEST_HELPER_DIR";
 
@@ -19,6 +19,9 @@ async fn kill9_of_the_supervisor_process_kills_ready_and_loading_children() {
     let s = Scratch::new();
     // The helper's orphans are reparented to us, so we can reap them: no zombie outlives the test.
     rustix::process::set_child_subreaper(Some(rustix::process::getpid())).unwrap();
+    // The helper never exits by itself: killed and reaped by pid should the test fail before it
+    // kills it (its children, in `s`'s pid files, are then killed and reaped by `s`).
+    let mut procs = Procs::default();
     let mut helper = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -33,6 +36,7 @@ async fn kill9_of_the_supervisor_process_kills_ready_and_loading_children() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    procs.adopt(helper.id());
     let mut lines = BufReader::new(helper.stdout.take().unwrap()).lines();
     let pids = loop {
         let line = lines.next().expect("helper ended early").unwrap();

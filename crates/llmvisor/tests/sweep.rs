@@ -4,6 +4,8 @@
 //! the test ends, pass or fail: the test process is a child subreaper, so grandchildren whose
 //! parent died are reparented to it and reaped here too.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ use llmvisor::store::{
     ChildRecord, ClaimOutcome, InstanceRecord, Store, StoreError, DB_FILE, SCHEMA_VERSION,
 };
 use llmvisor::sweep::{self, Finding, SweepOptions, SweepReport};
+use support::Procs;
 
 const HELPER_DIR: &str = "LLMVISOR_TEST_OWNER_DIR";
 const HELPER_ID: &str = "LLMVISOR_TEST_OWNER_ID";
@@ -34,83 +37,6 @@ fn tempdir() -> tempfile::TempDir {
         .prefix("llmvisor-sweep")
         .tempdir()
         .unwrap()
-}
-
-/// Processes a test started: killed and reaped, by pid, when the test ends.
-#[derive(Default)]
-struct Procs {
-    children: Vec<Child>,
-    /// Grandchildren and other non-children: (pid, start time).
-    others: Vec<(u32, u64)>,
-}
-
-impl Procs {
-    fn spawn(&mut self, mut cmd: Command) -> u32 {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let own = procfs::comm(std::process::id());
-        let child = cmd.spawn().unwrap();
-        let pid = child.id();
-        self.children.push(child);
-        // Until it has exec'd, /proc shows the test's own name and environment: wait for the
-        // exec, so what a sweep reads is the program's (its marker included).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while procfs::comm(pid) == own {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "pid {pid} never exec'd"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        pid
-    }
-
-    fn adopt(&mut self, pid: u32) {
-        let start = procfs::stat(pid)
-            .expect("adopted process is running")
-            .start_time;
-        self.others.push((pid, start));
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for &(pid, start) in &self.others {
-            if procfs::stat(pid).is_some_and(|s| !s.is_zombie() && s.start_time == start) {
-                let _ = rustix::process::kill_process(
-                    rustix::process::Pid::from_raw(pid as i32).unwrap(),
-                    rustix::process::Signal::KILL,
-                );
-            }
-            reap(pid, start);
-        }
-    }
-}
-
-/// Waits (bounded) until `pid` is gone or is our zombie, and reaps it.
-fn reap(pid: u32, start: u64) {
-    let me = std::process::id();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        match procfs::stat(pid) {
-            None => return,
-            Some(s) if s.start_time != start => return,
-            Some(s) if s.is_zombie() && s.ppid == me => {
-                let _ = rustix::process::waitpid(
-                    rustix::process::Pid::from_raw(pid as i32),
-                    rustix::process::WaitOptions::NOHANG,
-                );
-                return;
-            }
-            Some(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
-    panic!("pid {pid} did not go away");
 }
 
 /// A command in its own process group, with `marker` as LLMVISOR_INSTANCE (or none).
@@ -401,8 +327,9 @@ fn an_owner_lock_is_seen_through_a_second_open_file_description() {
 }
 
 /// Runs this test binary's `owner_helper_process`: it takes the owner lock of `id` on `dir`,
-/// starts a marked `sleep` that escapes (own group, no parent-death signal), and waits.
-fn start_owner_helper(dir: &Path, id: &str) -> (Child, u32) {
+/// starts a marked `sleep` that escapes (own group, no parent-death signal), and waits. Both are
+/// adopted into `procs` as soon as their pids are known.
+fn start_owner_helper(procs: &mut Procs, dir: &Path, id: &str) -> (Child, u32) {
     let mut helper = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -418,6 +345,8 @@ fn start_owner_helper(dir: &Path, id: &str) -> (Child, u32) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Killed and reaped by pid should anything below (or the test) fail before it kills it.
+    procs.adopt(helper.id());
     let mut lines = BufReader::new(helper.stdout.take().unwrap()).lines();
     let pid = loop {
         let line = lines.next().expect("helper ended early").unwrap();
@@ -425,6 +354,7 @@ fn start_owner_helper(dir: &Path, id: &str) -> (Child, u32) {
             break rest.trim().parse().unwrap();
         }
     };
+    procs.adopt(pid);
     (helper, pid)
 }
 
@@ -455,8 +385,7 @@ async fn a_killed_owner_is_dead_and_its_escaped_server_is_swept() {
     let dir = tempdir();
     let id = new_id("k9");
     let mut procs = Procs::default();
-    let (mut helper, sleep_pid) = start_owner_helper(dir.path(), &id);
-    procs.adopt(sleep_pid);
+    let (mut helper, sleep_pid) = start_owner_helper(&mut procs, dir.path(), &id);
     assert!(owner::is_alive(dir.path(), &id), "held by another process");
 
     // The store has never heard of it: only the lock file tells that it ran here.
@@ -631,12 +560,13 @@ async fn a_wrapper_and_its_grandchildren_are_stopped_whatever_group_they_are_in(
         escaped = escaped.display(),
     );
     let sh = procs.spawn(marked("sh", &["-c", &script], Some(&dead)));
-    let grandchildren: Vec<u32> = [&plain, &unmarked, &escaped]
-        .iter()
-        .map(|f| read_pid_file(f))
-        .collect();
-    for &g in &grandchildren {
+    // Each adopted as soon as it is known (`procs` kills `sh`'s group, but the escaped one has
+    // left it).
+    let mut grandchildren = Vec::new();
+    for f in [&plain, &unmarked, &escaped] {
+        let g = read_pid_file(f);
         procs.adopt(g);
+        grandchildren.push(g);
     }
     let escaped_pid = grandchildren[2];
     assert_ne!(

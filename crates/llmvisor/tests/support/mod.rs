@@ -9,7 +9,8 @@ pub mod serve;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use llmvisor::config::{Config, ModelConfig};
 use llmvisor::procfs;
@@ -166,14 +167,189 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        // A failing test must still not leak: kill what it recorded, by pid.
+        // A failing test must still not leak: kill what it recorded, by pid, and reap those that
+        // are (or, once their parent is gone, become) zombie children of ours.
+        let mut procs = Procs::default();
         for pid in self.all_pids() {
-            if procfs::is_alive(pid) {
+            procs.adopt_if_present(pid);
+        }
+        let left = procs.kill_and_reap();
+        if !left.is_empty() {
+            eprintln!("recorded processes did not go away after SIGKILL: {left:?}");
+        }
+    }
+}
+
+/// Processes a test started or learned of: killed (SIGKILL, by pid) and reaped when this drops,
+/// so a test that fails half-way (a panicking assert or unwrap) leaves none of them behind.
+///
+/// `children` are held as [`Child`] and killed and waited for through it. Adopted pids (a
+/// grandchild, a child the test keeps its own handle to, one handed over to code under test) are
+/// killed only while they are still the process that had the pid when adopted (same start time),
+/// and reaped once they are zombie children of ours — directly, or as the child subreaper after
+/// their parent died. Everything is killed before anything is reaped, so a member whose parent is
+/// also here gets reparented to us instead of being waited for in vain.
+///
+/// Group leaders (a held child running in a group of its own, or a pid given to
+/// [`Self::adopt_group`]) bring their group: whatever is in it at drop time, known to the test or
+/// not, is killed and reaped too — signalled and looked up only while the leader is still there
+/// (unreaped), so the group id cannot have been recycled.
+#[derive(Default)]
+pub struct Procs {
+    pub children: Vec<Child>,
+    others: Vec<Adopted>,
+}
+
+#[derive(Clone, Copy)]
+struct Adopted {
+    pid: u32,
+    start: u64,
+    leads_group: bool,
+}
+
+impl Procs {
+    /// Spawns `cmd` (stdio on /dev/null) as a held child and waits until it has exec'd: until
+    /// then /proc shows the test's own name and environment, not the program's.
+    pub fn spawn(&mut self, mut cmd: Command) -> u32 {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let own = procfs::comm(std::process::id());
+        let child = cmd.spawn().unwrap();
+        let pid = child.id();
+        self.children.push(child);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while procfs::comm(pid) == own {
+            assert!(Instant::now() < deadline, "pid {pid} never exec'd");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        pid
+    }
+
+    /// Kills and reaps `pid` when this drops. Call it while `pid` surely names the process meant:
+    /// an unreaped child of ours, or one just seen alive.
+    pub fn adopt(&mut self, pid: u32) {
+        assert!(
+            self.adopt_if_present(pid),
+            "adopted process {pid} is running"
+        );
+    }
+
+    /// [`Self::adopt`] for the leader of a process group: its group goes with it.
+    pub fn adopt_group(&mut self, leader: u32) {
+        self.adopt(leader);
+        self.others.last_mut().unwrap().leads_group = true;
+    }
+
+    /// [`Self::adopt`] if `pid` exists (alive or a zombie); false if it does not.
+    pub fn adopt_if_present(&mut self, pid: u32) -> bool {
+        let Some(s) = procfs::stat(pid) else {
+            return false;
+        };
+        self.others.push(Adopted {
+            pid,
+            start: s.start_time,
+            leads_group: false,
+        });
+        true
+    }
+
+    /// SIGKILL to everything (by pid, and to the groups of leaders as above), then waits
+    /// (bounded) until each is reaped — by us when it is a zombie child of ours, else by its
+    /// parent. Returns the pids still there after that.
+    pub fn kill_and_reap(&mut self) -> Vec<u32> {
+        self.kill_groups();
+        for c in &mut self.children {
+            let _ = c.kill(); // by pid: std's Child::kill signals exactly this unreaped child
+        }
+        for a in &self.others {
+            if procfs::is_same_process(a.pid, a.start) {
                 let _ = rustix::process::kill_process(
-                    rustix::process::Pid::from_raw(pid as i32).unwrap(),
+                    rustix::process::Pid::from_raw(a.pid as i32).unwrap(),
                     rustix::process::Signal::KILL,
                 );
             }
+        }
+        for mut c in self.children.drain(..) {
+            let _ = c.wait();
+        }
+        let me = std::process::id();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut left = std::mem::take(&mut self.others);
+        loop {
+            left.retain(|a| match procfs::stat(a.pid) {
+                None => false,
+                Some(s) if s.start_time != a.start => false,
+                Some(s) if s.is_zombie() && s.ppid == me => {
+                    let _ = rustix::process::waitpid(
+                        rustix::process::Pid::from_raw(a.pid as i32),
+                        rustix::process::WaitOptions::NOHANG,
+                    );
+                    // Still there: a multi-threaded process may need another pass.
+                    procfs::stat(a.pid).is_some_and(|s| s.start_time == a.start)
+                }
+                Some(_) => true,
+            });
+            if left.is_empty() || Instant::now() >= deadline {
+                return left.into_iter().map(|a| a.pid).collect();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGKILL to the groups led by held children that are still running and by leaders adopted
+    /// with [`Self::adopt_group`] that are still there (alive or unreaped), then adopts their
+    /// members for reaping. While its leader is unreaped a group id cannot be recycled, and one
+    /// group signal also reaches a member forked a moment ago.
+    fn kill_groups(&mut self) {
+        let mut leaders: Vec<u32> = self
+            .children
+            .iter_mut()
+            .filter_map(|c| matches!(c.try_wait(), Ok(None)).then(|| c.id()))
+            .collect();
+        leaders.extend(
+            self.others
+                .iter()
+                .filter(|a| {
+                    a.leads_group && procfs::stat(a.pid).is_some_and(|s| s.start_time == a.start)
+                })
+                .map(|a| a.pid),
+        );
+        leaders.retain(|&pid| procfs::stat(pid).is_some_and(|s| s.pgrp == pid));
+        if leaders.is_empty() {
+            return;
+        }
+        for &pgid in &leaders {
+            let _ = rustix::process::kill_process_group(
+                rustix::process::Pid::from_raw(pgid as i32).unwrap(),
+                rustix::process::Signal::KILL,
+            );
+        }
+        for s in procfs::all_pids().into_iter().filter_map(procfs::stat) {
+            if s.pid != s.pgrp
+                && leaders.contains(&s.pgrp)
+                && !self.others.iter().any(|a| a.pid == s.pid)
+            {
+                self.others.push(Adopted {
+                    pid: s.pid,
+                    start: s.start_time,
+                    leads_group: false,
+                });
+            }
+        }
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        let left = self.kill_and_reap();
+        if left.is_empty() {
+            return;
+        }
+        if std::thread::panicking() {
+            eprintln!("processes did not go away after SIGKILL: {left:?}");
+        } else {
+            panic!("processes did not go away after SIGKILL: {left:?}");
         }
     }
 }

@@ -169,9 +169,20 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         // A failing test must still not leak: kill what it recorded, by pid, and reap those that
         // are (or, once their parent is gone, become) zombie children of ours.
+        // A recorded pid is signalled only while it is still a process of this kind (a server
+        // llmvisor started, or a process named with this scratch dir): a recycled pid is left.
+        let root = self.root.as_os_str().as_encoded_bytes().to_vec();
+        let ours = |pid: u32| {
+            procfs::environ_var(pid, "LLMVISOR_INSTANCE").is_some()
+                || std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.windows(root.len()).any(|w| w == root.as_slice()))
+                || procfs::stat(pid).is_some_and(|s| s.is_zombie())
+        };
         let mut procs = Procs::default();
         for pid in self.all_pids() {
-            procs.adopt_if_present(pid);
+            if ours(pid) {
+                procs.adopt_if_present(pid);
+            }
         }
         let left = procs.kill_and_reap();
         if !left.is_empty() {

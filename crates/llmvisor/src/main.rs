@@ -42,8 +42,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         1
     };
     // One thread runs every task, like one nginx worker: a proxied request then costs no
-    // cross-thread wake-ups, which on a small VM cost more than the request itself (about half
-    // the daemon's CPU per request: docs/benchmarks-http.md). Nothing on the daemon's tasks
+    // cross-thread wake-ups (with two workers: one context switch per request, and about a
+    // fifth more CPU per request: docs/benchmarks-http.md). Nothing on the daemon's tasks
     // blocks: the state store, spawning and reaping have threads of their own.
     let runtime = if threads > 1 {
         let mut b = tokio::runtime::Builder::new_multi_thread();

@@ -27,7 +27,7 @@ start_bg() {
 # stop_pid PID [GRACE_S]: SIGTERM to the process group PID leads, SIGKILL after GRACE_S.
 stop_pid() {
     local pid=$1 grace=${2:-15} i
-    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null; return 0; }
+    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
     for ((i = 0; i < grace * 10; i++)); do
         kill -0 "$pid" 2>/dev/null || break
@@ -39,7 +39,7 @@ stop_pid() {
         log "pid $pid ignored SIGTERM for ${grace}s: SIGKILL"
         kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null
     fi
-    wait "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null || true  # its status (143 after SIGTERM) is no failure of ours
     return 0
 }
 
@@ -144,12 +144,14 @@ build_llmvisor() {
             || die "no llmvisor/fake-llm in $LLMVISOR_BIN_DIR"
         LLMVISOR="$WORK/bin/llmvisor"
         FAKE_LLM="$WORK/bin/fake-llm"
+        copy_hop_floor "$LLMVISOR_BIN_DIR/hop_floor"
         return
     fi
     if [[ ${SKIP_BUILD:-0} != 1 ]]; then
         command -v cargo >/dev/null || die "cargo is missing (install Rust: https://rustup.rs)"
-        log "cargo build --release -p llmvisor -p fake-llm"
-        (cd "$REPO" && cargo build --release -q -p llmvisor -p fake-llm) >&2 \
+        log "cargo build --release -p llmvisor -p fake-llm (and the hop_floor example)"
+        (cd "$REPO" && cargo build --release -q -p llmvisor -p fake-llm \
+            && cargo build --release -q -p llmvisor --example hop_floor) >&2 \
             || die "cargo build failed"
     fi
     mkdir -p "$WORK/bin"
@@ -157,6 +159,16 @@ build_llmvisor() {
         || die "no release binaries in $REPO/target/release"
     LLMVISOR="$WORK/bin/llmvisor"
     FAKE_LLM="$WORK/bin/fake-llm"
+    copy_hop_floor "$REPO/target/release/examples/hop_floor"
+}
+
+# copy_hop_floor FILE: the minimal hyper proxy (examples/hop_floor.rs) when FILE exists; sets
+# HOP_FLOOR (empty when it does not: its variant is then left out).
+copy_hop_floor() {
+    HOP_FLOOR=
+    if [[ -x $1 ]]; then
+        cp "$1" "$WORK/bin/hop_floor" && HOP_FLOOR="$WORK/bin/hop_floor"
+    fi
 }
 
 machine_info() {

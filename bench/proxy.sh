@@ -11,6 +11,9 @@
 #                (`proxy_pass` with upstream keep-alive, 1 worker process, access log off)
 #   daemon-only  (GET only) wrk against the daemon's own `GET /healthz`: the daemon's HTTP
 #                server with no upstream hop, to separate serving cost from proxying cost
+#   hyper-floor  wrk against examples/hop_floor.rs: the smallest proxy built from llmvisor's
+#                parts (tokio on one thread, hyper server, hyper-util pooled client) and none
+#                of its own work, so llmvisor − hyper-floor is what llmvisor itself costs
 # for two requests:
 #   GET /small                              (llmvisor: /upstream/m/small)
 #   POST /v1/chat/completions, not streamed (same path everywhere; llmvisor parses the body's model)
@@ -54,7 +57,7 @@ MACHINE="$(machine_info), $(nginx -v 2>&1 | sed 's/^nginx version: //'), upstrea
 log "run directory: $WORK"
 log "machine: $MACHINE"
 
-read -r P_UP P_UP_B P_DAEMON P_DAEMON_B P_NGINX <<<"$("${BENCH_PY[@]}" ports 5)"
+read -r P_UP P_UP_B P_DAEMON P_DAEMON_B P_NGINX P_FLOOR <<<"$("${BENCH_PY[@]}" ports 6)"
 
 # upstream_cmd PORT NAME: the TOML array that starts one upstream on PORT.
 upstream_cmd() {
@@ -146,6 +149,14 @@ start_bg "$WORK/nginx-proxy.log" nginx -p "$WORK/nginx-proxy" -c nginx.conf -e s
 NGINX_PID=$BG_PID
 "${BENCH_PY[@]}" wait-http "http://127.0.0.1:$P_NGINX/small" 30 || die "nginx proxy did not start"
 log "upstream ($UPSTREAM) pid $UP_PID :$P_UP; llmvisor pid $DAEMON_PID :$P_DAEMON; nginx proxy pid $NGINX_PID :$P_NGINX"
+VARIANTS_FLOOR=()
+if [[ -n $HOP_FLOOR ]]; then
+    start_bg "$WORK/hop-floor.log" "$HOP_FLOOR" "127.0.0.1:$P_FLOOR" "127.0.0.1:$P_UP"
+    FLOOR_PID=$BG_PID
+    "${BENCH_PY[@]}" wait-http "http://127.0.0.1:$P_FLOOR/small" 30 || die "hop_floor did not start"
+    VARIANTS_FLOOR=(hyper-floor)
+    log "hyper-floor pid $FLOOR_PID :$P_FLOOR"
+fi
 if [[ -n ${VARIANTS_B[*]} ]]; then
     # shellcheck disable=SC2086
     start_bg "$WORK/daemon-b.log" env ${LLMVISOR_B_ENV:-} "$WORK/bin/llmvisor-b" serve --config "$WORK/llmvisor-b.toml"
@@ -162,6 +173,8 @@ url_of() {
     get/direct) echo "http://127.0.0.1:$P_UP/small" ;;
     get/llmvisor) echo "http://127.0.0.1:$P_DAEMON/upstream/m/small" ;;
     get/nginx) echo "http://127.0.0.1:$P_NGINX/small" ;;
+    get/hyper-floor) echo "http://127.0.0.1:$P_FLOOR/small" ;;
+    post/hyper-floor) echo "http://127.0.0.1:$P_FLOOR$chat" ;;
     get/daemon-only) echo "http://127.0.0.1:$P_DAEMON/healthz" ;;
     get/llmvisor-B) echo "http://127.0.0.1:$P_DAEMON_B/upstream/m/small" ;;
     post/direct) echo "http://127.0.0.1:$P_UP$chat" ;;
@@ -175,6 +188,7 @@ cpu_args() {
     direct) echo "--cpu upstream=$UP_PID" ;;
     llmvisor) echo "--cpu proxy=$DAEMON_PID --cpu upstream=$UP_PID" ;;
     nginx) echo "--cpu proxy=$NGINX_PID --cpu upstream=$UP_PID" ;;
+    hyper-floor) echo "--cpu proxy=$FLOOR_PID --cpu upstream=$UP_PID" ;;
     daemon-only) echo "--cpu proxy=$DAEMON_PID" ;;
     llmvisor-B) echo "--cpu proxy=$DAEMON_B_PID --cpu upstream=$UP_B_PID" ;;
     esac
@@ -203,7 +217,7 @@ rotated() {
 
 log "warm-up (1 s per variant, not recorded)"
 for g in get post; do
-    for v in direct llmvisor nginx "${VARIANTS_B[@]}"; do
+    for v in direct llmvisor nginx "${VARIANTS_FLOOR[@]}" "${VARIANTS_B[@]}"; do
         RESULTS=/dev/null run_wrk warm "$g" 16 "$v" 1 >/dev/null
     done
 done
@@ -213,8 +227,8 @@ log "measuring: $ROUNDS rounds × conns {$CONNS} × {GET direct/llmvisor/nginx/d
 for ((r = 0; r < ROUNDS; r++)); do
     log "round $((r + 1))/$ROUNDS (load average $(cut -d' ' -f1 /proc/loadavg))"
     for c in $CONNS; do
-        for v in $(rotated "$r" direct llmvisor nginx daemon-only "${VARIANTS_B[@]}"); do run_wrk "$r" get "$c" "$v"; done
-        for v in $(rotated "$r" direct llmvisor nginx "${VARIANTS_B[@]}"); do run_wrk "$r" post "$c" "$v"; done
+        for v in $(rotated "$r" direct llmvisor nginx daemon-only "${VARIANTS_FLOOR[@]}" "${VARIANTS_B[@]}"); do run_wrk "$r" get "$c" "$v"; done
+        for v in $(rotated "$r" direct llmvisor nginx "${VARIANTS_FLOOR[@]}" "${VARIANTS_B[@]}"); do run_wrk "$r" post "$c" "$v"; done
     done
 done
 

@@ -77,27 +77,17 @@ cleanup() {
     fi
 }
 
-# ensure_wrk: installs Debian's wrk when it is missing.
-ensure_wrk() {
-    command -v wrk >/dev/null && return 0
-    command -v apt-get >/dev/null || die "wrk is missing and there is no apt-get to install it"
-    log "installing wrk from Debian"
-    local sudo=
+# ensure_command CMD [PACKAGE]: installs Debian's PACKAGE (default: CMD) when CMD is missing.
+# (nginx's own service is not started by this: the benchmarks run their own nginx processes in
+# the foreground, one per run directory.)
+ensure_command() {
+    local cmd=$1 package=${2:-$1} sudo=
+    command -v "$cmd" >/dev/null && return 0
+    command -v apt-get >/dev/null || die "$cmd is missing and there is no apt-get to install it"
+    log "installing $package from Debian"
     [[ $(id -u) == 0 ]] || sudo=sudo
-    $sudo apt-get update -qq >&2 && $sudo apt-get install -y -qq wrk >&2 \
-        || die "could not install wrk"
-}
-
-# ensure_nginx: installs Debian's nginx when it is missing (its service is not started: the
-# benchmarks run their own nginx processes in the foreground, one per run directory).
-ensure_nginx() {
-    command -v nginx >/dev/null && return 0
-    command -v apt-get >/dev/null || die "nginx is missing and there is no apt-get to install it"
-    log "installing nginx from Debian"
-    local sudo=
-    [[ $(id -u) == 0 ]] || sudo=sudo
-    $sudo apt-get update -qq >&2 && $sudo apt-get install -y -qq nginx >&2 \
-        || die "could not install nginx"
+    $sudo apt-get update -qq >&2 && $sudo apt-get install -y -qq "$package" >&2 \
+        || die "could not install $package"
 }
 
 # nginx_conf DIR SERVERS: writes DIR/nginx.conf, one foreground process (no master, no daemon),
@@ -124,14 +114,6 @@ $2
 EOF
 }
 
-ensure_python() {
-    command -v python3 >/dev/null && return 0
-    log "installing python3 from Debian"
-    local sudo=
-    [[ $(id -u) == 0 ]] || sudo=sudo
-    $sudo apt-get update -qq >&2 && $sudo apt-get install -y -qq python3 >&2 \
-        || die "could not install python3"
-}
 
 # build_llmvisor: release build of llmvisor and fake-llm, copied into $WORK/bin so that a
 # rebuild by someone else during the run cannot swap the binaries under the benchmark.

@@ -49,8 +49,8 @@ mkdir -p "$WORK/raw" "$WORK/models"
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-ensure_python
-ensure_wrk
+ensure_command python3
+ensure_command wrk
 build_llmvisor
 log "scripts/setup-llama.sh (cached after the first run)"
 eval "$("$REPO/scripts/setup-llama.sh")"

@@ -45,9 +45,9 @@ mkdir -p "$WORK/raw"
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-ensure_python
-ensure_wrk
-ensure_nginx
+ensure_command python3
+ensure_command wrk
+ensure_command nginx
 build_llmvisor
 RESULTS=$WORK/results.jsonl
 EXTRA=$WORK/extra.jsonl

@@ -119,6 +119,47 @@ impl Core {
         url
     }
 
+    /// A lease on `model`: at once when it is ready, else after starting it or joining the start
+    /// under way, within `timeout` seconds. `log_callback` gets the start's output: the lines so
+    /// far when joining a start, then each new one.
+    fn acquire(
+        &self,
+        py: Python<'_>,
+        model: &str,
+        timeout: Option<f64>,
+        log_callback: Option<&PyObject>,
+    ) -> PyResult<Lease> {
+        let cell = self.sup().model(model).map_err(|e| acquire_error(py, e))?;
+        if let Some(lease) = cell.try_acquire_ready() {
+            return Ok(lease);
+        }
+        let logs = match log_callback {
+            Some(callback) => {
+                let (recent, rx) = cell.logs.follow();
+                // Joining a start under way: its lines so far come first.
+                if cell.phase() == Phase::Starting {
+                    deliver(py, Some(callback), current_start(recent, &cell.id))?;
+                }
+                Some(rx)
+            }
+            None => None,
+        };
+        let deadline = deadline_after(timeout)?;
+        let waiting = cell.clone();
+        let outcome = wait(
+            py,
+            self.handle()?,
+            async move { waiting.acquire(false).await },
+            deadline,
+            logs,
+            log_callback,
+        )?;
+        match outcome {
+            Some(acquired) => acquired.map_err(|e| acquire_error(py, e)),
+            None => Err(caller_timeout(&cell.id, timeout)),
+        }
+    }
+
     /// The runtime, unless this is a forked child of the process that made it (a child has
     /// the parent's memory but none of its threads: waiting on the runtime would hang).
     fn handle(&self) -> PyResult<&Handle> {
@@ -210,37 +251,7 @@ impl PySupervisor {
         timeout: Option<f64>,
     ) -> PyResult<String> {
         let core = self.core()?;
-        let cell = core.sup().model(model).map_err(|e| acquire_error(py, e))?;
-        let lease = match cell.try_acquire_ready() {
-            Some(lease) => lease,
-            None => {
-                let logs = match &log_callback {
-                    Some(callback) => {
-                        let (recent, rx) = cell.logs.follow();
-                        // Joining a start under way: its lines so far come first.
-                        if cell.phase() == Phase::Starting {
-                            deliver(py, Some(callback), current_start(recent, &cell.id))?;
-                        }
-                        Some(rx)
-                    }
-                    None => None,
-                };
-                let deadline = deadline_after(timeout)?;
-                let waiting = cell.clone();
-                let outcome = wait(
-                    py,
-                    core.handle()?,
-                    async move { waiting.acquire(false).await },
-                    deadline,
-                    logs,
-                    log_callback.as_ref(),
-                )?;
-                match outcome {
-                    Some(acquired) => acquired.map_err(|e| acquire_error(py, e))?,
-                    None => return Err(caller_timeout(&cell.id, timeout)),
-                }
-            }
-        };
+        let lease = core.acquire(py, model, timeout, log_callback.as_ref())?;
         Ok(core.hold(lease))
     }
 
@@ -283,27 +294,7 @@ impl PySupervisor {
     /// stopped while the lease lives; `release()` (or leaving its `with` block) ends it.
     #[pyo3(signature = (model, timeout=Some(120.0)))]
     fn lease(&self, py: Python<'_>, model: &str, timeout: Option<f64>) -> PyResult<PyLease> {
-        let core = self.core()?;
-        let cell = core.sup().model(model).map_err(|e| acquire_error(py, e))?;
-        let lease = match cell.try_acquire_ready() {
-            Some(lease) => lease,
-            None => {
-                let deadline = deadline_after(timeout)?;
-                let waiting = cell.clone();
-                let outcome = wait(
-                    py,
-                    core.handle()?,
-                    async move { waiting.acquire(false).await },
-                    deadline,
-                    None,
-                    None,
-                )?;
-                match outcome {
-                    Some(acquired) => acquired.map_err(|e| acquire_error(py, e))?,
-                    None => return Err(caller_timeout(&cell.id, timeout)),
-                }
-            }
-        };
+        let lease = self.core()?.acquire(py, model, timeout, None)?;
         Ok(PyLease::new(lease))
     }
 

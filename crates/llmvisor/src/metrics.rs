@@ -17,6 +17,7 @@ pub struct Histogram {
 /// Bounds for model start times: from a quick fake server to a large model's load.
 pub const START_BOUNDS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 /// Bounds for per-request proxy overhead: tens of microseconds matter here.
+#[cfg(any(feature = "daemon", test))] // the daemon and the CLI only
 pub const OVERHEAD_BOUNDS: &[f64] = &[
     0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05,
 ];
@@ -72,6 +73,7 @@ impl Histogram {
 }
 
 /// Escapes a label value for the text format.
+#[cfg(any(feature = "daemon", test))] // the daemon and the CLI only
 pub fn label(value: &str) -> String {
     value
         .replace('\\', "\\\\")

@@ -232,6 +232,7 @@ pub fn format_size(bytes: u64) -> String {
 }
 
 /// A size for a table column: `512 B`, `470.0 MiB`, `1.5 GiB` (always one decimal above bytes).
+#[cfg(any(feature = "daemon", test))] // the daemon and the CLI only
 pub fn format_size_column(bytes: u64) -> String {
     match size_in_unit(bytes) {
         None => format!("{bytes} B"),

@@ -91,6 +91,24 @@ async fn dead_instance(dir: &Path, store: &Store, tag: &str) -> String {
     id
 }
 
+/// What a dead owner left: a recorded server (`sleep`) and an unrecorded wrapper (`sh`) with a
+/// grandchild, all carrying the owner's marker. Returns (recorded, wrapper, grandchild).
+async fn dead_owners_servers(
+    dir: &Path,
+    store: &Store,
+    dead: &str,
+    procs: &mut Procs,
+) -> (u32, u32, u32) {
+    let recorded = procs.spawn(marked("sleep", &["1000"], Some(dead)));
+    record(store, dead, "gemma", recorded).await;
+    let gc_file = dir.join("gc.pid");
+    let script = format!("sleep 1000 & echo $! > {}; wait", gc_file.display());
+    let wrapper = procs.spawn(marked("sh", &["-c", &script], Some(dead)));
+    let grandchild = read_pid_file(&gc_file);
+    procs.adopt(grandchild);
+    (recorded, wrapper, grandchild)
+}
+
 async fn record(store: &Store, owner: &str, model: &str, pid: u32) -> ChildRecord {
     let rec = ChildRecord::of_process(owner, model, pid, Some(10_500), None, "ready").unwrap();
     store.record_child(&rec).await.unwrap();
@@ -617,13 +635,8 @@ async fn a_dry_run_signals_nothing_and_changes_nothing() {
     let store = Store::open(dir.path()).await.unwrap();
     let dead = dead_instance(dir.path(), &store, "dry").await;
     let mut procs = Procs::default();
-    let recorded = procs.spawn(marked("sleep", &["1000"], Some(&dead)));
-    record(&store, &dead, "gemma", recorded).await;
-    let gc_file = dir.path().join("gc.pid");
-    let script = format!("sleep 1000 & echo $! > {}; wait", gc_file.display());
-    let wrapper = procs.spawn(marked("sh", &["-c", &script], Some(&dead)));
-    let grandchild = read_pid_file(&gc_file);
-    procs.adopt(grandchild);
+    let (recorded, wrapper, grandchild) =
+        dead_owners_servers(dir.path(), &store, &dead, &mut procs).await;
     // A stale record, too: a dry run does not remove it.
     let gone = procs.spawn(marked("true", &[], None));
     procs.children.last_mut().unwrap().wait().unwrap();
@@ -870,13 +883,8 @@ async fn the_plan_is_what_a_dry_run_prints_and_what_a_real_run_executes() {
     let store = Store::open(dir.path()).await.unwrap();
     let dead = dead_instance(dir.path(), &store, "plan").await;
     let mut procs = Procs::default();
-    let recorded = procs.spawn(marked("sleep", &["1000"], Some(&dead)));
-    record(&store, &dead, "gemma", recorded).await;
-    let gc_file = dir.path().join("gc.pid");
-    let script = format!("sleep 1000 & echo $! > {}; wait", gc_file.display());
-    let wrapper = procs.spawn(marked("sh", &["-c", &script], Some(&dead)));
-    let grandchild = read_pid_file(&gc_file);
-    procs.adopt(grandchild);
+    let (recorded, wrapper, grandchild) =
+        dead_owners_servers(dir.path(), &store, &dead, &mut procs).await;
     let mut decoy = Command::new("setsid");
     decoy.args(["sleep", "1000"]).env_remove(INSTANCE_ENV);
     let stranger = procs.spawn(decoy);

@@ -237,13 +237,8 @@ impl Fleet {
         }
     }
 
-    /// A new lease and this node's record on it.
-    async fn register(&self) -> Result<(), FleetError> {
-        let ttl = self.cfg.lease_ttl.as_secs() as i64;
-        let lease = self
-            .kv(|mut c| async move { c.lease_grant(ttl, None).await })
-            .await?
-            .id();
+    /// Writes this node's record (budget, running models) under `lease`.
+    async fn publish_record(&self, lease: i64) -> Result<(), FleetError> {
         let rec = serde_json::to_vec(&self.record(lease)).unwrap_or_default();
         let key = self.node_key(&self.cfg.node);
         self.kv(|mut c| {
@@ -254,6 +249,17 @@ impl Fleet {
             }
         })
         .await?;
+        Ok(())
+    }
+
+    /// A new lease and this node's record on it.
+    async fn register(&self) -> Result<(), FleetError> {
+        let ttl = self.cfg.lease_ttl.as_secs() as i64;
+        let lease = self
+            .kv(|mut c| async move { c.lease_grant(ttl, None).await })
+            .await?
+            .id();
+        self.publish_record(lease).await?;
         self.lease.store(lease, Ordering::SeqCst);
         *Self::lock(&self.renewed) = Instant::now();
         self.fenced.store(false, Ordering::SeqCst);
@@ -636,16 +642,7 @@ impl Fleet {
     /// release placements whose server stopped.
     async fn reconcile(&self) -> Result<(), FleetError> {
         let lease = self.lease.load(Ordering::SeqCst);
-        let rec = serde_json::to_vec(&self.record(lease)).unwrap_or_default();
-        let key = self.node_key(&self.cfg.node);
-        self.kv(|mut c| {
-            let (key, rec) = (key.clone(), rec.clone());
-            async move {
-                c.put(key, rec, Some(PutOptions::new().with_lease(lease)))
-                    .await
-            }
-        })
-        .await?;
+        self.publish_record(lease).await?;
         let mine = self.my_placements().await?;
         for s in self.sup.status() {
             let running = matches!(s.state, Phase::Starting | Phase::Ready);

@@ -107,6 +107,7 @@ impl OnComplete for AppState {
 pub fn router(state: Arc<AppState>, echo_unknown: bool) -> Router {
     let r = Router::new()
         .route("/small", get(small))
+        .route("/page", get(page))
         .route("/health", get(health))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
@@ -156,6 +157,18 @@ fn loading_response() -> Response {
 
 async fn small() -> Response {
     json_body(StatusCode::OK, SMALL_BODY)
+}
+
+/// A web page, as llama-server serves its chat UI at `/`.
+async fn page() -> Response {
+    let mut resp = Response::new(Body::from(
+        "<!doctype html><title>fake-llm</title><p>hello</p>",
+    ));
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Response {

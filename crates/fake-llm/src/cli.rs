@@ -90,6 +90,15 @@ pub struct Args {
     #[arg(short = 'c', long = "ctx-size", value_name = "N")]
     pub ctx_size: Option<String>,
 
+    /// Accepted for llama-server compatibility; ignored (requests are not checked).
+    #[arg(long = "api-key", value_name = "KEY")]
+    pub api_key: Option<String>,
+
+    /// On a kept-alive connection, close it (without answering) when its second request
+    /// arrives: the race of a server dropping an idle connection just as a client reuses it.
+    #[arg(long)]
+    pub close_reused: bool,
+
     /// Answer every route it does not know (llama-server's /completion, /props, POST /v1/x …)
     /// like /echo: the method, path, query, headers and body it received, as JSON.
     #[arg(long)]

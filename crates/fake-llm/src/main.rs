@@ -163,7 +163,14 @@ async fn run(args: Args, start: Instant, pid: u32) -> ExitCode {
         args.crash_after,
     ));
     let router = api::router(state, args.echo_unknown);
-    server::serve(listener, router, pid, args.crash_after.is_some()).await
+    server::serve(
+        listener,
+        router,
+        pid,
+        args.crash_after.is_some(),
+        args.close_reused,
+    )
+    .await
 }
 
 /// SIGTERM and SIGINT exit 0 at once; with `ignore_sigterm`, SIGTERM is

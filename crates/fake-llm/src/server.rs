@@ -97,6 +97,10 @@ enum Stream {
 struct ConnIo {
     stream: Stream,
     crash: Option<CrashArm>,
+    /// `--close-reused`: once a response has been written, the next bytes a client sends end
+    /// the connection unanswered.
+    close_reused: bool,
+    wrote: bool,
 }
 
 macro_rules! delegate {
@@ -114,24 +118,37 @@ impl AsyncRead for ConnIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        delegate!(self, s => Pin::new(s).poll_read(cx, buf))
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let res = match &mut this.stream {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        };
+        if this.close_reused && this.wrote && buf.filled().len() > before {
+            // A second request: read (so the close is a FIN, not a reset) and never seen.
+            buf.set_filled(before);
+            log!("closing a reused connection unanswered (--close-reused)");
+        }
+        res
     }
 }
 
 impl AsyncWrite for ConnIo {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.wrote = true;
         delegate!(self, s => Pin::new(s).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.wrote = true;
         delegate!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
 
@@ -238,7 +255,13 @@ impl Drop for TrackedBody {
 }
 
 /// Accepts connections forever, serving each with `router`.
-pub async fn serve(listener: Listener, router: Router, pid: u32, track_crash: bool) -> ! {
+pub async fn serve(
+    listener: Listener,
+    router: Router,
+    pid: u32,
+    track_crash: bool,
+    close_reused: bool,
+) -> ! {
     let pid_header = HeaderValue::from(pid);
     let mut builder = http1::Builder::new();
     builder.keep_alive(true);
@@ -256,6 +279,8 @@ pub async fn serve(listener: Listener, router: Router, pid: u32, track_crash: bo
         let io = TokioIo::new(ConnIo {
             stream,
             crash: crash.clone(),
+            close_reused,
+            wrote: false,
         });
         let svc = TowerToHyperService::new(router.clone());
         let pid_header = pid_header.clone();

@@ -115,6 +115,14 @@ pub fn client() -> UpstreamClient {
         .build(Connector)
 }
 
+/// A client that never reuses a connection: for the one retry of a request whose pooled
+/// connection was closed under it (`daemon/proxy.rs`), which must not get another stale one.
+pub fn fresh_client() -> UpstreamClient {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(Connector)
+}
+
 /// Connects `http://host:port` over TCP (no delay) and `unix://HEX` over a unix socket.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Connector;

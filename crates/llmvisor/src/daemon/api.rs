@@ -361,6 +361,12 @@ pub async fn metrics(State(st): St) -> Response {
         "llmvisor_http_in_flight {}",
         st.metrics.in_flight.load(Ordering::Relaxed)
     );
+    out.push_str("# HELP llmvisor_upstream_retries_total Requests sent again on a new connection because the reused one was closed before the server read them.\n# TYPE llmvisor_upstream_retries_total counter\n");
+    let _ = writeln!(
+        out,
+        "llmvisor_upstream_retries_total {}",
+        st.metrics.upstream_retries.load(Ordering::Relaxed)
+    );
     out.push_str("# HELP llmvisor_http_body_bytes Bytes of request bodies buffered now (config: body_budget).\n# TYPE llmvisor_http_body_bytes gauge\n");
     let _ = writeln!(out, "llmvisor_http_body_bytes {}", st.body_bytes_buffered());
     out.push_str("# HELP llmvisor_http_leases HTTP leases held for clients.\n# TYPE llmvisor_http_leases gauge\n");

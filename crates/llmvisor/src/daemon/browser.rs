@@ -7,6 +7,11 @@
 //!   that is not the daemon's own and not in `cors_origins` is refused.
 //! - Simple requests: JSON routes require `Content-Type: application/json`, which a form or a
 //!   `no-cors` fetch cannot send without a preflight.
+//! - Requests without `Origin` (`<img>`, links, navigations): where the browser's own credentials
+//!   are enough (a route that needs no key, or Basic auth the browser remembers), a request that
+//!   `Sec-Fetch-Site` says another site made is refused unless its `Origin` is in `cors_origins`,
+//!   and a GET that starts or stops a model is refused unless the user made it (typed, bookmarked:
+//!   `none`) or the daemon's own origin did (`same-origin`). Pages cannot set `Sec-Fetch-*`.
 
 use http::{header, HeaderMap, HeaderValue, Method};
 
@@ -52,10 +57,26 @@ pub fn origin_allowed(origin: &str, host: Option<&str>, cors_origins: &[String])
     }
 }
 
-/// Checks `Host` and `Origin` of a request; `keyless` when its route needs no key.
-pub fn check(headers: &HeaderMap, keyless: bool, cors_origins: &[String]) -> Result<(), ApiError> {
+/// What the browser rules of [`check`] guard on one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Guard {
+    /// Only loopback or IP-literal `Host` names (the route needs no key: DNS rebinding).
+    pub host: bool,
+    /// The browser's own credentials would do (no key needed, or Basic auth): `Sec-Fetch-Site`
+    /// rules apply.
+    pub ambient: bool,
+}
+
+/// Checks `Host`, `Origin` and `Sec-Fetch-Site` of a request.
+pub fn check(
+    method: &Method,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    guard: Guard,
+    cors_origins: &[String],
+) -> Result<(), ApiError> {
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
-    if keyless {
+    if guard.host {
         if let Some(h) = host {
             if !host_cannot_be_rebound(h) {
                 return Err(ApiError::forbidden(
@@ -69,8 +90,10 @@ pub fn check(headers: &HeaderMap, keyless: bool, cors_origins: &[String]) -> Res
             }
         }
     }
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        let o = origin.to_str().unwrap_or("");
+    let origin = headers
+        .get(header::ORIGIN)
+        .map(|o| o.to_str().unwrap_or(""));
+    if let Some(o) = origin {
         if !origin_allowed(o, host, cors_origins) {
             return Err(ApiError::forbidden(
                 "forbidden_origin",
@@ -81,7 +104,59 @@ pub fn check(headers: &HeaderMap, keyless: bool, cors_origins: &[String]) -> Res
             ));
         }
     }
+    if guard.ambient {
+        check_fetch_site(method, uri, headers, origin, cors_origins)?;
+    }
     Ok(())
+}
+
+/// The `Sec-Fetch-Site` rules (see the module doc).
+fn check_fetch_site(
+    method: &Method,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    origin: Option<&str>,
+    cors_origins: &[String],
+) -> Result<(), ApiError> {
+    let Some(site) = headers.get("sec-fetch-site").map(|v| v.as_bytes()) else {
+        return Ok(()); // not a browser, or one too old to say
+    };
+    let by_page_elsewhere =
+        site.eq_ignore_ascii_case(b"cross-site") || site.eq_ignore_ascii_case(b"same-site");
+    let listed = origin.is_some_and(|o| origin_allowed(o, None, cors_origins));
+    if by_page_elsewhere && !listed {
+        return Err(ApiError::forbidden(
+            "forbidden_site",
+            "a web page on another site made this request (Sec-Fetch-Site); without api_keys \
+             llmvisor answers only its own pages and the origins in cors_origins (fix: add the \
+             page's origin to cors_origins, or set api_keys)",
+        ));
+    }
+    let by_user_or_us =
+        site.eq_ignore_ascii_case(b"none") || site.eq_ignore_ascii_case(b"same-origin");
+    if changes_state_on_get(method, uri) && !by_user_or_us && !listed {
+        return Err(ApiError::forbidden(
+            "forbidden_browser_get",
+            "a web page may not start or stop models with a GET (fix: call it from a script, \
+             use POST /api/models/{id}/load or /unload, or set api_keys)",
+        ));
+    }
+    Ok(())
+}
+
+/// GETs that start or stop a model: llama-swap's `/unload`, `/upstream/...` (starts it) and a
+/// llama-server route chosen by `?model=`.
+fn changes_state_on_get(method: &Method, uri: &http::Uri) -> bool {
+    if method != Method::GET && method != Method::HEAD {
+        return false;
+    }
+    let path = uri.path();
+    path == "/unload"
+        || path == "/upstream"
+        || path.starts_with("/upstream/")
+        || uri
+            .query()
+            .is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some("model")))
 }
 
 /// The CORS headers for a request from an allowed `origin` (added to every answer to it).
@@ -127,6 +202,41 @@ pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     } else {
         Err(ApiError::unsupported_media_type(&ct))
     }
+}
+
+/// A model server's page (HTML, SVG, anything a browser may render) runs sandboxed, in an origin
+/// of its own, never as the daemon's origin: it cannot read what the dashboard keeps (the admin
+/// key in its session storage) nor call the API as the dashboard would. JSON and event streams
+/// are left as they are (the hot path; browsers do not render them as pages, and `nosniff` is
+/// not needed for them).
+pub fn sandbox_model_page(headers: &mut HeaderMap) {
+    let data_only = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .is_some_and(|t| {
+            t == "application/json"
+                || t.ends_with("+json")
+                || t == "text/event-stream"
+                || t == "application/x-ndjson"
+        });
+    if data_only {
+        return;
+    }
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox allow-scripts allow-forms allow-popups allow-downloads"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
 }
 
 /// True for response headers an upstream must not set on our behalf (its own CORS policy).

@@ -163,10 +163,8 @@ async fn forward(
     let mut req = http::Request::new(crate::upstream::body(body));
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
-    super::proxy::copy_headers(&parts.headers, req.headers_mut(), true);
+    super::proxy::copy_headers(&parts.headers, req.headers_mut());
     let h = req.headers_mut();
-    h.remove("x-api-key");
-    h.remove(KEY_HEADER);
     h.insert(
         HOP_HEADER,
         http::HeaderValue::from_str(fleet.node()).unwrap_or(http::HeaderValue::from_static("?")),

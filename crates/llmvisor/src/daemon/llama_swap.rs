@@ -445,7 +445,9 @@ async fn llama_route(State(st): St, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    super::proxy::forward(st, &model, parts, Body::from(bytes), &path, began).await
+    let mut parts = parts;
+    let body = super::proxy::replayable(&mut parts, bytes);
+    super::proxy::forward(st, &model, parts, body, &path, began).await
 }
 
 /// `GET /metrics`: llmvisor's own metrics, or with `?model=ID` that model's server's.
@@ -513,19 +515,25 @@ pub async fn loading_stream(
         Err(e) => return ApiError::from(e).into_response(),
     };
     let (_, mut lines) = logs.follow();
+    // The same redaction as a failed start's 503: an `--api-key` in the command line (echoed in
+    // "starting …" and often by the server) is not shown to a caller without the admin key.
+    let hidden = super::proxy::hidden_secrets(&st, &requested, &parts.headers);
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     tokio::spawn(async move {
         let first = format!("loading model `{requested}`…\n");
         if tx.send(loading_chunk(&requested, &first)).await.is_err() {
             return;
         }
-        let fwd = super::proxy::forward(st, &requested, parts, Body::from(body), &path, began);
+        let mut parts = parts;
+        let body = super::proxy::replayable(&mut parts, body);
+        let fwd = super::proxy::forward(st, &requested, parts, body, &path, began);
         tokio::pin!(fwd);
         let resp = loop {
             tokio::select! {
                 resp = &mut fwd => break resp,
                 line = lines.recv() => {
                     if let Ok(line) = line {
+                        let line = super::redact::redact(&line, &hidden);
                         if tx.send(loading_chunk(&requested, &format!("{line}\n"))).await.is_err() {
                             return; // the client went away: dropping `fwd` gives up the wait
                         }

@@ -119,8 +119,21 @@ async fn guard(
         &cfg.api_keys,
         &cfg.admin_keys,
     );
+    // The dashboard's assets and /healthz hold no secret: with keys set they answer any Host.
+    let has_keys = !(cfg.api_keys.is_empty() && cfg.admin_keys.is_empty());
+    let host_rule = keyless && !(scope == auth::Scope::Open && has_keys);
+    let browser_guard = browser::Guard {
+        host: host_rule,
+        ambient: host_rule || (scope != auth::Scope::Open && auth::is_basic(req.headers())),
+    };
     let origin = req.headers().get(http::header::ORIGIN).cloned();
-    let mut resp = if let Err(e) = browser::check(req.headers(), keyless, &cfg.http.cors_origins) {
+    let mut resp = if let Err(e) = browser::check(
+        req.method(),
+        req.uri(),
+        req.headers(),
+        browser_guard,
+        &cfg.http.cors_origins,
+    ) {
         e.into_response()
     } else if origin.is_some() && browser::is_preflight(req.method(), req.headers()) {
         let mut r = http::StatusCode::NO_CONTENT.into_response();

@@ -59,7 +59,45 @@ pub async fn v1(State(st): State<Arc<AppState>>, req: Request) -> Response {
     if super::llama_swap::wants_loading_state(&st, &model, &body) {
         return super::llama_swap::loading_stream(st, model, parts, body, path, began).await;
     }
-    forward(st, &model, parts, Body::from(body), &path, began).await
+    let mut parts = parts;
+    let body = replayable(&mut parts, body);
+    forward(st, &model, parts, body, &path, began).await
+}
+
+/// A request body held in memory, kept beside the request so that [`forward`] can send it
+/// again on a new connection when a reused one was closed before the server read it.
+#[derive(Clone)]
+struct Replay(Bytes);
+
+/// `bytes` as the body of the request of `parts`, marked as one that may be sent again.
+pub(super) fn replayable(parts: &mut http::request::Parts, bytes: Bytes) -> Body {
+    parts.extensions.insert(Replay(bytes.clone()));
+    Body::from(bytes)
+}
+
+/// True when a request failed because the connection it was written to was closed without an
+/// answer (a pooled keep-alive connection the server dropped as it was reused), not because
+/// nothing listens: the server never read it, so sending it again is safe.
+fn closed_under_us(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+            if matches!(io.kind(), BrokenPipe | ConnectionReset | ConnectionAborted) {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// The path and query of `uri` as sent upstream (`default` when it has none).
@@ -266,14 +304,40 @@ pub(super) async fn forward(
         Ok(u) => u,
         Err(e) => return ApiError::bad_request("invalid_path", e.to_string()).into_response(),
     };
-    let mut req = http::Request::new(crate::upstream::body(body));
-    *req.method_mut() = parts.method;
-    *req.uri_mut() = uri;
-    let strip_auth = !st.config().api_keys.is_empty();
-    copy_headers(&parts.headers, req.headers_mut(), strip_auth);
+    let auth = upstream_auth(&st, lease.model());
+    let build = |body: crate::upstream::UpstreamBody| {
+        let mut req = http::Request::new(body);
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = uri.clone();
+        copy_headers(&parts.headers, req.headers_mut());
+        if let Some(auth) = &auth {
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, auth.clone());
+        }
+        req
+    };
+    // What can be sent again: a body held in memory, or none at all.
+    let replay = match parts.extensions.get::<Replay>() {
+        Some(Replay(bytes)) => Some(bytes.clone()),
+        None => (body.size_hint().exact() == Some(0)).then(Bytes::new),
+    };
+    let req = build(crate::upstream::body(body));
     let sent = Instant::now();
     let before_upstream = sent.duration_since(began).saturating_sub(acquire_took);
-    let resp = match st.client.request(req).await {
+    let mut answer = st.client.request(req).await;
+    // A pooled connection the server closed as we reused it: sent once more, on a new one.
+    if let (Err(e), Some(bytes)) = (&answer, replay) {
+        if closed_under_us(e) && lease.is_up() {
+            tracing::debug!(model = lease.model(), "retrying on a new connection: {e}");
+            st.metrics.count_retry();
+            let body = http_body_util::Full::new(bytes);
+            answer = st
+                .fresh_client
+                .request(build(crate::upstream::body(body)))
+                .await;
+        }
+    }
+    let resp = match answer {
         Ok(r) => r,
         Err(e) => {
             let died = !lease.is_up();
@@ -307,7 +371,8 @@ pub(super) async fn forward(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
-    strip_hop_by_hop(&mut head.headers);
+    strip_model_answer(&mut head.headers);
+    super::browser::sandbox_model_page(&mut head.headers);
     // [dashboard hook] one `request` event per answer, read as it passes.
     let observer = crate::events::RequestObserver::new(
         st.events.clone(),
@@ -366,6 +431,16 @@ fn acquire_error(
     e: crate::supervisor::AcquireError,
 ) -> ApiError {
     let mut err = ApiError::from(e);
+    let hidden = hidden_secrets(st, model, headers);
+    if !hidden.is_empty() {
+        err.message = super::redact::redact(&err.message, &hidden);
+    }
+    err
+}
+
+/// The secrets of `model`'s command line that this caller must not see in its server's output:
+/// none for a caller that may use the admin routes.
+pub(super) fn hidden_secrets(st: &AppState, model: &str, headers: &HeaderMap) -> Vec<String> {
     let cfg = st.config();
     let admin = super::auth::allowed(
         super::auth::Scope::Admin,
@@ -373,12 +448,10 @@ fn acquire_error(
         &cfg.api_keys,
         &cfg.admin_keys,
     );
-    if !admin {
-        if let Some(m) = cfg.model(model) {
-            err.message = super::redact::redact(&err.message, &super::redact::secrets(m));
-        }
+    match cfg.model(model) {
+        Some(m) if !admin => super::redact::secrets(m),
+        _ => Vec::new(),
     }
-    err
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
@@ -409,13 +482,23 @@ fn connection_listed(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-pub(super) fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, strip_auth: bool) {
+/// Our own headers (fleet hops, node names, markers): never taken from a client or a model.
+fn is_ours(name: &HeaderName) -> bool {
+    name.as_str().starts_with("x-llmvisor-")
+}
+
+/// A client's request headers as sent on: never hop-by-hop ones, never its credentials for
+/// llmvisor (`authorization`, `x-api-key`: a model server started with its own `--api-key` gets
+/// that one from us, see [`upstream_auth`]) and never `x-llmvisor-*`.
+pub(super) fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
     let listed = connection_listed(from);
     for (name, value) in from {
         if is_hop_by_hop(name, &listed)
             || name == header::HOST
             || name == header::CONTENT_LENGTH
-            || (strip_auth && (name == header::AUTHORIZATION || name == "x-api-key"))
+            || name == header::AUTHORIZATION
+            || name == "x-api-key"
+            || is_ours(name)
         {
             continue;
         }
@@ -423,12 +506,39 @@ pub(super) fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, strip_auth: boo
     }
 }
 
+/// `Authorization: Bearer K` for a model whose command gives its server `--api-key K`: the
+/// client's own key is for llmvisor and is never passed on.
+fn upstream_auth(st: &AppState, model: &str) -> Option<http::HeaderValue> {
+    let cfg = st.config();
+    let m = cfg.model(model)?;
+    if !m.cmd.iter().any(|a| a.starts_with("--api-key")) {
+        return None;
+    }
+    let key = super::redact::server_api_key(m)?;
+    http::HeaderValue::from_str(&format!("Bearer {key}")).ok()
+}
+
 /// Removes hop-by-hop headers and the upstream's own CORS headers from a response.
+#[cfg_attr(not(feature = "fleet"), allow(dead_code))] // used by fleet hops
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    strip_response(headers, false);
+}
+
+/// What a model server answers, as passed to the client: also without `x-llmvisor-*` (a server
+/// must not speak for llmvisor, e.g. claim a fleet hop was "not placed").
+fn strip_model_answer(headers: &mut HeaderMap) {
+    strip_response(headers, true);
+}
+
+fn strip_response(headers: &mut HeaderMap, ours_too: bool) {
     let listed = connection_listed(headers);
     let names: Vec<HeaderName> = headers
         .keys()
-        .filter(|n| is_hop_by_hop(n, &listed) || super::browser::is_upstream_cors(n))
+        .filter(|n| {
+            is_hop_by_hop(n, &listed)
+                || super::browser::is_upstream_cors(n)
+                || (ours_too && is_ours(n))
+        })
         .cloned()
         .collect();
     for n in names {
@@ -588,12 +698,26 @@ mod tests {
         from.insert("host", "example".parse().unwrap());
         from.insert("authorization", "Bearer k".parse().unwrap());
         from.insert("x-keep", "yes".parse().unwrap());
+        from.insert("x-api-key", "k".parse().unwrap());
+        from.insert("x-llmvisor-cluster-key", "k".parse().unwrap());
+        from.insert("x-llmvisor-hop", "a".parse().unwrap());
         let mut to = HeaderMap::new();
-        copy_headers(&from, &mut to, true);
+        copy_headers(&from, &mut to);
         assert_eq!(to.len(), 1, "{to:?}");
         assert_eq!(to["x-keep"], "yes");
-        let mut to = HeaderMap::new();
-        copy_headers(&from, &mut to, false);
-        assert!(to.contains_key("authorization"));
+    }
+
+    #[test]
+    fn a_model_server_cannot_set_our_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-llmvisor-not-placed", "1".parse().unwrap());
+        h.insert("x-llmvisor-node", "evil".parse().unwrap());
+        h.insert("content-type", "application/json".parse().unwrap());
+        let mut hop = h.clone();
+        strip_model_answer(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        // A fleet hop's answer comes from another llmvisor, whose markers are read.
+        strip_hop_by_hop(&mut hop);
+        assert!(hop.contains_key("x-llmvisor-not-placed"));
     }
 }

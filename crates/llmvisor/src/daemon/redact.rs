@@ -24,15 +24,37 @@ fn secretish(name: &str) -> bool {
     .any(|w| n.contains(w))
 }
 
-/// The secret values in `model`'s argv and environment, expanded as a start would expand them.
-pub fn secrets(model: &ModelConfig) -> Vec<String> {
+/// `text` with its macros expanded as a start of `model` would expand them.
+fn expanded(model: &ModelConfig, text: &str) -> String {
     let values = MacroValues {
         model_id: &model.id,
         ..MacroValues::default()
     };
     let lookup = |n: &str| std::env::var(n).ok();
-    let expanded = |t: &String| expand(t, &values, &lookup).unwrap_or_else(|_| t.clone());
-    let argv: Vec<String> = model.cmd.iter().map(expanded).collect();
+    expand(text, &values, &lookup).unwrap_or_else(|_| text.to_owned())
+}
+
+/// The key a llama-server command gives its server (`--api-key K` or `--api-key=K`; the first
+/// of a comma-separated list).
+pub fn server_api_key(model: &ModelConfig) -> Option<String> {
+    let argv: Vec<String> = model.cmd.iter().map(|a| expanded(model, a)).collect();
+    let value = argv.iter().enumerate().find_map(|(i, a)| {
+        if a == "--api-key" {
+            argv.get(i + 1).cloned()
+        } else {
+            a.strip_prefix("--api-key=").map(str::to_owned)
+        }
+    })?;
+    value
+        .split(',')
+        .next()
+        .map(str::to_owned)
+        .filter(|k| !k.is_empty())
+}
+
+/// The secret values in `model`'s argv and environment, expanded as a start would expand them.
+pub fn secrets(model: &ModelConfig) -> Vec<String> {
+    let argv: Vec<String> = model.cmd.iter().map(|a| expanded(model, a)).collect();
     let mut out = Vec::new();
     let mut i = 0;
     while i < argv.len() {
@@ -54,7 +76,7 @@ pub fn secrets(model: &ModelConfig) -> Vec<String> {
     }
     for (name, value) in &model.env {
         if secretish(name) {
-            out.push(expanded(value));
+            out.push(expanded(model, value));
         }
     }
     out.retain(|s| s.len() >= MIN_SECRET_LEN);

@@ -14,6 +14,8 @@ pub struct AppState {
     pub sup: Supervisor,
     config: RwLock<Arc<Config>>,
     pub client: UpstreamClient,
+    /// For a retry on a new connection (see `proxy::forward`).
+    pub fresh_client: UpstreamClient,
     pub metrics: DaemonMetrics,
     pub leases: HttpLeases,
     /// The address the listener is bound to (set by `run`): what a reload is checked against.
@@ -41,6 +43,7 @@ impl AppState {
             sup,
             config: RwLock::new(Arc::new(config)),
             client: upstream::client(),
+            fresh_client: upstream::fresh_client(),
             metrics: DaemonMetrics::default(),
             leases: HttpLeases::default(),
             bound: RwLock::new(None),
@@ -78,6 +81,8 @@ pub struct DaemonMetrics {
     /// Responses by status code (index = code - 100).
     by_status: Vec<AtomicU64>,
     pub in_flight: AtomicI64,
+    /// Requests sent again on a new connection after a reused one was closed under them.
+    pub upstream_retries: AtomicU64,
     /// Time spent in llmvisor per proxied request, excluding the model's start and the server's
     /// own work.
     pub proxy_overhead: Histogram,
@@ -88,6 +93,7 @@ impl Default for DaemonMetrics {
         Self {
             by_status: (100..600).map(|_| AtomicU64::new(0)).collect(),
             in_flight: AtomicI64::new(0),
+            upstream_retries: AtomicU64::new(0),
             proxy_overhead: Histogram::new(OVERHEAD_BOUNDS),
         }
     }
@@ -98,6 +104,10 @@ impl DaemonMetrics {
         if let Some(c) = self.by_status.get(usize::from(status.saturating_sub(100))) {
             c.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    pub fn count_retry(&self) {
+        self.upstream_retries.fetch_add(1, Ordering::Relaxed);
     }
 
     /// (status, count) for every status seen.

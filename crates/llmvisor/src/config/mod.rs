@@ -102,6 +102,13 @@ pub struct HttpSettings {
     pub send_timeout: Duration,
     /// Open client connections at most; more wait in the kernel's accept queue.
     pub max_clients: usize,
+    /// Open connections from one client address at most; more are closed at once.
+    pub max_clients_per_peer: usize,
+    /// A streamed request body (`/upstream/*`, a form after its `model` field, llama-server's
+    /// routes chosen by `?model=`) that sends nothing for this long is cut (408).
+    pub body_idle_timeout: Duration,
+    /// The most a streamed request body may carry (413 beyond).
+    pub stream_body_limit: u64,
     /// Bytes of request bodies buffered at once, over all requests.
     pub body_budget: u64,
     /// HTTP leases (`POST /api/leases`) one caller may hold at once.
@@ -115,6 +122,14 @@ pub struct HttpSettings {
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// `max_clients` when the config does not set it.
 pub const DEFAULT_MAX_CLIENTS: usize = 1024;
+/// `body_idle_timeout` when the config does not set it.
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `stream_body_limit` when the config does not set it (8 GiB).
+pub const DEFAULT_STREAM_BODY_LIMIT: u64 = 8 << 30;
+/// `max_clients_per_peer` when the config does not set it: a quarter of `max_clients`.
+pub fn default_max_clients_per_peer(max_clients: usize) -> usize {
+    (max_clients / 4).max(1)
+}
 /// `body_budget` when the config does not set it (256 MiB).
 pub const DEFAULT_BODY_BUDGET: u64 = 256 << 20;
 /// `leases_per_caller` when the config does not set it.
@@ -126,6 +141,9 @@ impl Default for HttpSettings {
             cors_origins: Vec::new(),
             send_timeout: DEFAULT_SEND_TIMEOUT,
             max_clients: DEFAULT_MAX_CLIENTS,
+            max_clients_per_peer: default_max_clients_per_peer(DEFAULT_MAX_CLIENTS),
+            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
+            stream_body_limit: DEFAULT_STREAM_BODY_LIMIT,
             body_budget: DEFAULT_BODY_BUDGET,
             leases_per_caller: DEFAULT_LEASES_PER_CALLER,
             include_aliases_in_list: false,

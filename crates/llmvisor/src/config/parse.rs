@@ -38,6 +38,9 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "cors_origins",
     "send_timeout",
     "max_clients",
+    "max_clients_per_peer",
+    "body_idle_timeout",
+    "stream_body_limit",
     "body_budget",
     "leases_per_caller",
     "cluster",
@@ -392,6 +395,8 @@ struct Top {
     defaults: Settings,
     models: Vec<RawModel>,
     http: crate::config::HttpSettings,
+    /// `max_clients_per_peer` as written (its default follows `max_clients`).
+    max_clients_per_peer: Option<usize>,
     cluster: Option<Node>,
 }
 
@@ -754,13 +759,23 @@ impl Parser<'_> {
                 Some(_) => self.err(n.at(), "`send_timeout` must be more than 0"),
                 None => {}
             },
-            "max_clients" | "leases_per_caller" => match &n.kind {
+            "body_idle_timeout" => match self.duration("body_idle_timeout", n) {
+                Some(d) if !d.is_zero() => top.http.body_idle_timeout = d,
+                Some(_) => self.err(n.at(), "`body_idle_timeout` must be more than 0"),
+                None => {}
+            },
+            "stream_body_limit" => match self.size("stream_body_limit", n) {
+                Some(b) if b > 0 => top.http.stream_body_limit = b,
+                Some(_) => self.err(n.at(), "`stream_body_limit` must be more than 0 bytes"),
+                None => {}
+            },
+            "max_clients" | "leases_per_caller" | "max_clients_per_peer" => match &n.kind {
                 Kind::Int(i) if *i >= 1 => {
                     let v = usize::try_from(*i).unwrap_or(usize::MAX);
-                    if f.key == "max_clients" {
-                        top.http.max_clients = v;
-                    } else {
-                        top.http.leases_per_caller = v;
+                    match f.key.as_str() {
+                        "max_clients" => top.http.max_clients = v,
+                        "max_clients_per_peer" => top.max_clients_per_peer = Some(v),
+                        _ => top.http.leases_per_caller = v,
                     }
                 }
                 _ => self.type_err(&format!("`{}`", f.key), n, "an integer of at least 1"),
@@ -1547,7 +1562,12 @@ impl Parser<'_> {
             shutdown_grace: top.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             groups,
             models,
-            http: top.http,
+            http: crate::config::HttpSettings {
+                max_clients_per_peer: top.max_clients_per_peer.unwrap_or(
+                    crate::config::default_max_clients_per_peer(top.http.max_clients),
+                ),
+                ..top.http
+            },
             cluster,
         }
     }

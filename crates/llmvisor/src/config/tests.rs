@@ -1159,3 +1159,23 @@ fn connection_limits_follow_the_servers_own_slots() {
     let d = one(&format!("{M}max_connections = 0\n"), 3, 19);
     assert!(d.message.contains("between 1 and 4096"), "{d}");
 }
+
+#[test]
+fn slow_client_limits_parse_with_defaults_that_follow_max_clients() {
+    let c = ok(M);
+    assert_eq!(c.http.body_idle_timeout, DEFAULT_BODY_IDLE_TIMEOUT);
+    assert_eq!(c.http.stream_body_limit, DEFAULT_STREAM_BODY_LIMIT);
+    assert_eq!(c.http.max_clients_per_peer, DEFAULT_MAX_CLIENTS / 4);
+    let c = ok(&format!("max_clients = 40\n{M}"));
+    assert_eq!(c.http.max_clients_per_peer, 10);
+    let c = ok(&format!(
+        "body_idle_timeout = \"2s\"\nstream_body_limit = \"1GiB\"\nmax_clients_per_peer = 3\n{M}"
+    ));
+    assert_eq!(c.http.body_idle_timeout, Duration::from_secs(2));
+    assert_eq!(c.http.stream_body_limit, GIB);
+    assert_eq!(c.http.max_clients_per_peer, 3);
+    let d = one(&format!("body_idle_timeout = \"0\"\n{M}"), 1, 21);
+    assert!(d.message.contains("must be more than 0"), "{}", d.message);
+    let d = one(&format!("max_clients_per_peer = 0\n{M}"), 1, 24);
+    assert!(d.message.contains("at least 1"), "{}", d.message);
+}

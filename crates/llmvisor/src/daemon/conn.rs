@@ -1,4 +1,5 @@
-//! One accepted client connection: socket options and a send timeout.
+//! One accepted client connection: socket options, a send timeout, and the count of open
+//! connections per client address.
 
 use std::io;
 use std::pin::Pin;
@@ -14,6 +15,47 @@ use tokio::time::Sleep;
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 6;
+
+/// Open client connections per client address (`max_clients_per_peer`): one address cannot take
+/// every `max_clients` slot (e.g. with connections that never finish their headers).
+#[derive(Default, Clone)]
+pub struct PeerCounts(
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+);
+
+/// One open connection of a peer; dropping it frees its place.
+pub struct PeerSlot {
+    counts: PeerCounts,
+    ip: std::net::IpAddr,
+}
+
+impl PeerCounts {
+    /// A place for one more connection from `ip`, unless it has `cap` open already.
+    pub fn enter(&self, ip: std::net::IpAddr, cap: usize) -> Option<PeerSlot> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// `TCP_NODELAY` and TCP keepalive on an accepted client socket.
 pub fn tune(stream: &TcpStream) {

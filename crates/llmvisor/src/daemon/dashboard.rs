@@ -210,6 +210,10 @@ struct Reader {
     logs: Option<(String, broadcast::Receiver<String>)>,
     queue: VecDeque<Bytes>,
     ping: tokio::time::Interval,
+    /// Its place among the capped readers; cut to make room, or at its age limit.
+    place: super::subscribers::Subscription,
+    ends_at: tokio::time::Instant,
+    ended: bool,
 }
 
 impl Reader {
@@ -217,12 +221,17 @@ impl Reader {
         let sub = st.events.subscribe(last_seen);
         let mut ping = tokio::time::interval(KEEPALIVE);
         ping.reset();
+        let cap = (st.config().http.max_clients / 4).max(1);
+        let place = st.subscribers.join(cap, 2 * KEEPALIVE);
         let mut r = Reader {
             st,
             rx: sub.rx,
             logs: None,
             queue: VecDeque::new(),
             ping,
+            place,
+            ends_at: tokio::time::Instant::now() + super::subscribers::MAX_AGE,
+            ended: false,
         };
         match sub.replay {
             Some(missed) => r.queue.extend(missed.iter().map(|e| frame(e))),
@@ -267,10 +276,21 @@ impl Reader {
         }
     }
 
+    /// A last `lagged` event that says the stream ends, then its end.
+    fn end(&mut self, why: &str) {
+        let v = json!({"type": "lagged", "missed": 0, "cut": true, "reason": why});
+        self.queue.push_back(Bytes::from(format!("data: {v}\n\n")));
+        self.ended = true;
+    }
+
     async fn next(&mut self) -> Option<Bytes> {
+        self.place.pulled();
         loop {
             if let Some(b) = self.queue.pop_front() {
                 return Some(b);
+            }
+            if self.ended {
+                return None;
             }
             let log = async {
                 match self.logs.as_mut() {
@@ -303,6 +323,9 @@ impl Reader {
                     Err(RecvError::Closed) => self.logs = None,
                 },
                 _ = self.ping.tick() => return Some(Bytes::from_static(b": keep-alive\n\n")),
+                // The end of this stream: resume with Last-Event-ID.
+                () = self.place.cut.notified() => self.end("too many readers: the most silent or oldest is cut"),
+                () = tokio::time::sleep_until(self.ends_at) => self.end("the stream's age limit: reconnect"),
             }
         }
     }

@@ -419,6 +419,7 @@ async fn llama_route(State(st): St, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let path = super::proxy::path_and_query(&parts.uri, "/");
     if let Some(model) = query_model(parts.uri.query()) {
+        let body = super::body_guard::GuardedBody::for_config(body, &st.config());
         return super::proxy::forward(st, &model, parts, body, &path, began).await;
     }
     if parts.method == http::Method::GET {

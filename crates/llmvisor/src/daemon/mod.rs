@@ -12,6 +12,7 @@
 
 mod api;
 mod auth;
+mod body_guard;
 mod browser;
 mod conn;
 mod dashboard;
@@ -24,6 +25,7 @@ mod multipart;
 mod proxy;
 mod redact;
 mod state;
+mod subscribers;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -52,8 +54,9 @@ use crate::supervisor::{Supervisor, SupervisorError};
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
-/// A slow client gets this long to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A slow client gets this long to send its request headers (a connection that never finishes
+/// them holds a client slot no longer than this).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -166,6 +169,7 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
     let cfg = state.config();
     // Open client connections; past the cap, new ones wait in the kernel's accept queue.
     let slots = Arc::new(tokio::sync::Semaphore::new(cfg.http.max_clients));
+    let peers = conn::PeerCounts::default();
     loop {
         let slot = tokio::select! {
             s = slots.clone().acquire_owned() => match s {
@@ -186,6 +190,12 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
             },
             () = &mut shutdown => break,
         };
+        // Over its address's share the connection is closed at once, its slot given back.
+        let Some(peer_slot) = peers.enter(peer.ip(), state.config().http.max_clients_per_peer)
+        else {
+            tracing::debug!(%peer, "closing a connection over max_clients_per_peer");
+            continue;
+        };
         conn::tune(&stream);
         let io = conn::SendTimeout::new(stream, state.config().http.send_timeout);
         let app = app.clone();
@@ -203,6 +213,7 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
                 tracing::debug!("connection ended: {e}");
             }
             drop(slot);
+            drop(peer_slot);
         });
     }
     drop(cfg);

@@ -263,6 +263,7 @@ pub async fn forward(
     let head = futures_util::stream::once(async move { Ok::<Bytes, axum::Error>(prefix.freeze()) });
     let rest = body.into_data_stream();
     let streamed = Body::from_stream(futures_util::StreamExt::chain(head, rest));
+    let streamed = super::body_guard::GuardedBody::for_config(streamed, &st.config());
     let path = super::proxy::path_and_query(&parts.uri, "/");
     super::proxy::forward(st, &model, parts, streamed, &path, began).await
 }

@@ -124,6 +124,7 @@ pub async fn upstream_root(
     let began = Instant::now();
     let (parts, body) = req.into_parts();
     let target = upstream_target(&parts.uri);
+    let body = super::body_guard::GuardedBody::for_config(body, &st.config());
     forward(st, &model, parts, body, &target, began).await
 }
 
@@ -339,6 +340,20 @@ pub(super) async fn forward(
     }
     let resp = match answer {
         Ok(r) => r,
+        Err(e) if super::body_guard::BodyCut::find(std::error::Error::source(&e)).is_some() => {
+            let err = super::body_guard::BodyCut::find(std::error::Error::source(&e))
+                .map(super::body_guard::BodyCut::api_error)
+                .unwrap_or_else(|| ApiError::bad_gateway(e.to_string()));
+            crate::events::RequestObserver::failed(
+                &st.events,
+                lease.model(),
+                path_and_query,
+                method.as_str(),
+                err.status.as_u16(),
+                began,
+            );
+            return err.into_response();
+        }
         Err(e) => {
             let died = !lease.is_up();
             let what = if died {

@@ -29,6 +29,8 @@ pub struct AppState {
     pub swap: super::llama_swap::SwapState,
     /// The event stream (`/api/events`) and per-model request activity.
     pub events: Arc<crate::events::EventBus>,
+    /// Its readers (capped).
+    pub subscribers: Arc<super::subscribers::Subscribers>,
 }
 
 impl AppState {
@@ -51,6 +53,7 @@ impl AppState {
             body_budget_total: budget,
             fleet: std::sync::OnceLock::new(),
             swap: Default::default(),
+            subscribers: Default::default(),
         })
     }
 

@@ -39,6 +39,8 @@ pub struct AppState {
     pub chunk_delay: Duration,
     pub model_name: String,
     pub crash_after: Option<u64>,
+    /// `--ready-file`: loading until this file exists.
+    pub ready_file: Option<std::path::PathBuf>,
     completed: AtomicU64,
     next_id: AtomicU64,
     health_hang_logged: AtomicBool,
@@ -66,6 +68,7 @@ impl AppState {
             chunk_delay,
             model_name,
             crash_after,
+            ready_file: None,
             completed: AtomicU64::new(0),
             next_id: AtomicU64::new(0),
             health_hang_logged: AtomicBool::new(false),
@@ -73,7 +76,8 @@ impl AppState {
     }
 
     fn loading(&self) -> bool {
-        !self.startup_delay.is_zero() && self.start.elapsed() < self.startup_delay
+        (!self.startup_delay.is_zero() && self.start.elapsed() < self.startup_delay)
+            || self.ready_file.as_ref().is_some_and(|f| !f.exists())
     }
 
     fn next_id(&self) -> u64 {

@@ -94,6 +94,11 @@ pub struct Args {
     #[arg(long = "api-key", value_name = "KEY")]
     pub api_key: Option<String>,
 
+    /// Stay loading (503 on /health) until this file exists, after any startup delay: a test
+    /// decides when the load ends, instead of racing a timer.
+    #[arg(long, value_name = "PATH")]
+    pub ready_file: Option<PathBuf>,
+
     /// On a kept-alive connection, close it (without answering) when its second request
     /// arrives: the race of a server dropping an idle connection just as a client reuses it.
     #[arg(long)]

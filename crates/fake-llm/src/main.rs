@@ -152,7 +152,7 @@ async fn run(args: Args, start: Instant, pid: u32) -> ExitCode {
         log!("model loaded, server is ready");
     });
 
-    let state = Arc::new(api::AppState::new(
+    let mut state = api::AppState::new(
         pid,
         start,
         args.startup_delay,
@@ -161,8 +161,9 @@ async fn run(args: Args, start: Instant, pid: u32) -> ExitCode {
         args.chunk_delay,
         args.model_name,
         args.crash_after,
-    ));
-    let router = api::router(state, args.echo_unknown);
+    );
+    state.ready_file = args.ready_file.clone();
+    let router = api::router(Arc::new(state), args.echo_unknown);
     server::serve(
         listener,
         router,

@@ -2,6 +2,8 @@
 //! says (which processes are its own, which to stop), so the dir must be ours alone — owned by
 //! the effective uid and not writable by group or others — and files in it are opened without
 //! following symbolic links (a link planted there must not redirect a write or a lock).
+//! Every directory above it must be safe too: owned by root or by us, and writable by nobody
+//! else unless sticky (`/tmp`) — or whoever owns a parent could swap the state dir for their own.
 
 use std::fs::File;
 use std::io;
@@ -29,6 +31,17 @@ pub enum StateDirError {
         dir: PathBuf,
         who: &'static str,
         mode: u32,
+    },
+    #[error(
+        "state dir {} is inside {}, which {why}: its owner or group could replace the state dir \
+         with one of their own (fix: use a state dir under a directory only you and root can \
+         write, e.g. ~/.local/state/llmvisor)",
+        dir.display(), ancestor.display()
+    )]
+    UnsafeParent {
+        dir: PathBuf,
+        ancestor: PathBuf,
+        why: String,
     },
     #[error("state dir {} is not a directory", dir.display())]
     NotADirectory { dir: PathBuf },
@@ -68,6 +81,7 @@ pub fn check(dir: &Path) -> Result<(), StateDirError> {
             euid,
         });
     }
+    check_parents(dir, euid)?;
     let mode = meta.mode() & 0o7777;
     let who = match (mode & 0o020 != 0, mode & 0o002 != 0) {
         (true, true) => Some("its group and others"),
@@ -83,6 +97,40 @@ pub fn check(dir: &Path) -> Result<(), StateDirError> {
         }),
         None => Ok(()),
     }
+}
+
+/// Every directory above `dir` (symbolic links resolved) is owned by root or `euid` and not
+/// writable by group or others, unless its sticky bit is set.
+fn check_parents(dir: &Path, euid: u32) -> Result<(), StateDirError> {
+    let real = std::fs::canonicalize(dir).map_err(|source| StateDirError::Io {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    for ancestor in real.ancestors().skip(1) {
+        let meta = std::fs::metadata(ancestor).map_err(|source| StateDirError::Io {
+            dir: dir.to_owned(),
+            source,
+        })?;
+        let mode = meta.mode();
+        let why = if meta.uid() != 0 && meta.uid() != euid {
+            Some(format!("is owned by uid {}", meta.uid()))
+        } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            Some(format!(
+                "others can write to (mode {:03o}, not sticky)",
+                mode & 0o7777
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(StateDirError::UnsafeParent {
+                dir: dir.to_owned(),
+                ancestor: ancestor.to_owned(),
+                why,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Creates `dir` (0700, parents too) if needed, checks it, and proves that files can be
@@ -154,6 +202,32 @@ mod tests {
         let e = ensure(&dir).unwrap_err().to_string();
         assert!(e.contains(&format!("chmod 700 {}", dir.display())), "{e}");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+        ensure(&dir).unwrap();
+    }
+
+    /// Issue 19: a state dir of our own inside another user's directory, or inside one anyone
+    /// may write (not sticky), is refused; /tmp (sticky) is fine.
+    #[test]
+    fn parents_owned_or_writable_by_others_are_refused() {
+        let tmp = tempfile::tempdir().unwrap(); // under /tmp: root's, sticky
+        let theirs = tmp.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        let dir = theirs.join("state");
+        ensure(&dir).unwrap();
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&theirs, Some(12345), None).unwrap();
+            let e = ensure(&dir).unwrap_err().to_string();
+            assert!(e.contains("is owned by uid 12345"), "{e}");
+            assert!(e.contains(&theirs.display().to_string()), "{e}");
+            std::os::unix::fs::chown(&theirs, Some(0), None).unwrap();
+        }
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = ensure(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("others can write to (mode 777, not sticky)"),
+            "{e}"
+        );
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o1777)).unwrap();
         ensure(&dir).unwrap();
     }
 

@@ -372,10 +372,15 @@ impl PySupervisor {
         self.core.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The live core; in a forked child an error before anything is touched: even a ready
+    /// model's lease (which needs no runtime) would be one the parent does not know of.
     fn core(&self) -> PyResult<Arc<Core>> {
-        self.lock()
+        let core = self
+            .lock()
             .clone()
-            .ok_or_else(|| ClosedError::new_err("this llmvisor.Supervisor is closed"))
+            .ok_or_else(|| ClosedError::new_err("this llmvisor.Supervisor is closed"))?;
+        core.handle()?;
+        Ok(core)
     }
 }
 

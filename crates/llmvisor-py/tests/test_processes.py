@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 
+import llmvisor
+
 from helpers import alive, kill, parent_of, pids_in, supervisor_worker, wait_gone
 
 
@@ -186,6 +188,59 @@ FORK_SCRIPT = """
     os.waitpid(pid, 0)
     print("PARENT", sup.ensure_server_running("m"), flush=True)
 """
+
+
+FORK_AFTER_START_SCRIPT = """
+    import os, sys, time, llmvisor
+    sup = llmvisor.Supervisor({config!r})
+    sup.ensure_server_running("m")
+    print("PARENT", sup.instance_id, flush=True)
+    pid = os.fork()
+    if pid == 0:
+        for call in (lambda: sup.ensure_server_running("m"), sup.status):
+            try:
+                call()
+                print("CHILD got it", flush=True)
+            except llmvisor.LlmvisorError as e:
+                print("CHILD refused:", e, flush=True)
+        print("CHILD sleeping", os.getpid(), flush=True)
+        time.sleep(60)
+        os._exit(0)
+    time.sleep(60)
+"""
+
+
+def test_a_child_forked_after_a_start_gets_no_lease_and_keeps_no_lock(scratch):
+    config = scratch.write_config({"m": ""})
+    proc = run_python(FORK_AFTER_START_SCRIPT.format(config=str(config)))
+    child = None
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if line.startswith("CHILD sleeping"):
+                child = int(line.split()[2])
+                break
+        else:
+            raise AssertionError(f"{lines} {proc.stderr.read()}")
+        parent_id = lines[0].split()[1]
+        # Even a ready model's lease (the fast path) is refused in the child.
+        assert [l for l in lines if l.startswith("CHILD refused: this Supervisor belongs")] == lines[1:3], lines
+        # The parent dies; the child lives on. Its copy of the owner lock went at fork, so the
+        # next Supervisor on the state dir finds the parent dead and sweeps its lock file.
+        kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        wait_gone(scratch.pids("m"), 5.0)
+        assert alive(child)
+        lock = scratch.state_dir / "owners" / f"{parent_id}.lock"
+        assert lock.exists()
+        llmvisor.Supervisor(str(config)).close()
+        assert not lock.exists(), "the parent still looks alive: its child kept the lock"
+    finally:
+        if child is not None:
+            kill(child, signal.SIGKILL)
+        kill(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def test_a_forked_child_is_told_to_make_its_own_supervisor(scratch):

@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub(crate) mod escalate;
 pub mod events;
+mod fork_guard;
 pub mod ids;
 pub mod logs;
 pub(crate) mod metrics;

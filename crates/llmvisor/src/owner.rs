@@ -12,7 +12,8 @@
 //!   its final name, so a lock file at its final path is always either locked by its live owner or
 //!   stale: no prober can catch a starting owner between `open` and `flock`.
 //! * The file is opened close-on-exec: servers forked by the owner never inherit the lock (a
-//!   server outliving its owner must not make the owner look alive).
+//!   server outliving its owner must not make the owner look alive); and a child forked without
+//!   an exec (Python's `os.fork`) loses its copy of it at once (`fork_guard.rs`).
 //!
 //! An instance takes its lock before it writes anything naming its id (store rows, children's
 //! `LLMVISOR_INSTANCE`), so an id that is referenced anywhere but has no held lock is dead.
@@ -64,6 +65,8 @@ pub enum Liveness {
 /// the kernel releases it if the process dies.
 #[derive(Debug)]
 pub struct OwnerLock {
+    /// Declared first, so dropped before `file` closes: no fork may see a reused descriptor.
+    _not_inherited: crate::fork_guard::Guarded,
     file: File,
     path: PathBuf,
     instance_id: String,
@@ -104,11 +107,13 @@ impl OwnerLock {
             let _ = fs::remove_file(&tmp);
             match linked {
                 Ok(()) => {
+                    use std::os::fd::AsRawFd;
                     return Ok(Self {
+                        _not_inherited: crate::fork_guard::guard(file.as_raw_fd()),
                         file,
                         path,
                         instance_id: instance_id.to_owned(),
-                    })
+                    });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     drop(file);
@@ -288,6 +293,53 @@ mod tests {
         assert!(!path.exists());
         assert!(!is_alive(dir.path(), "lv-1-aa"));
         assert_eq!(probe(dir.path(), "lv-1-aa"), Liveness::NoLockFile);
+    }
+
+    /// Issue 19: a child forked without exec (Python's `os.fork`) must not keep its parent
+    /// "alive" once the parent's own descriptor is gone.
+    #[test]
+    fn a_forked_child_does_not_keep_the_lock() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let lock = OwnerLock::acquire(dir.path(), "lv-1-ff").unwrap();
+        // The child says when fork() has returned there (the fork handlers have run).
+        let mut pipe = [0; 2];
+        // SAFETY: a pipe into a two-int array.
+        assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+        // SAFETY: the child only calls write and pause (async-signal-safe) until it is killed.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork failed");
+        if child == 0 {
+            unsafe { libc::write(pipe[1], b"x".as_ptr().cast(), 1) };
+            loop {
+                unsafe { libc::pause() };
+            }
+        }
+        let mut byte = 0u8;
+        // SAFETY: reads one byte from the pipe made above, then closes both ends.
+        unsafe {
+            assert_eq!(libc::read(pipe[0], (&mut byte as *mut u8).cast(), 1), 1);
+            libc::close(pipe[0]);
+            libc::close(pipe[1]);
+        }
+        assert!(is_alive(dir.path(), "lv-1-ff"), "the parent still holds it");
+        // The parent "dies": its reference to the locked file goes (its descriptor now names
+        // /dev/null, so the drop below closes that and leaves the lock file behind).
+        let null = File::open("/dev/null").unwrap();
+        // SAFETY: both descriptors are ours and open.
+        unsafe { libc::dup2(null.as_raw_fd(), lock.file.as_raw_fd()) };
+        drop(lock);
+        let dead = probe(dir.path(), "lv-1-ff");
+        // SAFETY: kills and reaps the child forked above.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+        }
+        assert_eq!(
+            dead,
+            Liveness::Dead,
+            "the living child kept the dead parent's lock"
+        );
     }
 
     #[test]

@@ -149,7 +149,10 @@ function onEvent(ev) {
     }
     case "request": addRequest(ev); break;
     case "log": addLog(ev.line); break;
-    case "lagged": $("action-msg").textContent = `The view fell behind (${ev.missed} events); refreshed.`; break;
+    case "lagged":
+      // A cut stream (too many readers, or its age limit) ends next; connect() resumes it.
+      if (!ev.cut) $("action-msg").textContent = `The view fell behind (${ev.missed} events); refreshed.`;
+      break;
   }
 }
 

@@ -14,6 +14,7 @@ pub mod daemon;
 pub(crate) mod escalate;
 pub mod events;
 mod fork_guard;
+pub mod gguf;
 pub mod ids;
 pub mod logs;
 pub(crate) mod metrics;

@@ -218,9 +218,15 @@ impl Fleet {
             placements_claimed: AtomicU64::new(0),
             fences: AtomicU64::new(0),
         });
-        fleet.register().await.map_err(|e| FleetError::Connect {
-            endpoints: cluster.etcd.join(", "),
-            reason: explain_connect_error(cluster, &e.to_string()),
+        fleet.register().await.map_err(|e| {
+            let reason = match e {
+                FleetError::Etcd(reason) => reason,
+                other => other.to_string(),
+            };
+            FleetError::Connect {
+                endpoints: cluster.etcd.join(", "),
+                reason: explain_connect_error(cluster, &reason),
+            }
         })?;
         tracing::info!(
             node = %fleet.cfg.node,
@@ -509,7 +515,17 @@ impl Fleet {
         if hop != Hop::None && !self.may_run_here(model) {
             // The forwarding node's config may differ: this node's `nodes` holds here.
             tracing::warn!(model = %model.id, "fleet mode: refusing a hop: `nodes` excludes this node");
-            return Err(FleetError::NotPlacedHere(model.id.clone()));
+            return Err(match hop {
+                Hop::Place => FleetError::NoRoom {
+                    model: model.id.clone(),
+                    why: format!(
+                        "node `{}` was chosen for it, but its `nodes` ({}) exclude it",
+                        self.cfg.node,
+                        model.nodes.join(", ")
+                    ),
+                },
+                _ => FleetError::NotPlacedHere(model.id.clone()),
+            });
         }
         if self.etcd_down().is_some() && self.running_locally(&model.id) {
             // etcd is known to be out: what runs here keeps serving, without waiting for it.
@@ -625,6 +641,15 @@ impl Fleet {
                     why: "placements changed; retry".into(),
                 });
             }
+            let used = view.used_slots(&slots);
+            let Some(slot) = (0..model.replicas).find(|s| !used.contains(s)) else {
+                // Every slot key exists, some held by placements that do not count.
+                return Err(FleetError::NoRoom {
+                    model: model.id.clone(),
+                    why: "its slots are held by placements that do not count (see the warnings)"
+                        .into(),
+                });
+            };
             let candidates: Vec<NodeRecord> = view
                 .live_nodes()
                 .into_iter()
@@ -659,15 +684,6 @@ impl Fleet {
                     place: true,
                 });
             }
-            let used = view.used_slots(&slots);
-            let Some(slot) = (0..model.replicas).find(|s| !used.contains(s)) else {
-                // Every slot key exists, some held by placements that do not count.
-                return Err(FleetError::NoRoom {
-                    model: model.id.clone(),
-                    why: "its slots are held by placements that do not count (see the warnings)"
-                        .into(),
-                });
-            };
             let lease = self.lease.load(Ordering::SeqCst);
             if lease == 0 || lease != target.lease {
                 return Err(FleetError::Fenced);
@@ -1135,23 +1151,19 @@ fn connect_options(cluster: &ClusterConfig) -> Result<ConnectOptions, String> {
 /// An etcd connection error, with what to check for the usual causes.
 fn explain_connect_error(cluster: &ClusterConfig, error: &str) -> String {
     let lower = error.to_ascii_lowercase();
-    let hint = if lower.contains("certificate required")
-        || lower.contains("bad certificate")
+    let client_cert = cluster.etcd_tls.as_ref().map(|t| t.client.is_some());
+    // A member that wants a client certificate closes the connection during the handshake;
+    // tonic reports that as a cancelled request ("connection closed"), not as a TLS error.
+    let handshake = lower.contains("certificate")
         || lower.contains("unknown ca")
-        || lower.contains("tls handshake")
-        || lower.contains("invalid peer certificate")
-    {
-        if cluster
-            .etcd_tls
-            .as_ref()
-            .is_some_and(|t| t.client.is_some())
-        {
-            "; etcd refused the TLS handshake: check that etcd_ca signed the members' \
-             certificates and that etcd trusts the CA of etcd_cert"
-        } else {
-            "; etcd refused the TLS handshake: it may require a client certificate \
-             (set etcd_cert and etcd_key)"
-        }
+        || lower.contains("handshake")
+        || lower.contains("connection closed");
+    let hint = if client_cert == Some(false) && handshake {
+        "; with TLS, etcd may also require a client certificate (--client-cert-auth): set \
+         etcd_cert and etcd_key"
+    } else if client_cert == Some(true) && handshake {
+        "; check that etcd_ca signed the members' certificates and that etcd trusts the CA \
+         that signed etcd_cert"
     } else if lower.contains("user name is empty")
         || lower.contains("authentication failed")
         || lower.contains("invalid auth token")

@@ -3,7 +3,8 @@
 #   etcd-server        the etcd (3.4) the fleet tests start as a 3-member cluster on loopback
 #   protobuf-compiler  protoc, which the etcd-client crate's build script runs
 #   libprotobuf-dev    protobuf's well-known types (google/protobuf/*.proto) that protoc imports
-# Idempotent: when both are present it prints nothing and exits 0. Runs apt-get as root (as CI
+#   openssl            makes the throwaway CA and certificates of the etcd-over-TLS test
+# Idempotent: when all are present it prints nothing and exits 0. Runs apt-get as root (as CI
 # does) or through sudo; `apt-get update` only when a first install attempt fails.
 # LLMVISOR_SKIP_FLEET=1 skips it (the fleet tests then skip themselves).
 set -euo pipefail
@@ -13,6 +14,7 @@ missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 [ "${#missing[@]}" -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ]; then sudo=(); else sudo=(sudo -n); fi
@@ -29,5 +31,5 @@ if ! install; then
   install
 fi
 # Debian's package starts an etcd service where an init system runs; the tests start their own.
-command -v etcd >/dev/null && command -v protoc >/dev/null &&
+command -v etcd >/dev/null && command -v protoc >/dev/null && command -v openssl >/dev/null &&
   [ -f /usr/include/google/protobuf/descriptor.proto ]

@@ -128,6 +128,27 @@ pub fn router(state: Arc<AppState>, echo_unknown: bool) -> Router {
         .with_state(state)
 }
 
+/// `router` adding `headers` (`--response-header`) to every answer.
+pub fn with_response_headers(r: Router, headers: Vec<(String, String)>) -> Router {
+    if headers.is_empty() {
+        return r;
+    }
+    r.layer(axum::middleware::map_response(move |mut resp: Response| {
+        let headers = headers.clone();
+        async move {
+            for (name, value) in &headers {
+                if let (Ok(n), Ok(v)) = (
+                    header::HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(value),
+                ) {
+                    resp.headers_mut().insert(n, v);
+                }
+            }
+            resp
+        }
+    }))
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

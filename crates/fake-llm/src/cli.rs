@@ -108,6 +108,21 @@ pub struct Args {
     /// like /echo: the method, path, query, headers and body it received, as JSON.
     #[arg(long)]
     pub echo_unknown: bool,
+
+    /// Add this header (`NAME:VALUE`) to every answer (repeatable), e.g. to see that a proxy
+    /// does not trust or pass on headers a server may not set.
+    #[arg(long, value_name = "NAME:VALUE", value_parser = parse_header)]
+    pub response_header: Vec<(String, String)>,
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not NAME:VALUE"))?;
+    let name = name.trim();
+    axum::http::HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("{name:?}: {e}"))?;
+    axum::http::HeaderValue::from_str(value.trim()).map_err(|e| format!("{value:?}: {e}"))?;
+    Ok((name.to_string(), value.trim().to_string()))
 }
 
 impl Args {

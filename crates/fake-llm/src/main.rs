@@ -163,7 +163,10 @@ async fn run(args: Args, start: Instant, pid: u32) -> ExitCode {
         args.crash_after,
     );
     state.ready_file = args.ready_file.clone();
-    let router = api::router(Arc::new(state), args.echo_unknown);
+    let router = api::with_response_headers(
+        api::router(Arc::new(state), args.echo_unknown),
+        args.response_header,
+    );
     server::serve(
         listener,
         router,

@@ -16,7 +16,28 @@ pub fn random_hex(n: usize) -> String {
             chunk.copy_from_slice(&v[..chunk.len()]);
         }
     }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    to_hex(&buf)
+}
+
+/// `bytes` as lowercase hex.
+pub fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// The bytes of lowercase or uppercase hex `s` (`None` when it is not hex).
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 #[cfg(test)]

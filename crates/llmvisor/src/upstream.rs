@@ -51,7 +51,7 @@ impl Endpoint {
     pub fn uri(&self, path_and_query: &str) -> Result<Uri, http::Error> {
         let authority = match self {
             Endpoint::Tcp(addr) => addr.to_string(),
-            Endpoint::Unix(path) => hex_encode(path.as_os_str().as_encoded_bytes()),
+            Endpoint::Unix(path) => crate::ids::to_hex(path.as_os_str().as_encoded_bytes()),
         };
         let scheme = match self {
             Endpoint::Tcp(_) => "http",
@@ -144,7 +144,7 @@ impl tower_service::Service<Uri> for Connector {
                 .as_str()
                 .to_owned();
             if uri.scheme_str() == Some(UNIX_SCHEME) {
-                let path = hex_decode(&authority).ok_or_else(|| {
+                let path = crate::ids::from_hex(&authority).ok_or_else(|| {
                     io::Error::new(io::ErrorKind::InvalidInput, "bad unix socket address")
                 })?;
                 let path = PathBuf::from(std::ffi::OsString::from_vec(path));
@@ -211,20 +211,6 @@ impl hyper::rt::Write for UpstreamIo {
     }
 }
 
-fn hex_encode(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,7 +220,7 @@ mod tests {
         let ep = Endpoint::Unix(Path::new("/tmp/llm visor/a.sock").into());
         let uri = ep.uri("/health?x=1").unwrap();
         assert_eq!(uri.scheme_str(), Some("unix"));
-        let decoded = hex_decode(uri.authority().unwrap().as_str()).unwrap();
+        let decoded = crate::ids::from_hex(uri.authority().unwrap().as_str()).unwrap();
         assert_eq!(decoded, b"/tmp/llm visor/a.sock");
         assert_eq!(uri.path_and_query().unwrap().as_str(), "/health?x=1");
         assert_eq!(ep.base_url(), "unix:/tmp/llm visor/a.sock");

@@ -7,7 +7,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::fleet::{chat, etcd_or_skip, get, post, post_with, Etcd, FleetNode, CLUSTER_KEY};
+use llmvisor::cluster::hop::{self, HopRequest};
+use support::fleet::{
+    chat, etcd_or_skip, get, post, post_with, send_full, Etcd, FleetNode, CLIENT_KEY, CLUSTER_KEY,
+};
 
 /// One fleet test at a time: each runs three etcd members and three daemons, and their timing
 /// assertions (lease expiry, elections) need the machine they were written for, not nine such
@@ -46,6 +49,49 @@ fn running_on(nodes: &[FleetNode], model: &str) -> Vec<String> {
         .filter(|n| !n.running(model).is_empty())
         .map(|n| n.id.clone())
         .collect()
+}
+
+/// A hop to `url` (node `to`) of `POST /v1/chat/completions` with `body`, signed with the
+/// cluster key as node `n9` would (`sent_body`: another body than the one signed).
+fn signed_hop(
+    url: &str,
+    to: &str,
+    body: &str,
+    sent_body: Option<&str>,
+) -> http::Request<axum::body::Body> {
+    signed_hop_at(url, to, body, sent_body, hop::unix_now(), &hop::new_nonce())
+}
+
+fn signed_hop_at(
+    url: &str,
+    to: &str,
+    body: &str,
+    sent_body: Option<&str>,
+    time: u64,
+    nonce: &str,
+) -> http::Request<axum::body::Body> {
+    let path = "/v1/chat/completions";
+    let digest = hop::body_sha256(body.as_bytes());
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri(format!("{url}{path}"))
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(
+            sent_body.unwrap_or(body).to_string(),
+        ))
+        .unwrap();
+    HopRequest {
+        method: "POST",
+        path_and_query: path,
+        body: &digest,
+        from: "n9",
+        to,
+        place: false,
+        time,
+        nonce,
+    }
+    .write_headers(CLUSTER_KEY.as_bytes(), req.headers_mut());
+    req
 }
 
 /// Polls `cond` every 50 ms until it holds, failing with `what` after `within`.
@@ -102,45 +148,14 @@ async fn thirty_concurrent_requests_over_three_nodes_spawn_once() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v[0]["node"], "n1", "{v}");
 
-    // A hop authenticates with the cluster key; a wrong one is refused like a missing key.
-    let holder = &nodes[nodes
-        .iter()
-        .position(|n| !n.running("m").is_empty())
-        .unwrap()];
-    let hop = |key: &'static str| [("x-llmvisor-hop", "n9"), ("x-llmvisor-cluster-key", key)];
-    let wrong = post_with(
-        &holder.url,
-        "/v1/chat/completions",
-        &chat("m"),
-        &hop("not-the-key-at-all"),
-    )
-    .await;
-    assert_eq!(wrong.unwrap().0, 401);
-    let right = post_with(
-        &holder.url,
-        "/v1/chat/completions",
-        &chat("m"),
-        &hop(CLUSTER_KEY),
-    )
-    .await;
-    assert_eq!(right.unwrap().0, 200);
-    // A hop only reaches the model where it is placed.
+    // A hop only reaches the model where it is placed (hops themselves:
+    // a_hop_is_signed_and_never_carries_the_cluster_key).
     let elsewhere = nodes.iter().find(|n| n.running("m").is_empty()).unwrap();
-    let (status, body) = post_with(
-        &elsewhere.url,
-        "/v1/chat/completions",
-        &chat("m"),
-        &hop(CLUSTER_KEY),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("fleet_not_placed_here"), "{body}");
-    // The cluster key does not open the management API.
-    let (status, _) = post_with(&holder.url, "/api/models/m/unload", "", &hop(CLUSTER_KEY))
+    let (status, _, body) = send_full(signed_hop(&elsewhere.url, &elsewhere.id, &chat("m"), None))
         .await
         .unwrap();
-    assert_eq!(status, 401);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("fleet_not_placed_here"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -721,4 +736,395 @@ async fn a_preloaded_model_runs_once_and_moves_by_itself_when_its_node_dies() {
     eprintln!("preloaded model running again after {:?}", began.elapsed());
     assert_eq!(total_spawns(&nodes, "m"), 2);
     assert_ne!(running_on(&nodes, "m")[0], nodes[h].id);
+}
+
+// ----- issue 19: fleet mode does not trust etcd (or the network) blindly ----------------------
+
+/// Two started nodes `n0`, `n1` on a one-member etcd, each with its own models.
+fn two_nodes(
+    etcd: &Etcd,
+    fleet: &str,
+    n0: &[(&str, &str, &str)],
+    n1: &[(&str, &str, &str)],
+) -> Vec<FleetNode> {
+    let eps = etcd.endpoints();
+    let mut out = vec![
+        FleetNode::new("n0", fleet, &eps, "3s", n0),
+        FleetNode::new("n1", fleet, &eps, "3s", n1),
+    ];
+    for n in &mut out {
+        n.start();
+    }
+    out
+}
+
+/// A request with the client key and `headers`.
+fn client_request(
+    method: &str,
+    url: &str,
+    path: &str,
+    body: &str,
+) -> http::Request<axum::body::Body> {
+    http::Request::builder()
+        .method(method)
+        .uri(format!("{url}{path}"))
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {CLIENT_KEY}"))
+        .body(axum::body::Body::from(body.to_string()))
+        .unwrap()
+}
+
+/// `llmvisor_fleet_placements_claimed_total` of a node.
+async fn claimed(url: &str) -> u64 {
+    let (_, body) = get(url, "/metrics").await.unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix("llmvisor_fleet_placements_claimed_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no claimed counter in {body}"))
+}
+
+/// The etcd lease of node `id`'s record in `fleet`.
+async fn node_lease(etcd: &Etcd, fleet: &str, id: &str) -> i64 {
+    let mut c = etcd.client(None).await;
+    let resp = c
+        .get(format!("/llmvisor/{fleet}/nodes/{id}"), None)
+        .await
+        .unwrap();
+    resp.kvs()[0].lease()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_admits_only_nodes_with_a_client_certificate() {
+    let _serial = SERIAL.lock().await;
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let etcd = Etcd::start_tls();
+    let tls = etcd.tls().unwrap();
+    let fleet = fleet_name("tls");
+    let eps = etcd.endpoints();
+    assert!(eps[0].starts_with("https://"), "{eps:?}");
+    let creds = format!(
+        "etcd_ca = {:?}\netcd_cert = {:?}\netcd_key = {:?}",
+        tls.ca, tls.client_cert, tls.client_key
+    );
+    let mut n0 = FleetNode::with_cluster("n0", &fleet, &eps, "3s", &[("m", "", "")], &creds);
+    n0.start();
+    let (status, body) = post(&n0.url, "/v1/chat/completions", &chat("m"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(n0.running("m").len(), 1);
+
+    // Without a client certificate etcd refuses the node, and the node says why.
+    let ca_only = format!("etcd_ca = {:?}", tls.ca);
+    let n1 = FleetNode::with_cluster("n1", &fleet, &eps, "3s", &[("m", "", "")], &ca_only);
+    let (status, stderr) =
+        support::serve::ServeProcess::run_to_exit(n1.config(), Duration::from_secs(60));
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot connect to etcd at https://127.0.0.1:"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("set etcd_cert and etcd_key"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_with_auth_admits_only_nodes_with_the_password() {
+    let _serial = SERIAL.lock().await;
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    etcd.enable_auth("root-password-0123", "node-password-0123")
+        .await;
+    let fleet = fleet_name("auth");
+    let eps = etcd.endpoints();
+    let secrets = tempfile::tempdir().unwrap();
+    let with_password = |id: &str, password: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        let file = secrets.path().join(format!("{id}-etcd-password"));
+        std::fs::write(&file, format!("{password}\n")).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cluster = format!("etcd_user = \"node\"\netcd_password_file = {file:?}");
+        FleetNode::with_cluster(id, &fleet, &eps, "3s", &[("m", "", "")], &cluster)
+    };
+    let mut n0 = with_password("n0", "node-password-0123");
+    n0.start();
+    let (status, body) = post(&n0.url, "/v1/chat/completions", &chat("m"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    let anonymous = FleetNode::new("n1", &fleet, &eps, "3s", &[("m", "", "")]);
+    let (status, stderr) =
+        support::serve::ServeProcess::run_to_exit(anonymous.config(), Duration::from_secs(60));
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("etcd has authentication enabled: set etcd_user"),
+        "{stderr}"
+    );
+
+    let wrong = with_password("n2", "not-the-password");
+    let (status, stderr) =
+        support::serve::ServeProcess::run_to_exit(wrong.config(), Duration::from_secs(60));
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("etcd refused the credentials"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_that_does_not_match_its_nodes_record_gets_no_request() {
+    let _serial = SERIAL.lock().await;
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let fleet = fleet_name("forged");
+    let models = [("m", "", "replicas = 2"), ("w", "", "replicas = 2")];
+    let nodes = two_nodes(&etcd, &fleet, &models, &models);
+    // Where a forged advertise URL would send prompts: nothing may ever connect here.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let trap_url = format!("http://{}", trap.local_addr().unwrap());
+
+    let lease = node_lease(&etcd, &fleet, "n1").await;
+    let forged = |model: &str, advertise: &str| {
+        serde_json::json!({"model": model, "node": "n1", "advertise": advertise, "slot": 0, "since_ms": 0})
+            .to_string()
+    };
+    let mut c = etcd.client(None).await;
+    // n1's lease, but another advertise URL than n1's record.
+    let on_lease = etcd_client::PutOptions::new().with_lease(lease);
+    c.put(
+        format!("/llmvisor/{fleet}/placements/m/0"),
+        forged("m", &trap_url),
+        Some(on_lease),
+    )
+    .await
+    .unwrap();
+    // n1's advertise URL, but not on n1's lease.
+    c.put(
+        format!("/llmvisor/{fleet}/placements/w/0"),
+        forged("w", &nodes[1].url),
+        None,
+    )
+    .await
+    .unwrap();
+
+    for _ in 0..3 {
+        for model in ["m", "w"] {
+            let (status, body) = post(&nodes[0].url, "/v1/chat/completions", &chat(model))
+                .await
+                .unwrap();
+            assert_eq!(status, 200, "{model}: {body}");
+        }
+    }
+    assert!(
+        trap.accept().is_err(),
+        "a forged advertise URL got a connection"
+    );
+    // Served by a placement of its own on n0; n1 was never asked for the one it does not hold.
+    assert_eq!(nodes[0].spawned("m").len(), 1);
+    assert_eq!(nodes[0].spawned("w").len(), 1);
+    assert!(nodes[1].spawned("w").is_empty() && nodes[1].spawned("m").is_empty());
+
+    let (_, body) = get(&nodes[0].url, "/api/cluster").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["ignored_placements"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v["placements"].as_array().unwrap().len(), 2, "{v}");
+    // Warned about once each, not per request.
+    let log = nodes[0].serve().stderr_so_far();
+    for key in ["placements/m/0", "placements/w/0"] {
+        let warnings = log
+            .lines()
+            .filter(|l| l.contains("ignoring a placement") && l.contains(key))
+            .count();
+        assert_eq!(warnings, 1, "{key}:\n{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hop_is_signed_and_never_carries_the_cluster_key() {
+    let _serial = SERIAL.lock().await;
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let fleet = fleet_name("signed");
+    let m = [("m", "", "nodes = [\"n1\"]")];
+    let nodes = two_nodes(&etcd, &fleet, &m, &m);
+    // Through n0 to the model on n1: what reaches the model has no cluster key anywhere.
+    let req = client_request("POST", &nodes[0].url, "/upstream/m/echo", r#"{"x":1}"#);
+    let (status, headers, body) = send_full(req).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["x-llmvisor-node"], "n1");
+    assert!(
+        !body.contains(CLUSTER_KEY),
+        "the cluster key travelled: {body}"
+    );
+    assert!(!body.contains("x-llmvisor-cluster-key"), "{body}");
+
+    let n1 = &nodes[1];
+    let (status, _, body) = send_full(signed_hop(&n1.url, "n1", &chat("m"), None))
+        .await
+        .unwrap();
+    assert_eq!(
+        status, 200,
+        "a signed hop passes without a client key: {body}"
+    );
+    // The same hop again: refused (the nonce is spent).
+    let nonce = hop::new_nonce();
+    let now = hop::unix_now();
+    let once = || signed_hop_at(&n1.url, "n1", &chat("m"), None, now, &nonce);
+    assert_eq!(send_full(once()).await.unwrap().0, 200);
+    let (status, _, body) = send_full(once()).await.unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("already used"), "{body}");
+    // Signed a minute ago, for another node, over another body: refused.
+    let stale = signed_hop_at(&n1.url, "n1", &chat("m"), None, now - 60, &hop::new_nonce());
+    let (status, _, body) = send_full(stale).await.unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("-60 s away"), "{body}");
+    let (status, _, body) = send_full(signed_hop(&n1.url, "n0", &chat("m"), None))
+        .await
+        .unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("signature does not verify"), "{body}");
+    let other = chat("m").replace("hi", "something else");
+    let (status, _, body) = send_full(signed_hop(&n1.url, "n1", &chat("m"), Some(&other)))
+        .await
+        .unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("does not match its signed digest"), "{body}");
+    // The old bearer form no longer opens anything, nor does a hop open the management API.
+    let bearer = [
+        ("x-llmvisor-hop", "n0"),
+        ("x-llmvisor-cluster-key", CLUSTER_KEY),
+    ];
+    let (status, body) = post_with(&n1.url, "/v1/chat/completions", &chat("m"), &bearer)
+        .await
+        .unwrap();
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = post_with(&n1.url, "/api/models/m/unload", "", &bearer)
+        .await
+        .unwrap();
+    assert_eq!(status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_writes_placements_only_under_its_own_lease() {
+    let _serial = SERIAL.lock().await;
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let fleet = fleet_name("own-lease");
+    let m = [("m", "", "nodes = [\"n1\"]")];
+    let nodes = two_nodes(&etcd, &fleet, &m, &m);
+    // Asked through n0 for a model only n1 may run: n0 asks n1 to claim it, n1 writes it.
+    let (status, body) = post(&nodes[0].url, "/v1/chat/completions", &chat("m"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        claimed(&nodes[0].url).await,
+        0,
+        "n0 wrote a placement for n1"
+    );
+    assert_eq!(claimed(&nodes[1].url).await, 1);
+    let mut c = etcd.client(None).await;
+    let placed = c
+        .get(format!("/llmvisor/{fleet}/placements/m/0"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        placed.kvs()[0].lease(),
+        node_lease(&etcd, &fleet, "n1").await
+    );
+    assert_eq!(nodes[1].running("m").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_through_another_node_reaches_the_model() {
+    let _serial = SERIAL.lock().await;
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let fleet = fleet_name("upstream");
+    let m = [("m", "", "nodes = [\"n1\"]")];
+    let nodes = two_nodes(&etcd, &fleet, &m, &m);
+    let req = client_request("GET", &nodes[0].url, "/upstream/m/echo/tail?q=1", "");
+    let (status, headers, body) = send_full(req).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["x-llmvisor-node"], "n1");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["path"], "/echo/tail", "{v}");
+    assert_eq!(v["query"], "q=1", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hop_to_a_node_outside_the_models_nodes_is_refused() {
+    let _serial = SERIAL.lock().await;
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let fleet = fleet_name("nodes");
+    // The two configs disagree: n0 believes m runs on n1, n1 that it runs on n0 only.
+    let nodes = two_nodes(
+        &etcd,
+        &fleet,
+        &[("m", "", "nodes = [\"n1\"]")],
+        &[("m", "", "nodes = [\"n0\"]")],
+    );
+    let (status, body) = post(&nodes[0].url, "/v1/chat/completions", &chat("m"))
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("fleet_no_room") && body.contains("exclude it"),
+        "{body}"
+    );
+    let (status, _, body) = send_full(signed_hop(&nodes[1].url, "n1", &chat("m"), None))
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("fleet_not_placed_here"), "{body}");
+    assert!(
+        nodes[1].spawned("m").is_empty(),
+        "n1 ran a model its nodes exclude"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_servers_not_placed_header_is_neither_trusted_nor_passed_on() {
+    let _serial = SERIAL.lock().await;
+    if etcd_or_skip().is_none() {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let fleet = fleet_name("not-placed");
+    let m = [(
+        "m",
+        "--response-header x-llmvisor-not-placed:1",
+        "nodes = [\"n1\"]",
+    )];
+    let nodes = two_nodes(&etcd, &fleet, &m, &m);
+    // Placed (and loaded) first, so the timed request below only measures the hop.
+    let (status, body) = post(&nodes[1].url, "/v1/chat/completions", &chat("m"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let began = Instant::now();
+    let req = client_request("POST", &nodes[0].url, "/v1/chat/completions", &chat("m"));
+    let (status, headers, body) = send_full(req).await.unwrap();
+    let took = began.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !headers.contains_key("x-llmvisor-not-placed"),
+        "{headers:?}"
+    );
+    // Trusting it would route the request again and again for lease_ttl + 2 s (5 s).
+    assert!(took < Duration::from_secs(3), "took {took:?}");
 }

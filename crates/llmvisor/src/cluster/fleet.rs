@@ -1,19 +1,21 @@
 //! The etcd side of fleet mode: registration under a kept-alive lease, placement claims,
 //! fencing and reconciliation. See the module doc of `cluster`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity,
+    KeyValue, PutOptions, TlsOptions, Txn, TxnOp,
 };
 use serde_json::json;
 use tokio::sync::Mutex as AsyncMutex;
 
-use super::{choose_node, FleetError, NodeRecord, Placement};
+use super::hop::ReplayGuard;
+use super::{check_placement, choose_node, FleetError, NodeRecord, Placement};
 use crate::config::{ClusterConfig, Config, ModelConfig};
 use crate::supervisor::{Phase, Supervisor};
 
@@ -22,8 +24,105 @@ use crate::supervisor::{Phase, Supervisor};
 pub enum Route {
     /// Served by this node's supervisor.
     Local,
-    /// Forwarded to another node's daemon.
-    Remote { node: String, advertise: String },
+    /// Forwarded to another node's daemon; `place`: the model is placed nowhere there yet and
+    /// that node is asked to claim a slot for itself (a node writes only its own placements).
+    Remote {
+        node: String,
+        advertise: String,
+        place: bool,
+    },
+}
+
+/// How a request reached this node.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Hop {
+    /// From a client.
+    None,
+    /// Forwarded by another node that found the model placed here.
+    Route,
+    /// Forwarded by another node that chose this one for a new placement.
+    Place,
+}
+
+/// How [`Fleet::claim`] picks the node.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Claim {
+    /// This node when it fits, else the node with the most room (asked to claim it itself).
+    Choose,
+    /// This node or none; `fit`: only when the model fits in its budget now (its server is
+    /// not counted in its record yet).
+    Here { fit: bool },
+}
+
+/// The fleet's keys as one read (or the watch) gives them: node records by node id and
+/// placements by key, each with the lease its key hangs on.
+#[derive(Debug, Clone, Default)]
+struct View {
+    nodes: HashMap<String, (NodeRecord, i64)>,
+    placements: HashMap<String, (Placement, i64)>,
+}
+
+impl View {
+    fn read(prefix: &str, kvs: &[KeyValue]) -> View {
+        let mut v = View::default();
+        for kv in kvs {
+            v.put(
+                prefix,
+                &String::from_utf8_lossy(kv.key()),
+                kv.value(),
+                kv.lease(),
+            );
+        }
+        v
+    }
+
+    /// A key was written (unreadable values are left out, as if absent).
+    fn put(&mut self, prefix: &str, key: &str, value: &[u8], lease: i64) {
+        let Some(rest) = key.strip_prefix(prefix) else {
+            return;
+        };
+        if let Some(id) = rest.strip_prefix("nodes/") {
+            match serde_json::from_slice(value) {
+                Ok(rec) => self.nodes.insert(id.to_string(), (rec, lease)),
+                Err(_) => self.nodes.remove(id),
+            };
+        } else if rest.starts_with("placements/") {
+            match serde_json::from_slice(value) {
+                Ok(p) => self.placements.insert(key.to_string(), (p, lease)),
+                Err(_) => self.placements.remove(key),
+            };
+        }
+    }
+
+    /// A key was deleted; the placement it held, if it was one.
+    fn delete(&mut self, prefix: &str, key: &str) -> Option<Placement> {
+        let rest = key.strip_prefix(prefix)?;
+        if let Some(id) = rest.strip_prefix("nodes/") {
+            self.nodes.remove(id);
+            return None;
+        }
+        self.placements.remove(key).map(|(p, _)| p)
+    }
+
+    /// Node records that hang on the lease they name.
+    fn live_nodes(&self) -> Vec<NodeRecord> {
+        let mut out: Vec<NodeRecord> = self
+            .nodes
+            .iter()
+            .filter(|(id, (rec, lease))| rec.id == **id && rec.lease == *lease)
+            .map(|(_, (rec, _))| rec.clone())
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// The slots of `model` whose keys exist, trusted or not.
+    fn used_slots(&self, slot_prefix: &str) -> Vec<u32> {
+        self.placements
+            .keys()
+            .filter_map(|k| k.strip_prefix(slot_prefix)?.parse().ok())
+            .collect()
+    }
 }
 
 /// Fleet mode of one daemon. Cheap to share (`Arc`).
@@ -48,8 +147,13 @@ pub struct Fleet {
     renewed: Mutex<Instant>,
     /// Why etcd is unusable right now (`None`: fine).
     etcd_down: Mutex<Option<String>>,
-    /// Every placement by key, kept by a watch while it runs (`None`: no live watch; read etcd).
-    cache: Mutex<Option<HashMap<String, Placement>>>,
+    /// The fleet's node records and placements, kept by a watch while it runs (`None`: no
+    /// live watch; read etcd).
+    cache: Mutex<Option<View>>,
+    /// Ignored placements already warned about (key, lease).
+    warned: Mutex<HashSet<(String, i64)>>,
+    /// Nonces of the hops this node accepted within the replay window.
+    replay: ReplayGuard,
     /// Models for which an extra replica found no room, until when not to try again.
     no_room_until: Mutex<HashMap<String, Instant>>,
     /// One claim at a time per model on this node.
@@ -81,7 +185,11 @@ impl Fleet {
         sup: Supervisor,
     ) -> Result<Arc<Self>, FleetError> {
         let timeout = (cluster.lease_ttl / 3).max(Duration::from_millis(500));
-        let opts = ConnectOptions::new()
+        let opts = connect_options(cluster)
+            .map_err(|reason| FleetError::Connect {
+                endpoints: cluster.etcd.join(", "),
+                reason,
+            })?
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(timeout)
             .with_keep_alive(Duration::from_secs(1), timeout);
@@ -101,6 +209,8 @@ impl Fleet {
             renewed: Mutex::new(Instant::now()),
             etcd_down: Mutex::new(None),
             cache: Mutex::new(None),
+            warned: Mutex::new(HashSet::new()),
+            replay: ReplayGuard::default(),
             claims: Mutex::new(HashMap::new()),
             no_room_until: Mutex::new(HashMap::new()),
             forwarding: Mutex::new(HashMap::new()),
@@ -108,9 +218,15 @@ impl Fleet {
             placements_claimed: AtomicU64::new(0),
             fences: AtomicU64::new(0),
         });
-        fleet.register().await.map_err(|e| FleetError::Connect {
-            endpoints: cluster.etcd.join(", "),
-            reason: e.to_string(),
+        fleet.register().await.map_err(|e| {
+            let reason = match e {
+                FleetError::Etcd(reason) => reason,
+                other => other.to_string(),
+            };
+            FleetError::Connect {
+                endpoints: cluster.etcd.join(", "),
+                reason: explain_connect_error(cluster, &reason),
+            }
         })?;
         tracing::info!(
             node = %fleet.cfg.node,
@@ -131,6 +247,11 @@ impl Fleet {
 
     pub fn cluster_key(&self) -> Option<&str> {
         self.cfg.cluster_key.as_deref()
+    }
+
+    /// The nonces of accepted hops (see [`super::hop`]).
+    pub fn replay_guard(&self) -> &ReplayGuard {
+        &self.replay
     }
 
     pub fn lease_ttl(&self) -> Duration {
@@ -266,50 +387,69 @@ impl Fleet {
         Ok(())
     }
 
-    /// Every live node's record.
-    pub async fn nodes(&self) -> Result<Vec<NodeRecord>, FleetError> {
-        self.records_under(format!("{}nodes/", self.prefix)).await
-    }
-
-    /// Every JSON record stored under the key prefix `key` (unreadable ones are skipped).
-    async fn records_under<T: serde::de::DeserializeOwned>(
-        &self,
-        key: String,
-    ) -> Result<Vec<T>, FleetError> {
+    /// The fleet's node records and placements, read from etcd now.
+    async fn read_view(&self) -> Result<View, FleetError> {
         let resp = self
             .kv(|mut c| {
-                let key = key.clone();
+                let key = self.prefix.clone();
                 async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
             })
             .await?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
-            .collect())
+        Ok(View::read(&self.prefix, resp.kvs()))
     }
 
-    /// The placements of one model (or of all, with `None`).
+    /// Of `view`'s placements (of `model`, or all), those that count: each agrees with the
+    /// live record of the node it names ([`check_placement`]). The others are ignored, with a
+    /// warning the first time each is seen.
+    fn trusted(&self, view: &View, model: Option<&str>) -> Vec<Placement> {
+        let mut out = Vec::new();
+        for (key, (p, lease)) in &view.placements {
+            if model.is_some_and(|m| m != p.model) {
+                continue;
+            }
+            let allowed = self.model(&p.model).map_or(&[][..], |m| &m.nodes[..]);
+            let node = view.nodes.get(&p.node).map(|(rec, l)| (rec, *l));
+            match check_placement(p, *lease, node, allowed) {
+                Ok(()) => out.push(p.clone()),
+                Err(why) => self.warn_ignored(key, p, *lease, why),
+            }
+        }
+        out.sort_by_key(|p| p.slot);
+        out
+    }
+
+    fn warn_ignored(&self, key: &str, p: &Placement, lease: i64, why: &str) {
+        let mut warned = Self::lock(&self.warned);
+        if warned.len() > 10_000 {
+            warned.clear();
+        }
+        if warned.insert((key.to_string(), lease)) {
+            tracing::warn!(
+                key,
+                node = %p.node,
+                advertise = %p.advertise,
+                "fleet mode: ignoring a placement: {why}; no request goes there"
+            );
+        }
+    }
+
+    /// The placements of one model (or of all, with `None`) that count, read from etcd.
     pub async fn placements(&self, model: Option<&str>) -> Result<Vec<Placement>, FleetError> {
-        let key = match model {
-            Some(m) => self.slot_prefix(m),
-            None => format!("{}placements/", self.prefix),
-        };
-        self.records_under(key).await
+        let view = self.read_view().await?;
+        Ok(self.trusted(&view, model))
     }
 
-    /// Every placement as the watch last saw it (`None` without a live watch).
+    /// Every placement that counts as the watch last saw it (`None` without a live watch).
     pub fn cached_placements(&self) -> Option<Vec<Placement>> {
-        Self::lock(&self.cache)
-            .as_ref()
-            .map(|all| all.values().cloned().collect())
+        let cache = Self::lock(&self.cache);
+        Some(self.trusted(cache.as_ref()?, None))
     }
 
-    /// The placements of `model` as the watch last saw them (`None` without a live watch).
+    /// The placements of `model` that count, as the watch last saw them (`None` without a
+    /// live watch).
     fn cached(&self, model: &str) -> Option<Vec<Placement>> {
         let cache = Self::lock(&self.cache);
-        let all = cache.as_ref()?;
-        Some(all.values().filter(|p| p.model == model).cloned().collect())
+        Some(self.trusted(cache.as_ref()?, Some(model)))
     }
 
     fn model(&self, name: &str) -> Option<&ModelConfig> {
@@ -341,7 +481,10 @@ impl Fleet {
         let here = match self.placements(Some(&model.id)).await {
             Ok(p) if p.iter().any(|p| p.node == self.cfg.node) => true,
             Ok(p) if p.len() as u32 >= model.replicas => false,
-            Ok(_) => matches!(self.claim(model, true).await, Ok(Route::Local)),
+            Ok(_) => matches!(
+                self.claim(model, Claim::Here { fit: false }).await,
+                Ok(Route::Local)
+            ),
             Err(e) => {
                 tracing::warn!(model = %model.id, "fleet mode: cannot place preloaded model: {e}");
                 false
@@ -355,9 +498,13 @@ impl Fleet {
         }
     }
 
-    /// Where a request for `name` goes. `hop`: the request was forwarded by another node, which
-    /// found the model placed here.
-    pub async fn route(&self, name: &str, hop: bool) -> Result<Route, FleetError> {
+    /// Whether `model` may run on this node (its `nodes`, as this node's config says).
+    fn may_run_here(&self, model: &ModelConfig) -> bool {
+        model.nodes.is_empty() || model.nodes.contains(&self.cfg.node)
+    }
+
+    /// Where a request for `name` goes; `hop`: how it reached this node.
+    pub async fn route(&self, name: &str, hop: Hop) -> Result<Route, FleetError> {
         let Some(model) = self.model(name) else {
             // Unknown: the supervisor answers 404 with the known names.
             return Ok(Route::Local);
@@ -365,13 +512,29 @@ impl Fleet {
         if self.is_fenced() {
             return Err(FleetError::Fenced);
         }
+        if hop != Hop::None && !self.may_run_here(model) {
+            // The forwarding node's config may differ: this node's `nodes` holds here.
+            tracing::warn!(model = %model.id, "fleet mode: refusing a hop: `nodes` excludes this node");
+            return Err(match hop {
+                Hop::Place => FleetError::NoRoom {
+                    model: model.id.clone(),
+                    why: format!(
+                        "node `{}` was chosen for it, but its `nodes` ({}) exclude it",
+                        self.cfg.node,
+                        model.nodes.join(", ")
+                    ),
+                },
+                _ => FleetError::NotPlacedHere(model.id.clone()),
+            });
+        }
         if self.etcd_down().is_some() && self.running_locally(&model.id) {
             // etcd is known to be out: what runs here keeps serving, without waiting for it.
             return Ok(Route::Local);
         }
         let cached = self.cached(&model.id);
         // A hop that the cache does not place here may be newer than the cache: read etcd.
-        let cached = cached.filter(|p| !hop || p.iter().any(|p| p.node == self.cfg.node));
+        let cached =
+            cached.filter(|p| hop == Hop::None || p.iter().any(|p| p.node == self.cfg.node));
         let read = match cached {
             Some(p) => Ok(p),
             None => self.placements(Some(&model.id)).await,
@@ -383,12 +546,17 @@ impl Fleet {
             Err(e) => return Err(e),
         };
         let here = placed.iter().any(|p| p.node == self.cfg.node);
-        if hop || (here && model.replicas == 1) {
-            return if here {
-                Ok(Route::Local)
-            } else {
-                Err(FleetError::NotPlacedHere(model.id.clone()))
-            };
+        match hop {
+            _ if here && (hop != Hop::None || model.replicas == 1) => return Ok(Route::Local),
+            Hop::Route => return Err(FleetError::NotPlacedHere(model.id.clone())),
+            Hop::Place => {
+                // Chosen by another node: claim a slot here, or say where it went meanwhile.
+                return match self.claim(model, Claim::Here { fit: true }).await? {
+                    Route::Local => Ok(Route::Local),
+                    Route::Remote { .. } => Err(FleetError::NotPlacedHere(model.id.clone())),
+                };
+            }
+            Hop::None => {}
         }
         let backing_off = !placed.is_empty()
             && Self::lock(&self.no_room_until)
@@ -396,11 +564,7 @@ impl Fleet {
                 .is_some_and(|until| Instant::now() < *until);
         if (placed.len() as u32) < model.replicas && !backing_off {
             // Room for another instance: claim one (eagerly, up to `replicas`).
-            match self.claim(model, false).await {
-                Ok(route @ Route::Remote { .. }) if here => {
-                    // A new replica elsewhere: send this request there (it is idle).
-                    return Ok(route);
-                }
+            match self.claim(model, Claim::Choose).await {
                 Ok(route) => return Ok(route),
                 Err(e) if placed.is_empty() => return Err(e),
                 Err(e) => {
@@ -450,6 +614,7 @@ impl Fleet {
                     Route::Remote {
                         node: p.node.clone(),
                         advertise: p.advertise.clone(),
+                        place: false,
                     }
                 } else {
                     Route::Local
@@ -457,33 +622,45 @@ impl Fleet {
             })
     }
 
-    /// Claims a placement for `model` (one claim at a time per model on this node).
-    /// `only_here`: claim a slot for this node or none (for a server already running here).
-    async fn claim(&self, model: &ModelConfig, only_here: bool) -> Result<Route, FleetError> {
+    /// Claims a placement for `model` on this node (one claim at a time per model on this
+    /// node), or picks another node for it (`Claim::Choose`), which is then asked to claim it
+    /// itself: a node writes placements only under its own lease.
+    async fn claim(&self, model: &ModelConfig, how: Claim) -> Result<Route, FleetError> {
         let gate = Self::lock(&self.claims)
             .entry(model.id.clone())
             .or_default()
             .clone();
         let _one = gate.lock().await;
+        let slots = self.slot_prefix(&model.id);
         for _attempt in 0..5 {
-            let placed = self.placements(Some(&model.id)).await?;
+            let view = self.read_view().await?;
+            let placed = self.trusted(&view, Some(&model.id));
             if placed.len() as u32 >= model.replicas {
                 return self.least_busy(&placed).ok_or(FleetError::NoRoom {
                     model: model.id.clone(),
                     why: "placements changed; retry".into(),
                 });
             }
-            let nodes = self.nodes().await?;
-            let candidates: Vec<NodeRecord> = nodes
+            let used = view.used_slots(&slots);
+            let Some(slot) = (0..model.replicas).find(|s| !used.contains(s)) else {
+                // Every slot key exists, some held by placements that do not count.
+                return Err(FleetError::NoRoom {
+                    model: model.id.clone(),
+                    why: "its slots are held by placements that do not count (see the warnings)"
+                        .into(),
+                });
+            };
+            let candidates: Vec<NodeRecord> = view
+                .live_nodes()
                 .into_iter()
                 .filter(|n| !placed.iter().any(|p| p.node == n.id))
                 .filter(|n| model.nodes.is_empty() || model.nodes.contains(&n.id))
                 .collect();
-            let target = if only_here {
-                // Its memory is already counted in this node's record: no fit check.
-                candidates.iter().find(|n| n.id == self.cfg.node)
-            } else {
-                choose_node(&self.cfg.node, &candidates, model.memory)
+            let target = match how {
+                Claim::Choose => choose_node(&self.cfg.node, &candidates, model.memory),
+                Claim::Here { fit } => candidates
+                    .iter()
+                    .find(|n| n.id == self.cfg.node && (!fit || n.fits(model.memory))),
             };
             let Some(target) = target else {
                 let why = if model.nodes.is_empty() {
@@ -500,27 +677,33 @@ impl Fleet {
                     why,
                 });
             };
-            let used: Vec<u32> = placed.iter().map(|p| p.slot).collect();
-            let Some(slot) = (0..model.replicas).find(|s| !used.contains(s)) else {
-                continue;
-            };
+            if target.id != self.cfg.node {
+                return Ok(Route::Remote {
+                    node: target.id.clone(),
+                    advertise: target.advertise.clone(),
+                    place: true,
+                });
+            }
+            let lease = self.lease.load(Ordering::SeqCst);
+            if lease == 0 || lease != target.lease {
+                return Err(FleetError::Fenced);
+            }
             let placement = Placement {
                 model: model.id.clone(),
-                node: target.id.clone(),
-                advertise: target.advertise.clone(),
+                node: self.cfg.node.clone(),
+                advertise: self.cfg.advertise.clone(),
                 slot,
                 since_ms: now_ms(),
             };
-            let slot_key = format!("{}{slot}", self.slot_prefix(&model.id));
-            let marker = self.marker_key(&target.id, &model.id);
-            let node_key = self.node_key(&target.id);
-            let with_lease = || Some(PutOptions::new().with_lease(target.lease));
+            let slot_key = format!("{slots}{slot}");
+            let marker = self.marker_key(&self.cfg.node, &model.id);
+            let with_lease = || Some(PutOptions::new().with_lease(lease));
             let txn = Txn::new()
                 .when([
                     Compare::create_revision(slot_key.clone(), CompareOp::Equal, 0),
                     Compare::create_revision(marker.clone(), CompareOp::Equal, 0),
-                    // The target is still registered on the lease we attach to.
-                    Compare::lease(node_key, CompareOp::Equal, target.lease),
+                    // Our record still hangs on our lease: the lease is live and ours.
+                    Compare::lease(self.node_key(&self.cfg.node), CompareOp::Equal, lease),
                 ])
                 .and_then([
                     TxnOp::put(
@@ -538,15 +721,8 @@ impl Fleet {
                 .await?;
             if done.succeeded() {
                 self.placements_claimed.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(model = %model.id, node = %target.id, slot, "placement claimed");
-                return Ok(if target.id == self.cfg.node {
-                    Route::Local
-                } else {
-                    Route::Remote {
-                        node: target.id.clone(),
-                        advertise: target.advertise.clone(),
-                    }
-                });
+                tracing::info!(model = %model.id, slot, "placement claimed here");
+                return Ok(Route::Local);
             }
         }
         Err(FleetError::NoRoom {
@@ -569,8 +745,15 @@ impl Fleet {
 
     /// `GET /api/cluster`.
     pub async fn snapshot(&self) -> Result<serde_json::Value, FleetError> {
-        let nodes = self.nodes().await?;
-        let placements = self.placements(None).await?;
+        let view = self.read_view().await?;
+        let nodes = view.live_nodes();
+        let placements = self.trusted(&view, None);
+        let ignored: Vec<_> = view
+            .placements
+            .iter()
+            .filter(|(_, (p, _))| !placements.contains(p))
+            .map(|(key, (p, lease))| json!({"key": key, "node": p.node, "advertise": p.advertise, "lease": lease}))
+            .collect();
         let mut by_node: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for p in &placements {
             by_node.entry(&p.node).or_default().push(&p.model);
@@ -595,6 +778,7 @@ impl Fleet {
             "fenced": self.is_fenced(),
             "nodes": nodes,
             "placements": placements,
+            "ignored_placements": ignored,
         }))
     }
 
@@ -651,7 +835,7 @@ impl Fleet {
                     // Started here outside a request (preload, /api/models/ID/load, a lease):
                     // it keeps running if it can have a slot; else another node holds them all.
                     let claimed = match self.model(&s.id) {
-                        Some(m) => self.claim(m, true).await,
+                        Some(m) => self.claim(m, Claim::Here { fit: false }).await,
                         None => continue,
                     };
                     if matches!(claimed, Ok(Route::Local)) {
@@ -716,7 +900,9 @@ impl Fleet {
             let client = match cached {
                 Some(c) => c,
                 None => {
-                    let opts = ConnectOptions::new()
+                    let opts = self
+                        .connect
+                        .clone()
                         .with_connect_timeout(Duration::from_secs(1))
                         .with_timeout(Duration::from_secs(1));
                     Client::connect([ep], Some(opts)).await.ok()?
@@ -865,7 +1051,7 @@ async fn upkeep(weak: std::sync::Weak<Fleet>) {
     }
 }
 
-/// Keeps `Fleet::cache` equal to the placements in etcd: a read, then a watch from the next
+/// Keeps `Fleet::cache` equal to the fleet's keys in etcd: a read, then a watch from the next
 /// revision; on any failure the cache is dropped (requests read etcd) and the watch starts over.
 async fn watch_placements(weak: std::sync::Weak<Fleet>) {
     use etcd_client::{EventType, WatchOptions};
@@ -874,7 +1060,7 @@ async fn watch_placements(weak: std::sync::Weak<Fleet>) {
         if fleet.lease.load(Ordering::SeqCst) == 0 {
             return;
         }
-        let prefix = format!("{}placements/", fleet.prefix);
+        let prefix = fleet.prefix.clone();
         let snapshot = fleet
             .kv(|mut c| {
                 let key = prefix.clone();
@@ -887,14 +1073,7 @@ async fn watch_placements(weak: std::sync::Weak<Fleet>) {
             continue;
         };
         let revision = snapshot.header().map_or(0, |h| h.revision());
-        let mut map: HashMap<String, Placement> = snapshot
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                let p = serde_json::from_slice(kv.value()).ok()?;
-                Some((String::from_utf8_lossy(kv.key()).into_owned(), p))
-            })
-            .collect();
+        let view = View::read(&prefix, snapshot.kvs());
         let stream = fleet
             .kv(|mut c| {
                 let key = prefix.clone();
@@ -909,7 +1088,7 @@ async fn watch_placements(weak: std::sync::Weak<Fleet>) {
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         };
-        *Fleet::lock(&fleet.cache) = Some(map.clone());
+        *Fleet::lock(&fleet.cache) = Some(view);
         drop(fleet);
         loop {
             let msg = stream.message().await;
@@ -922,29 +1101,82 @@ async fn watch_placements(weak: std::sync::Weak<Fleet>) {
                     break;
                 }
             };
-            for ev in resp.events() {
-                let Some(kv) = ev.kv() else { continue };
-                let key = String::from_utf8_lossy(kv.key()).into_owned();
-                match ev.event_type() {
-                    EventType::Put => {
-                        if let Ok(p) = serde_json::from_slice(kv.value()) {
-                            map.insert(key, p);
-                        }
-                    }
-                    EventType::Delete => {
-                        // A preloaded model lost an instance (its node died, or it stopped):
-                        // place it again, without waiting for a request.
-                        if let Some(gone) = map.remove(&key) {
-                            if fleet.preload.contains(&gone.model) {
-                                let f = fleet.clone();
-                                tokio::spawn(async move { f.place_preloaded(&gone.model).await });
-                            }
-                        }
+            let mut gone = Vec::new();
+            {
+                let mut cache = Fleet::lock(&fleet.cache);
+                let view = cache.get_or_insert_with(View::default);
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    match ev.event_type() {
+                        EventType::Put => view.put(&prefix, &key, kv.value(), kv.lease()),
+                        EventType::Delete => gone.extend(view.delete(&prefix, &key)),
                     }
                 }
             }
-            *Fleet::lock(&fleet.cache) = Some(map.clone());
+            // A preloaded model lost an instance (its node died, or it stopped): place it
+            // again, without waiting for a request.
+            for p in gone {
+                if fleet.preload.contains(&p.model) {
+                    let f = fleet.clone();
+                    tokio::spawn(async move { f.place_preloaded(&p.model).await });
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// etcd-client's options for `[cluster]`'s TLS files and user (the timeouts are the caller's).
+fn connect_options(cluster: &ClusterConfig) -> Result<ConnectOptions, String> {
+    let mut opts = ConnectOptions::new();
+    if let Some(tls) = &cluster.etcd_tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+        };
+        let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
+        if let Some((cert, key)) = &tls.client {
+            t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        opts = opts.with_tls(t);
+    }
+    if let Some(auth) = &cluster.etcd_auth {
+        opts = opts
+            .with_user(auth.user.clone(), auth.password.clone())
+            .with_auto_token_refresh(true);
+    }
+    Ok(opts)
+}
+
+/// An etcd connection error, with what to check for the usual causes.
+fn explain_connect_error(cluster: &ClusterConfig, error: &str) -> String {
+    let lower = error.to_ascii_lowercase();
+    let client_cert = cluster.etcd_tls.as_ref().map(|t| t.client.is_some());
+    // A member that wants a client certificate closes the connection during the handshake;
+    // tonic reports that as a cancelled request ("connection closed"), not as a TLS error.
+    let handshake = lower.contains("certificate")
+        || lower.contains("unknown ca")
+        || lower.contains("handshake")
+        || lower.contains("connection closed");
+    let hint = if client_cert == Some(false) && handshake {
+        "; with TLS, etcd may also require a client certificate (--client-cert-auth): set \
+         etcd_cert and etcd_key"
+    } else if client_cert == Some(true) && handshake {
+        "; check that etcd_ca signed the members' certificates and that etcd trusts the CA \
+         that signed etcd_cert"
+    } else if lower.contains("user name is empty")
+        || lower.contains("authentication failed")
+        || lower.contains("invalid auth token")
+        || lower.contains("permission denied")
+    {
+        if cluster.etcd_auth.is_some() {
+            "; etcd refused the credentials: check etcd_user and its password, and the user's \
+             role (read-write on the fleet's prefix /llmvisor/NAME/)"
+        } else {
+            "; etcd has authentication enabled: set etcd_user and etcd_password_file"
+        }
+    } else {
+        ""
+    };
+    format!("{error}{hint}")
 }

@@ -8,22 +8,43 @@
 //!   slots of one model.
 //!
 //! A placement is claimed with one transaction that requires both keys to be absent; the slot
-//! keys bound the count by `replicas`. A node whose lease is gone (etcd said so, or no member
-//! answered for `lease_ttl`) *fences* itself: it refuses new work and stops its servers, then
-//! registers again with a fresh lease and no placements.
+//! keys bound the count by `replicas`. A node only ever claims a placement for itself, under
+//! its own lease (the transaction also requires its record to hang on that lease); to place a
+//! model on another node it forwards the request there asking it to claim ([`hop`]). A
+//! placement counts only while it agrees with the live record of the node it names (same
+//! lease, same advertise URL, a node the model may run on): [`check_placement`].
+//!
+//! A node whose lease is gone (etcd said so, or no member answered for `lease_ttl`) *fences*
+//! itself: it refuses new work and stops its servers, then registers again with a fresh lease
+//! and no placements.
 
 #[cfg(feature = "fleet")]
 mod fleet;
+#[cfg(feature = "fleet")]
+pub mod hop;
 
 #[cfg(feature = "fleet")]
-pub use fleet::{Fleet, Route};
+pub use fleet::{Fleet, Hop, Route};
 
 use serde::{Deserialize, Serialize};
 
-/// Header a node-to-node hop carries: the forwarding node's id.
+/// Header of a node-to-node hop: the forwarding node's id.
 pub const HOP_HEADER: &str = "x-llmvisor-hop";
-/// Header a node-to-node hop carries: the cluster key.
-pub const KEY_HEADER: &str = "x-llmvisor-cluster-key";
+/// Header of a hop: the Unix second it was signed at.
+pub const HOP_TIME_HEADER: &str = "x-llmvisor-hop-time";
+/// Header of a hop: its random nonce.
+pub const HOP_NONCE_HEADER: &str = "x-llmvisor-hop-nonce";
+/// Header of a hop: the body's SHA-256 (hex) or `UNSIGNED-BODY`.
+pub const HOP_BODY_HEADER: &str = "x-llmvisor-hop-body";
+/// Header of a hop: the HMAC-SHA256 over the hop (see [`hop`]).
+pub const HOP_SIGNATURE_HEADER: &str = "x-llmvisor-hop-signature";
+/// Header of a hop that asks the receiving node to claim a placement for itself.
+pub const HOP_PLACE_HEADER: &str = "x-llmvisor-hop-place";
+/// Header of a hop's 503 "not placed here" answer: a tag over the responder and the hop's
+/// nonce; the forwarding node routes the request again only when it verifies.
+pub const NOT_PLACED_HEADER: &str = "x-llmvisor-not-placed";
+/// Header of a forwarded answer: the node that served it.
+pub const NODE_HEADER: &str = "x-llmvisor-node";
 
 /// What a node publishes about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +85,31 @@ pub struct Placement {
     pub slot: u32,
     /// Unix milliseconds of the claim.
     pub since_ms: u64,
+}
+
+/// Why a placement does not count (see [`check_placement`]).
+pub fn check_placement(
+    p: &Placement,
+    placement_lease: i64,
+    node: Option<(&NodeRecord, i64)>,
+    allowed_nodes: &[String],
+) -> Result<(), &'static str> {
+    let Some((rec, node_lease)) = node else {
+        return Err("its node has no live record");
+    };
+    if rec.id != p.node || rec.lease != node_lease {
+        return Err("its node's record does not match the lease it is stored under");
+    }
+    if placement_lease != node_lease {
+        return Err("it is not attached to its node's lease");
+    }
+    if p.advertise != rec.advertise {
+        return Err("its advertise URL differs from its node's record");
+    }
+    if !allowed_nodes.is_empty() && !allowed_nodes.contains(&p.node) {
+        return Err("the model may not run on that node (`nodes`)");
+    }
+    Ok(())
 }
 
 /// Why fleet mode could not answer.
@@ -115,6 +161,37 @@ mod tests {
             max_loaded: Some(2),
             models: (0..models).map(|i| format!("m{i}")).collect(),
         }
+    }
+
+    #[test]
+    fn a_placement_counts_only_with_its_nodes_live_record() {
+        let rec = NodeRecord {
+            lease: 7,
+            ..node("b", None, 0, 0)
+        };
+        let p = Placement {
+            model: "m".into(),
+            node: "b".into(),
+            advertise: "http://b".into(),
+            slot: 0,
+            since_ms: 0,
+        };
+        assert_eq!(check_placement(&p, 7, Some((&rec, 7)), &[]), Ok(()));
+        assert!(check_placement(&p, 7, None, &[]).is_err());
+        assert!(
+            check_placement(&p, 8, Some((&rec, 7)), &[]).is_err(),
+            "another lease"
+        );
+        assert!(
+            check_placement(&p, 7, Some((&rec, 8)), &[]).is_err(),
+            "record off its lease"
+        );
+        let moved = Placement {
+            advertise: "http://evil:80".into(),
+            ..p.clone()
+        };
+        assert!(check_placement(&moved, 7, Some((&rec, 7)), &[]).is_err());
+        assert!(check_placement(&p, 7, Some((&rec, 7)), &["a".into()]).is_err());
     }
 
     #[test]

@@ -164,8 +164,37 @@ pub struct ClusterConfig {
     pub advertise: String,
     /// A node silent this long loses its placements (whole seconds, at least 2).
     pub lease_ttl: Duration,
-    /// Shared secret that node-to-node hops carry (required unless `advertise` is loopback).
+    /// Shared secret that signs node-to-node hops (required unless `advertise` is loopback).
     pub cluster_key: Option<String>,
+    /// TLS to etcd (`https://` endpoints).
+    pub etcd_tls: Option<EtcdTls>,
+    /// etcd user and password (etcd's `auth enable`).
+    pub etcd_auth: Option<EtcdAuth>,
+}
+
+/// `[cluster] etcd_ca`, `etcd_cert`, `etcd_key`: files read when the node connects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdTls {
+    /// PEM: the CA that signed the etcd members' certificates.
+    pub ca: PathBuf,
+    /// PEM client certificate and its key (etcd's `--client-cert-auth`), both or neither.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+/// `[cluster] etcd_user` with `etcd_password` or `etcd_password_file`.
+#[derive(Clone, PartialEq)]
+pub struct EtcdAuth {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdAuth")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 /// `[cluster]` keys.
@@ -176,6 +205,12 @@ pub const CLUSTER_KEYS: &[&str] = &[
     "advertise",
     "lease_ttl",
     "cluster_key",
+    "etcd_ca",
+    "etcd_cert",
+    "etcd_key",
+    "etcd_user",
+    "etcd_password",
+    "etcd_password_file",
 ];
 /// `[cluster] etcd` when not set.
 pub const DEFAULT_ETCD: &str = "http://127.0.0.1:2379";

@@ -224,6 +224,24 @@ pub fn parse_with_env(
     Ok(config)
 }
 
+/// How to make a real key, for a refused placeholder.
+const PLACEHOLDER_HELP: &str =
+    "generate a secret, e.g. with `openssl rand -hex 32`, and put it here (or in your Secret)";
+
+/// A key copied from an example instead of generated (`change-me…`, `<output of …>`, `…`).
+fn is_placeholder(key: &str) -> bool {
+    let lower = key.to_ascii_lowercase();
+    let folded: String = lower
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    folded.contains("changeme")
+        || folded.contains("replaceme")
+        || (key.starts_with('<') && key.ends_with('>'))
+        || key.contains('\u{2026}')
+        || key.contains("...")
+}
+
 /// A value with the byte offset it came from.
 #[derive(Debug, Clone)]
 struct Sp<T> {
@@ -903,6 +921,12 @@ impl Parser<'_> {
                     format!("a key in `{key}` contains whitespace"),
                     "keys are sent as \"Authorization: Bearer KEY\" and cannot contain spaces",
                 );
+            } else if is_placeholder(&k.v) {
+                self.err_help(
+                    k.at,
+                    format!("the key {:?} in `{key}` is a placeholder", k.v),
+                    PLACEHOLDER_HELP,
+                );
             } else {
                 out.push(k.v);
             }
@@ -1539,6 +1563,7 @@ impl Parser<'_> {
         let cluster = top.cluster.as_ref().and_then(|n| {
             self.cluster(
                 n,
+                path.and_then(Path::parent),
                 listen.as_ref(),
                 top.api_keys.as_ref().is_some_and(|k| !k.is_empty()),
             )

@@ -142,13 +142,23 @@ async fn guard(
         let mut r = http::StatusCode::NO_CONTENT.into_response();
         browser::preflight_headers(r.headers_mut());
         r
-    } else if auth::allowed(scope, req.headers(), &cfg.api_keys, &cfg.admin_keys)
-        || fleet::hop_allowed(&st, req.uri().path(), req.headers())
-    {
-        drop(cfg);
-        next.run(req).await
     } else {
-        ApiError::unauthorized().into_response()
+        // A node-to-node hop is verified first, before any header is stripped or read.
+        let pass = match fleet::admit_hop(&st, req).await {
+            fleet::HopAdmission::Hop(req) => Ok(req),
+            fleet::HopAdmission::Refused(resp) => Err(resp),
+            fleet::HopAdmission::NotAHop(req)
+                if auth::allowed(scope, req.headers(), &cfg.api_keys, &cfg.admin_keys) =>
+            {
+                Ok(req)
+            }
+            fleet::HopAdmission::NotAHop(_) => Err(ApiError::unauthorized().into_response()),
+        };
+        drop(cfg);
+        match pass {
+            Ok(req) => next.run(req).await,
+            Err(resp) => resp,
+        }
     };
     if let Some(o) = origin.filter(|_| resp.status() != http::StatusCode::FORBIDDEN) {
         browser::cors_headers(resp.headers_mut(), &o);

@@ -36,7 +36,113 @@ struct Member {
     name: String,
     client: u16,
     peer: u16,
+    /// Plain-HTTP `/health` (and `/metrics`), also when clients must use TLS.
+    metrics: u16,
     child: Option<Child>,
+}
+
+/// A throwaway CA and the certificates signed by it (made with `openssl`), in PEM files.
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    /// Mode 0600.
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate, in `dir`.
+    pub fn generate(dir: &Path) -> TlsFiles {
+        let f = |name: &str| dir.join(name);
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl is installed (scripts/setup-fleet.sh)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec![
+            "req",
+            "-x509",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=llmvisor-test-ca",
+        ];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        openssl(&ca);
+        for (who, usage, san) in [
+            (
+                "server",
+                "serverAuth,clientAuth",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+            ),
+            ("client", "clientAuth", ""),
+        ] {
+            let subj = format!("/CN=llmvisor-test-{who}");
+            let (key, csr, pem) = (
+                format!("{who}.key"),
+                format!("{who}.csr"),
+                format!("{who}.pem"),
+            );
+            let mut req = vec!["req", "-subj", &subj, "-keyout", &key, "-out", &csr];
+            req.extend(ec);
+            openssl(&req);
+            let ext = format!("{who}.ext");
+            std::fs::write(f(&ext), format!("{san}extendedKeyUsage={usage}\n")).unwrap();
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &pem,
+                "-extfile",
+                &ext,
+            ]);
+        }
+        use std::os::unix::fs::PermissionsExt;
+        for key in ["ca.key", "server.key", "client.key"] {
+            std::fs::set_permissions(f(key), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        TlsFiles {
+            ca: f("ca.pem"),
+            server_cert: f("server.pem"),
+            server_key: f("server.key"),
+            client_cert: f("client.pem"),
+            client_key: f("client.key"),
+        }
+    }
 }
 
 /// A real etcd cluster on 127.0.0.1.
@@ -46,11 +152,27 @@ pub struct Etcd {
     members: Vec<Member>,
     initial: String,
     token: String,
+    /// Clients must use TLS with a client certificate signed by this CA.
+    tls: Option<TlsFiles>,
 }
 
 impl Etcd {
     /// Starts `n` members and waits until the cluster has a leader.
     pub fn start(n: usize) -> Etcd {
+        Self::start_with(n, false)
+    }
+
+    /// One member that takes only TLS clients with a certificate of [`Self::tls`]'s CA
+    /// (`--client-cert-auth`).
+    pub fn start_tls() -> Etcd {
+        Self::start_with(1, true)
+    }
+
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
+    fn start_with(n: usize, tls: bool) -> Etcd {
         let bin = etcd_bin().expect("etcd is installed");
         let dir = tempfile::Builder::new()
             .prefix("llmvisor-etcd")
@@ -61,6 +183,7 @@ impl Etcd {
                 name: format!("m{i}"),
                 client: closed_port(),
                 peer: closed_port(),
+                metrics: closed_port(),
                 child: None,
             })
             .collect();
@@ -75,7 +198,11 @@ impl Etcd {
             members,
             initial,
             token: format!("llmvisor-test-{}-{}", std::process::id(), closed_port()),
+            tls: None,
         };
+        if tls {
+            etcd.tls = Some(TlsFiles::generate(etcd.dir.path()));
+        }
         for i in 0..n {
             etcd.spawn(i);
         }
@@ -91,10 +218,22 @@ impl Etcd {
             .append(true)
             .open(self.dir.path().join(format!("{}.log", m.name)))
             .unwrap();
-        let client = format!("http://127.0.0.1:{}", m.client);
+        let client = format!("{}://127.0.0.1:{}", self.scheme(), m.client);
         let peer = format!("http://127.0.0.1:{}", m.peer);
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if let Some(t) = &self.tls {
+            cmd.args([
+                "--client-cert-auth",
+                "--trusted-ca-file",
+                t.ca.to_str().unwrap(),
+            ])
+            .args(["--cert-file", t.server_cert.to_str().unwrap()])
+            .args(["--key-file", t.server_key.to_str().unwrap()]);
+        }
+        let metrics = format!("http://127.0.0.1:{}", m.metrics);
+        let child = cmd
             .args(["--name", &m.name])
+            .args(["--listen-metrics-urls", &metrics])
             .args(["--data-dir", data.to_str().unwrap()])
             .args(["--listen-client-urls", &client])
             .args(["--advertise-client-urls", &client])
@@ -112,11 +251,43 @@ impl Etcd {
         self.members[i].child = Some(child);
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client))
             .collect()
+    }
+
+    /// A client of the first member (a plain-HTTP cluster's), as root once auth is enabled.
+    pub async fn client(&self, user: Option<(&str, &str)>) -> etcd_client::Client {
+        let opts = user.map(|(u, p)| etcd_client::ConnectOptions::new().with_user(u, p));
+        etcd_client::Client::connect([&self.endpoints()[0]], opts)
+            .await
+            .expect("connect to etcd")
+    }
+
+    /// `etcdctl user add`/`role grant`/`auth enable`: root (password `root_password`) and a
+    /// user `node` (password `node_password`) that may read and write `/llmvisor/`.
+    pub async fn enable_auth(&self, root_password: &str, node_password: &str) {
+        use etcd_client::Permission;
+        let mut c = self.client(None).await;
+        c.user_add("root", root_password, None).await.unwrap();
+        c.role_add("root").await.unwrap();
+        c.user_grant_role("root", "root").await.unwrap();
+        c.role_add("llmvisor").await.unwrap();
+        let rw = Permission::read_write("/llmvisor/").with_prefix();
+        c.role_grant_permission("llmvisor", rw).await.unwrap();
+        c.user_add("node", node_password, None).await.unwrap();
+        c.user_grant_role("node", "llmvisor").await.unwrap();
+        c.auth_enable().await.unwrap();
     }
 
     /// Waits until some running member reports itself healthy (a leader exists).
@@ -127,7 +298,7 @@ impl Etcd {
                 .members
                 .iter()
                 .filter(|m| m.child.is_some())
-                .any(|m| health(m.client));
+                .any(|m| health(m.metrics));
             if up {
                 return;
             }
@@ -201,6 +372,27 @@ impl FleetNode {
         models: &[(&str, &str, &str)],
     ) -> FleetNode {
         Self::with_top(id, fleet, etcd, lease_ttl, models, "")
+    }
+
+    /// [`Self::with_top`] with extra `[cluster]` TOML (e.g. etcd credentials).
+    pub fn with_cluster(
+        id: &str,
+        fleet: &str,
+        etcd: &[String],
+        lease_ttl: &str,
+        models: &[(&str, &str, &str)],
+        cluster: &str,
+    ) -> FleetNode {
+        let node = Self::with_top(id, fleet, etcd, lease_ttl, models, "");
+        let text = std::fs::read_to_string(&node.config).unwrap();
+        let text = text.replacen("[cluster]\n", &format!("[cluster]\n{cluster}\n"), 1);
+        std::fs::write(&node.config, text).unwrap();
+        node
+    }
+
+    /// The node's config file.
+    pub fn config(&self) -> &Path {
+        &self.config
     }
 
     /// [`Self::new`] with extra top-level TOML (e.g. `preload = [...]`).
@@ -314,19 +506,28 @@ pub async fn get(url: &str, path: &str) -> Result<(u16, String), String> {
 }
 
 async fn send(req: http::Request<axum::body::Body>) -> Result<(u16, String), String> {
+    send_full(req).await.map(|(status, _, body)| (status, body))
+}
+
+/// A whole answer: status, headers, body.
+pub type Answer = (u16, http::HeaderMap, String);
+
+/// Sends `req` as it is; `Err` when the node does not answer at all.
+pub async fn send_full(req: http::Request<axum::body::Body>) -> Result<Answer, String> {
     use http_body_util::BodyExt;
     let resp = llmvisor::upstream::client()
         .request(req.map(llmvisor::upstream::body))
         .await
         .map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
     let body = resp
         .into_body()
         .collect()
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// A chat request for `model`.

@@ -61,6 +61,45 @@ impl ServeProcess {
         d
     }
 
+    /// `llmvisor serve` that is expected to refuse to start: its exit status and stderr
+    /// (killed by pid, failing, if it still runs after `within`).
+    pub fn run_to_exit(config: &Path, within: Duration) -> (std::process::ExitStatus, String) {
+        let url = format!("127.0.0.1:{}", closed_port());
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--config",
+                config.to_str().unwrap(),
+                "--listen",
+                &url,
+            ])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start llmvisor serve");
+        let mut pipe = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        });
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("llmvisor serve still ran after {within:?}; expected it to refuse to start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (status, reader.join().unwrap_or_default())
+    }
+
     pub fn wait_healthy(&mut self) {
         let addr = self.url.trim_start_matches("http://").to_string();
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -1,12 +1,15 @@
 //! `[cluster]` (fleet mode) and the per-model `replicas`/`nodes` keys.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::super::tree::{Kind, Node};
-use super::{Parser, Sp};
+use super::{is_placeholder, Parser, Sp, PLACEHOLDER_HELP};
 use crate::config::{
-    ClusterConfig, CLUSTER_KEYS, DEFAULT_CLUSTER_NAME, DEFAULT_ETCD, DEFAULT_LEASE_TTL,
+    ClusterConfig, EtcdAuth, EtcdTls, CLUSTER_KEYS, DEFAULT_CLUSTER_NAME, DEFAULT_ETCD,
+    DEFAULT_LEASE_TTL,
 };
 
 /// The shortest `lease_ttl`: etcd rounds leases to whole seconds and renews at a third of them.
@@ -22,9 +25,15 @@ fn valid_id(s: &str) -> bool {
 
 /// `http://host:port` with no path (a trailing `/` is allowed).
 fn valid_http_url(s: &str) -> bool {
-    let Some(rest) = s.strip_prefix("http://") else {
-        return false;
-    };
+    s.strip_prefix("http://").is_some_and(valid_authority)
+}
+
+/// An etcd endpoint: `http://host:port` or `https://host:port`.
+fn valid_etcd_url(s: &str) -> bool {
+    valid_http_url(s) || s.strip_prefix("https://").is_some_and(valid_authority)
+}
+
+fn valid_authority(rest: &str) -> bool {
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     !rest.is_empty() && !rest.contains('/') && !rest.contains(char::is_whitespace)
 }
@@ -94,10 +103,177 @@ impl Parser<'_> {
         Some(out)
     }
 
+    /// A file named by `[cluster] key` (relative to the config's directory), which must exist;
+    /// `private`: a secret, refused when every user may read it.
+    fn cluster_file(
+        &mut self,
+        key: &str,
+        file: &Sp<String>,
+        base: Option<&Path>,
+        private: bool,
+    ) -> Option<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = match base {
+            Some(dir) if Path::new(&file.v).is_relative() => dir.join(&file.v),
+            _ => PathBuf::from(&file.v),
+        };
+        match std::fs::metadata(&path) {
+            Ok(m) if !m.is_file() => {
+                self.err(file.at, format!("`{key}` {}: not a file", path.display()));
+                None
+            }
+            Ok(m) if private && m.permissions().mode() & 0o004 != 0 => {
+                self.err_help(
+                    file.at,
+                    format!(
+                        "`{key}` {} is readable by every user (mode {:o})",
+                        path.display(),
+                        m.permissions().mode() & 0o777
+                    ),
+                    format!(
+                        "it is a secret: `chmod 600 {}` (Kubernetes: defaultMode: 0400 on the \
+                         Secret's volume)",
+                        path.display()
+                    ),
+                );
+                None
+            }
+            Ok(_) => Some(path),
+            Err(e) => {
+                self.err(
+                    file.at,
+                    format!("`{key}`: cannot read {}: {e}", path.display()),
+                );
+                None
+            }
+        }
+    }
+
+    /// `etcd_ca`/`etcd_cert`/`etcd_key` and `etcd_user`/`etcd_password(_file)`, checked
+    /// against each other and against the endpoints' scheme.
+    fn etcd_credentials(
+        &mut self,
+        table: &Node,
+        given: &HashMap<&str, Sp<String>>,
+        endpoints: Option<&[Sp<String>]>,
+        base: Option<&Path>,
+    ) -> (Option<EtcdTls>, Option<EtcdAuth>) {
+        let https = endpoints.is_some_and(|e| e.iter().any(|e| e.v.starts_with("https://")));
+        if let Some(list) = endpoints {
+            if https && list.iter().any(|e| e.v.starts_with("http://")) {
+                self.err_help(
+                    list[0].at,
+                    "`etcd` mixes http:// and https:// endpoints",
+                    "use https:// for every member of a TLS etcd",
+                );
+            }
+        }
+        let file = |p: &mut Self, key: &str, private: bool| {
+            let f = given.get(key)?;
+            p.cluster_file(key, f, base, private)
+        };
+        let ca = file(self, "etcd_ca", false);
+        let cert = file(self, "etcd_cert", false);
+        let key = file(self, "etcd_key", true);
+        let tls_key = ["etcd_ca", "etcd_cert", "etcd_key"]
+            .into_iter()
+            .find_map(|k| given.get(k));
+        match (given.get("etcd_cert"), given.get("etcd_key")) {
+            (Some(c), None) => self.err_help(
+                c.at,
+                "`etcd_cert` needs `etcd_key`",
+                "set etcd_key to the client certificate's private key (PEM)",
+            ),
+            (None, Some(k)) => self.err_help(
+                k.at,
+                "`etcd_key` needs `etcd_cert`",
+                "set etcd_cert to the client certificate (PEM)",
+            ),
+            _ => {}
+        }
+        if let Some(t) = tls_key.filter(|_| !https) {
+            self.err_help(
+                t.at,
+                "TLS to etcd is configured but the `etcd` endpoints are http://",
+                "write them as https://host:port",
+            );
+        }
+        if https && !given.contains_key("etcd_ca") {
+            self.err_help(
+                endpoints.map_or(table.at(), |e| e[0].at),
+                "https:// etcd endpoints need `etcd_ca`",
+                "set etcd_ca to the PEM file of the CA that signed the etcd members' certificates",
+            );
+        }
+        let tls = ca.map(|ca| EtcdTls {
+            ca,
+            client: cert.zip(key),
+        });
+        let password =
+            match (given.get("etcd_password"), given.get("etcd_password_file")) {
+                (Some(_), Some(f)) => {
+                    self.err(
+                        f.at,
+                        "set `etcd_password` or `etcd_password_file`, not both",
+                    );
+                    None
+                }
+                (Some(p), None) => Some(p.v.clone()),
+                (None, Some(f)) => file(self, "etcd_password_file", true).and_then(|path| {
+                    match std::fs::read_to_string(&path) {
+                        Ok(text) => Some(text.trim_end_matches(['\r', '\n']).to_string()),
+                        Err(e) => {
+                            self.err(
+                                f.at,
+                                format!(
+                                    "`etcd_password_file`: cannot read {}: {e}",
+                                    path.display()
+                                ),
+                            );
+                            None
+                        }
+                    }
+                }),
+                (None, None) => None,
+            };
+        let auth = match (given.get("etcd_user"), password) {
+            (Some(u), Some(password)) => Some(EtcdAuth {
+                user: u.v.clone(),
+                password,
+            }),
+            (Some(u), None) => {
+                if !given.contains_key("etcd_password") && !given.contains_key("etcd_password_file")
+                {
+                    self.err_help(
+                        u.at,
+                        "`etcd_user` needs a password",
+                        "set etcd_password_file to a file holding it (or etcd_password)",
+                    );
+                }
+                None
+            }
+            (None, Some(_)) => {
+                let at = given
+                    .get("etcd_password")
+                    .or(given.get("etcd_password_file"))
+                    .map_or(table.at(), |p| p.at);
+                self.err_help(
+                    at,
+                    "an etcd password needs `etcd_user`",
+                    "set etcd_user = \"NAME\"",
+                );
+                None
+            }
+            (None, None) => None,
+        };
+        (tls, auth)
+    }
+
     /// The `[cluster]` table; `None` after reporting its problems.
     pub(super) fn cluster(
         &mut self,
         n: &Node,
+        base: Option<&Path>,
         listen: Option<&Sp<SocketAddr>>,
         api_keys: bool,
     ) -> Option<ClusterConfig> {
@@ -112,6 +288,8 @@ impl Parser<'_> {
         let mut advertise: Option<Sp<String>> = None;
         let mut lease_ttl = None;
         let mut cluster_key = None;
+        let mut endpoints: Option<Vec<Sp<String>>> = None;
+        let mut credentials: HashMap<&str, Sp<String>> = HashMap::new();
         for f in fields {
             let v = &f.value;
             match f.key.as_str() {
@@ -127,15 +305,39 @@ impl Parser<'_> {
                         );
                     }
                     for e in &list {
-                        if !valid_http_url(&e.v) {
+                        if !valid_etcd_url(&e.v) {
                             self.err_help(
                                 e.at,
-                                format!("etcd endpoint {:?} is not an http://host:port URL", e.v),
+                                format!(
+                                    "etcd endpoint {:?} is not an http(s)://host:port URL",
+                                    e.v
+                                ),
                                 format!("e.g. etcd = [{DEFAULT_ETCD:?}]"),
                             );
                         }
                     }
-                    etcd = Some(list.into_iter().map(|e| e.v).collect::<Vec<_>>());
+                    etcd = Some(list.iter().map(|e| e.v.clone()).collect::<Vec<_>>());
+                    endpoints = (!list.is_empty()).then_some(list);
+                }
+                key @ ("etcd_ca" | "etcd_cert" | "etcd_key" | "etcd_user" | "etcd_password"
+                | "etcd_password_file") => {
+                    let Some(s) = self.string(key, v) else {
+                        continue;
+                    };
+                    if s.is_empty() {
+                        self.err(v.at(), format!("`{key}` is empty"));
+                        continue;
+                    }
+                    let name = CLUSTER_KEYS.iter().copied().find(|k| *k == key);
+                    if let Some(name) = name {
+                        credentials.insert(
+                            name,
+                            Sp {
+                                v: s.to_string(),
+                                at: v.at(),
+                            },
+                        );
+                    }
                 }
                 key @ ("name" | "node") => {
                     let Some(s) = self.string(key, v) else {
@@ -196,6 +398,12 @@ impl Parser<'_> {
                             "`cluster_key` is shorter than 16 characters",
                             "use a long random secret, e.g. the output of `openssl rand -hex 32`",
                         );
+                    } else if is_placeholder(s) {
+                        self.err_help(
+                            v.at(),
+                            format!("`cluster_key` {s:?} is a placeholder"),
+                            PLACEHOLDER_HELP,
+                        );
                     } else {
                         cluster_key = Some(s.to_string());
                     }
@@ -219,6 +427,8 @@ impl Parser<'_> {
                 }
             }
         }
+        let (etcd_tls, etcd_auth) =
+            self.etcd_credentials(n, &credentials, endpoints.as_deref(), base);
         let advertise = match advertise {
             Some(a) => a,
             None => {
@@ -252,7 +462,7 @@ impl Parser<'_> {
                 advertise.at,
                 "[cluster] needs `cluster_key` when `advertise` is not a loopback address",
                 "nodes forward requests to each other with it; set the same long random secret \
-                 on every node, e.g. cluster_key = \"<output of openssl rand -hex 32>\"",
+                 on every node, e.g. the output of `openssl rand -hex 32`",
             );
         }
         if self.diags.len() > errors_before {
@@ -265,6 +475,8 @@ impl Parser<'_> {
             advertise: advertise.v,
             lease_ttl: lease_ttl.unwrap_or(DEFAULT_LEASE_TTL),
             cluster_key,
+            etcd_tls,
+            etcd_auth,
         })
     }
 }
@@ -318,7 +530,7 @@ mod tests {
         let e = parse(&text).unwrap_err();
         assert!(
             e.contains(
-                "<config>:2:9: error: etcd endpoint \"127.0.0.1:2379\" is not an http://host:port URL"
+                "<config>:2:9: error: etcd endpoint \"127.0.0.1:2379\" is not an http(s)://host:port URL"
             ),
             "{e}"
         );
@@ -347,6 +559,100 @@ mod tests {
         let e = parse(&text).unwrap_err();
         assert!(
             e.contains("needs `cluster_key` when `api_keys` are set"),
+            "{e}"
+        );
+    }
+
+    /// A file in a fresh temp dir with `mode`.
+    fn file(dir: &tempfile::TempDir, name: &str, mode: u32) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.path().join(name);
+        std::fs::write(&p, "secret\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p.display().to_string()
+    }
+
+    #[test]
+    fn etcd_tls_and_user_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key, pw) = (
+            file(&dir, "ca.pem", 0o644),
+            file(&dir, "c.pem", 0o644),
+            file(&dir, "c.key", 0o600),
+            file(&dir, "pw", 0o640),
+        );
+        let text = format!(
+            "[cluster]\netcd = [\"https://127.0.0.1:2379\"]\netcd_ca = {ca:?}\n\
+             etcd_cert = {cert:?}\netcd_key = {key:?}\netcd_user = \"node\"\n\
+             etcd_password_file = {pw:?}\n{MODEL}"
+        );
+        let cl = parse(&text).unwrap().cluster.unwrap();
+        let tls = cl.etcd_tls.unwrap();
+        assert_eq!(tls.ca.display().to_string(), ca);
+        assert_eq!(tls.client.unwrap().1.display().to_string(), key);
+        let auth = cl.etcd_auth.unwrap();
+        assert_eq!(
+            (auth.user.as_str(), auth.password.as_str()),
+            ("node", "secret")
+        );
+        assert!(
+            !format!("{auth:?}").contains("secret"),
+            "the password is not in Debug"
+        );
+
+        // A world-readable key, a cert without its key, TLS files with http://, a user
+        // without a password: each an error at its position.
+        let open = file(&dir, "open.key", 0o644);
+        let text = format!(
+            "[cluster]\netcd = [\"https://127.0.0.1:2379\"]\netcd_ca = {ca:?}\n\
+             etcd_key = {open:?}\netcd_user = \"node\"\n{MODEL}"
+        );
+        let e = parse(&text).unwrap_err();
+        assert!(e.contains("<config>:4:12: error: `etcd_key`"), "{e}");
+        assert!(e.contains("is readable by every user (mode 644)"), "{e}");
+        assert!(e.contains("chmod 600"), "{e}");
+        assert!(
+            e.contains("<config>:4:12: error: `etcd_key` needs `etcd_cert`"),
+            "{e}"
+        );
+        assert!(
+            e.contains("<config>:5:13: error: `etcd_user` needs a password"),
+            "{e}"
+        );
+        let text = format!("[cluster]\netcd_ca = {ca:?}\n{MODEL}");
+        let e = parse(&text).unwrap_err();
+        assert!(e.contains("<config>:2:11: error: TLS to etcd is configured but the `etcd` endpoints are http://"), "{e}");
+        let text = format!("[cluster]\netcd = [\"https://127.0.0.1:2379\"]\n{MODEL}");
+        let e = parse(&text).unwrap_err();
+        assert!(
+            e.contains("<config>:2:9: error: https:// etcd endpoints need `etcd_ca`"),
+            "{e}"
+        );
+        let text = format!("[cluster]\netcd_password = \"x\"\n{MODEL}");
+        let e = parse(&text).unwrap_err();
+        assert!(
+            e.contains("<config>:2:17: error: an etcd password needs `etcd_user`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn placeholder_keys_are_refused() {
+        for key in [
+            "change-me-cluster-key-0123456789",
+            "<output of openssl rand -hex 32>",
+            "\u{2026}openssl rand -hex 32\u{2026}",
+        ] {
+            let text = format!("[cluster]\ncluster_key = {key:?}\n{MODEL}");
+            let e = parse(&text).unwrap_err();
+            assert!(e.contains("<config>:2:15: error: `cluster_key`"), "{e}");
+            assert!(e.contains("is a placeholder"), "{e}");
+            assert!(e.contains("openssl rand -hex 32"), "{e}");
+        }
+        let text = format!("api_keys = [\"CHANGEME\"]\n{MODEL}");
+        let e = parse(&text).unwrap_err();
+        assert!(
+            e.contains("<config>:1:13: error: the key \"CHANGEME\" in `api_keys` is a placeholder"),
             "{e}"
         );
     }

@@ -1158,7 +1158,9 @@ fn explain_connect_error(cluster: &ClusterConfig, error: &str) -> String {
         || lower.contains("unknown ca")
         || lower.contains("handshake")
         || lower.contains("connection closed");
-    let hint = if client_cert == Some(false) && handshake {
+    // On a loaded machine the refused handshake may surface as the request's timeout instead.
+    let timed_out = lower.contains("timed out") || lower.contains("timeout");
+    let hint = if client_cert == Some(false) && (handshake || timed_out) {
         "; with TLS, etcd may also require a client certificate (--client-cert-auth): set \
          etcd_cert and etcd_key"
     } else if client_cert == Some(true) && handshake {

@@ -12,6 +12,7 @@ pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;
 pub(crate) mod escalate;
+pub mod estimate;
 pub mod events;
 pub mod gguf;
 pub mod ids;

@@ -150,6 +150,21 @@ impl Gguf {
             .collect()
     }
 
+    /// `{arch}.feed_forward_length` (the largest, if given per layer).
+    pub fn feed_forward_length(&self) -> Option<u64> {
+        PerLayer::from_value(self.arch_key("feed_forward_length")?).map(|p| p.max())
+    }
+
+    /// Tokens in the vocabulary: `{arch}.vocab_size`, else the length of `tokenizer.ggml.tokens`.
+    pub fn vocab_size(&self) -> Option<u64> {
+        self.arch_u64("vocab_size")
+            .or_else(|| match self.get("tokenizer.ggml.tokens")? {
+                Value::Skipped { len } => Some(*len),
+                Value::Array(items) => Some(items.len() as u64),
+                _ => None,
+            })
+    }
+
     pub fn expert_count(&self) -> Option<u64> {
         self.arch_u64("expert_count").filter(|&n| n > 0)
     }

@@ -481,7 +481,7 @@ impl Actor {
         self.measured_at = Some(Instant::now());
         let measured = running.server.local().and_then(|p| measure_group(p.pid()));
         let mut st = self.cell.lock();
-        st.memory = st.memory.with_measured(measured);
+        st.memory = st.memory.clone().with_measured(measured);
     }
 
     /// New settings. Keys that shape the server (`cmd`, `env`, `cwd`, `port`, health) restart
@@ -644,7 +644,7 @@ impl Actor {
         {
             let mut st = self.cell.lock();
             st.waiting = 0;
-            st.memory = st.memory.with_measured(measured);
+            st.memory = st.memory.clone().with_measured(measured);
             st.run += 1;
             st.endpoint = Some(running.endpoint.clone());
             st.down = Some(running.down_rx.clone());

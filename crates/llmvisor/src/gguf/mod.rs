@@ -12,8 +12,9 @@ mod split;
 #[cfg(test)]
 mod tests;
 pub mod types;
-#[cfg(test)]
-pub(crate) mod write;
+/// Small GGUF files for tests (this crate's and the integration tests').
+#[doc(hidden)]
+pub mod write;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -84,6 +84,19 @@ impl Memory {
         self
     }
 
+    /// The server ended: for a model with an estimate, what the run measured becomes the
+    /// learned figure (the larger, as the store keeps it) and the next start counts that.
+    pub fn ended_run(mut self) -> Self {
+        if self.estimate.is_some() {
+            if let Some(m) = self.measured.take() {
+                self.learned = Some(self.learned.map_or(m, |l| l.max(m)));
+                self.measured_gpu.clear();
+            }
+        }
+        self.settle();
+        self
+    }
+
     pub fn with_learned(mut self, learned: Option<u64>) -> Self {
         self.learned = learned;
         self.settle();

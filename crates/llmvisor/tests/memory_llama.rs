@@ -2,6 +2,8 @@
 //! (Gemma 3 270M, sliding window; SmolLM2 135M, llama) over a matrix of shapes, the estimate from
 //! the GGUF and the flags is within ±20 % of the PSS of the server's process group after one
 //! request. Prints the table docs/memory.md shows (old rule: file size + 20 % + 128 MiB).
+//! And a memory budget with no `memory` key anywhere: estimates and measurements alone decide
+//! which idle server makes room, never a busy one.
 //!
 //! Needs LLAMA_SERVER, LLAMA_MODEL and LLAMA_MODEL_SMOL (scripts/test.sh sets them); without
 //! them it says it skips, except in CI, where it fails. Servers run one at a time (2 cores), each
@@ -15,7 +17,9 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::Procs;
+use llmvisor::config::ModelConfig;
+use llmvisor::{Phase, Supervisor};
+use support::{assert_gone, Procs, Scratch};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -174,4 +178,110 @@ fn estimate_within_20_percent_of_measured_pss() {
             r.measured as f64 / MIB
         );
     }
+}
+
+/// A llama-server model config with no `memory` key.
+fn llama_model(id: &str, server: &str, model: &str, ctx: &str) -> ModelConfig {
+    let cmd = [
+        server,
+        "-m",
+        model,
+        "-c",
+        ctx,
+        "-np",
+        "1",
+        "-t",
+        "2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "${PORT}",
+    ];
+    let mut m = ModelConfig::new(id, cmd.iter().map(|s| s.to_string()).collect());
+    m.ttl = Some(Duration::from_secs(600));
+    m.startup_timeout = Duration::from_secs(120);
+    m.stop_timeout = Duration::from_secs(5);
+    m
+}
+
+#[tokio::test]
+async fn a_budget_without_memory_keys_evicts_the_lru_idle_server_never_a_busy_one() {
+    let (Some(server), Some(gemma), Some(smol)) = (
+        env("LLAMA_SERVER"),
+        env("LLAMA_MODEL"),
+        env("LLAMA_MODEL_SMOL"),
+    ) else {
+        return;
+    };
+    let s = Scratch::new();
+    // Estimates (docs/memory.md): a ≈ 174 MiB, b ≈ 337 MiB, c ≈ 315 MiB. 700 MiB holds any two
+    // of them, never the three.
+    let mut config = s.config(vec![
+        llama_model("a", &server, &smol, "2048"),
+        llama_model("b", &server, &gemma, "2048"),
+        llama_model("c", &server, &smol, "8192"),
+    ]);
+    config.memory_budget = Some(700 * 1024 * 1024);
+    let sup = Supervisor::new(&config).await.unwrap();
+    for id in ["a", "b", "c"] {
+        assert_eq!(
+            sup.model(id).unwrap().status().memory_source,
+            "estimated",
+            "{id}"
+        );
+    }
+    let mut procs = Procs::default();
+    let mut pids = Vec::new();
+    let mut start = |sup: &Supervisor, id: &str| {
+        let cell = sup.model(id).unwrap();
+        let pid = cell.status().pid.unwrap();
+        procs.adopt_group(pid);
+        pids.push(pid);
+        pid
+    };
+
+    // a busy, b idle: c's start makes room by stopping b.
+    let lease_a = sup.acquire("a").await.unwrap();
+    let pid_a = start(&sup, "a");
+    drop(sup.acquire("b").await.unwrap());
+    start(&sup, "b");
+    let lease_c = sup.acquire("c").await.unwrap();
+    start(&sup, "c");
+    let (a, b, c) = (
+        sup.model("a").unwrap(),
+        sup.model("b").unwrap(),
+        sup.model("c").unwrap(),
+    );
+    assert_eq!(b.phase(), Phase::Stopped, "the idle one makes room");
+    assert_eq!(
+        (a.phase(), a.status().pid),
+        (Phase::Ready, Some(pid_a)),
+        "never the busy one"
+    );
+    assert_eq!(c.phase(), Phase::Ready);
+    for cell in [&a, &c] {
+        assert_eq!(cell.status().memory_source, "measured");
+    }
+
+    // Both idle now, c used before a: b's start stops c, the least recently used.
+    drop(lease_c);
+    drop(lease_a);
+    drop(sup.acquire("b").await.unwrap());
+    start(&sup, "b");
+    assert_eq!(
+        c.phase(),
+        Phase::Stopped,
+        "the least recently used idle one"
+    );
+    assert_eq!(
+        c.status().memory_source,
+        "learned",
+        "c's next start counts what it took"
+    );
+    assert_eq!((a.phase(), a.status().pid), (Phase::Ready, Some(pid_a)));
+    assert_eq!(b.phase(), Phase::Ready);
+
+    sup.shutdown().await;
+    assert_gone(&pids, Duration::from_secs(10)).await;
+    assert!(procs.kill_and_reap().is_empty());
 }

@@ -216,8 +216,11 @@ async fn a_budget_without_memory_keys_evicts_the_lru_idle_server_never_a_busy_on
     let s = Scratch::new();
     // Estimates (docs/memory.md): a ≈ 174 MiB, b ≈ 337 MiB, c ≈ 315 MiB. 700 MiB holds any two
     // of them, never the three.
+    // a prints its buffers (`-lv 4`): they show in memory_detail.measured.
+    let mut a = llama_model("a", &server, &smol, "2048");
+    a.cmd.extend(["-lv".to_owned(), "4".to_owned()]);
     let mut config = s.config(vec![
-        llama_model("a", &server, &smol, "2048"),
+        a,
         llama_model("b", &server, &gemma, "2048"),
         llama_model("c", &server, &smol, "8192"),
     ]);
@@ -262,6 +265,12 @@ async fn a_budget_without_memory_keys_evicts_the_lru_idle_server_never_a_busy_on
     for cell in [&a, &c] {
         assert_eq!(cell.status().memory_source, "measured");
     }
+    let measured = a.status().memory_detail.measured.unwrap();
+    let cpu = measured.buffers["CPU"];
+    let mib = |b: u64| b as f64 / MIB;
+    assert!((mib(cpu.weights) - 92.10).abs() < 0.01, "{cpu:?}");
+    assert!((mib(cpu.kv_cache) - 45.0).abs() < 0.01, "{cpu:?}");
+    assert!(cpu.compute > 0 && measured.gpu.is_empty());
 
     // Both idle now, c used before a: b's start stops c, the least recently used.
     drop(lease_c);

@@ -7,6 +7,7 @@
 //! per device: what runs on the CPU counts against RAM, each offloaded layer's share against
 //! its GPU.
 
+pub mod buffers;
 mod flags;
 #[cfg(test)]
 mod tests;

@@ -694,7 +694,9 @@ impl Actor {
         self.measured_at = Some(Instant::now());
         self.record_measured(measured);
         {
+            let lines = self.cell.logs.tail(crate::logs::RING_LINES);
             let mut st = self.cell.lock();
+            st.memory = st.memory.clone().with_buffers(&lines);
             st.waiting = 0;
             st.run += 1;
             st.endpoint = Some(running.endpoint.clone());

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::config::ModelConfig;
+use crate::estimate::buffers::{self, DeviceBuffers};
 use crate::estimate::{self, Estimate};
 use crate::procfs;
 
@@ -39,6 +40,8 @@ pub struct Memory {
     pub measured: Option<u64>,
     /// The most this run's server measured on each GPU.
     pub measured_gpu: BTreeMap<u32, u64>,
+    /// The buffers this run's server reported as it loaded, per device (`estimate::buffers`).
+    pub buffers: BTreeMap<String, DeviceBuffers>,
 }
 
 /// `memory_detail` of `GET /api/models` (SPEC.md).
@@ -53,6 +56,9 @@ pub struct MemoryDetail {
 pub struct Measured {
     pub ram: u64,
     pub gpu: BTreeMap<u32, u64>,
+    /// What the server said it allocated, per device ("CPU", "CUDA0", …); empty when its output
+    /// has no buffer lines (llama-server prints them at `-lv 4`).
+    pub buffers: BTreeMap<String, DeviceBuffers>,
 }
 
 impl Memory {
@@ -91,9 +97,23 @@ impl Memory {
             if let Some(m) = self.measured.take() {
                 self.learned = Some(self.learned.map_or(m, |l| l.max(m)));
                 self.measured_gpu.clear();
+                self.buffers.clear();
             }
         }
         self.settle();
+        self
+    }
+
+    /// The buffers the server reported as it loaded (its output since this start): kept, and
+    /// each GPU's share counted as measured on that GPU.
+    pub fn with_buffers(mut self, lines: &[String]) -> Self {
+        self.buffers = buffers::reported(lines);
+        for (device, b) in &self.buffers {
+            if let Some(gpu) = buffers::gpu_index(device) {
+                let v = self.measured_gpu.entry(gpu).or_default();
+                *v = (*v).max(b.total());
+            }
+        }
         self
     }
 
@@ -116,6 +136,7 @@ impl Memory {
             measured: self.measured.map(|ram| Measured {
                 ram,
                 gpu: self.measured_gpu.clone(),
+                buffers: self.buffers.clone(),
             }),
             learned: self.learned,
         }

@@ -12,6 +12,7 @@ pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;
 pub(crate) mod escalate;
+pub mod estimate;
 pub mod events;
 mod fork_guard;
 pub mod gguf;

@@ -283,12 +283,18 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `llmvisor check`: prints `FILE: ok (N models: a, b)` or every diagnostic. For a llama-swap
-/// config, also how each model maps, and its warnings (on stderr).
+/// `llmvisor check`: prints `FILE: ok (N models: a, b)` and each model's memory (the estimate
+/// and its parts), or every diagnostic. For a llama-swap config, also how each model maps, and
+/// its warnings (on stderr).
 pub fn check(path: &Path) -> ExitCode {
     match load_config_or_report(path) {
         Ok(config) => {
             let mut text = format!("{}: ok ({})\n", path.display(), models_summary(&config));
+            for m in &config.models {
+                if let Some(line) = crate::supervisor::Memory::for_config(m).summary() {
+                    text.push_str(&format!("  {}: {line}\n", m.id));
+                }
+            }
             if config::llama_swap::is_yaml_path(path) {
                 text.push_str("llama-swap models as llmvisor runs them:\n");
                 text.push_str(&config::llama_swap::mapping_summary(&config));

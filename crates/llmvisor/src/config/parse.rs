@@ -279,7 +279,8 @@ struct Settings {
     stop_timeout: Option<Duration>,
     drain_timeout: Option<Duration>,
     health_path: Option<String>,
-    memory: Option<Sp<u64>>,
+    /// `Some(None)`: `memory = "auto"` (estimated, then measured; also the default).
+    memory: Option<Option<Sp<u64>>>,
     pinned: Option<bool>,
     health_interval: Option<Option<Duration>>,
     health_failures: Option<u32>,
@@ -1109,7 +1110,12 @@ impl Parser<'_> {
                         }
                     }
                 }
-                "memory" => s.memory = self.size("memory", v).map(|b| Sp { v: b, at: v.at() }),
+                "memory" => {
+                    s.memory = match &v.kind {
+                        Kind::Str(a) if a == "auto" => Some(None),
+                        _ => self.size("memory", v).map(|b| Some(Sp { v: b, at: v.at() })),
+                    }
+                }
                 "pinned" => s.pinned = self.boolean("pinned", v),
                 "name" | "description" | "use_model_name" => {
                     if let Some(text) = self.string(&f.key, v) {
@@ -1668,7 +1674,7 @@ impl Parser<'_> {
                 cwd.clone()
             }),
         };
-        let memory = s.memory.or_else(|| d.memory.clone());
+        let memory = s.memory.or_else(|| d.memory.clone()).flatten();
 
         if !s.cmd_seen {
             self.err_help(

@@ -198,6 +198,30 @@ fn state_dir_defaults_and_tilde() {
 }
 
 #[test]
+fn memory_auto_overrides_a_default() {
+    let c = ok(r#"
+[defaults]
+memory = "1GB"
+
+[models.one]
+cmd = ["srv", "--port", "${PORT}"]
+memory = "auto"
+
+[models.two]
+cmd = ["srv", "--port", "${PORT}"]
+"#);
+    assert_eq!(c.model("one").unwrap().memory, None);
+    assert_eq!(c.model("two").unwrap().memory, Some(1_000_000_000));
+    let e = parse_with_env(
+        "[models.x]\ncmd = [\"srv\", \"--port\", \"${PORT}\"]\nmemory = \"lots\"\n",
+        None,
+        &|_: &str| None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("invalid size"), "{e}");
+}
+
+#[test]
 fn defaults_inherited_and_overridden() {
     let c = ok(r#"
 [defaults]

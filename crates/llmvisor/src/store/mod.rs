@@ -283,6 +283,44 @@ impl Store {
             .await
     }
 
+    /// What `file` took when run with memory-shaping flags `shape` (see
+    /// `Memory::learn_key`), as remembered by [`Self::remember_memory`].
+    pub async fn learned_memory(&self, file: &str, shape: &str) -> Result<Option<u64>, StoreError> {
+        let (file, shape) = (file.to_owned(), shape.to_owned());
+        self.call(move |db| {
+            db.conn
+                .query_row(
+                    "SELECT bytes FROM learned_memory WHERE file = ?1 AND shape = ?2",
+                    params![file, shape],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()
+                .map(|b| b.map(|b| b.max(0) as u64))
+        })
+        .await
+    }
+
+    /// Remembers what `file` at `shape` took: the larger of this and what was remembered.
+    pub async fn remember_memory(
+        &self,
+        file: &str,
+        shape: &str,
+        bytes: u64,
+    ) -> Result<(), StoreError> {
+        let (file, shape) = (file.to_owned(), shape.to_owned());
+        let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+        self.write(move |tx| {
+            tx.execute(
+                "INSERT INTO learned_memory (file, shape, bytes, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (file, shape) DO UPDATE
+                 SET bytes = max(bytes, excluded.bytes), updated_at = excluded.updated_at",
+                params![file, shape, bytes, to_ms(now())],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Records (or replaces) an instance.
     pub async fn register_instance(&self, rec: &InstanceRecord) -> Result<(), StoreError> {
         let rec = rec.clone();

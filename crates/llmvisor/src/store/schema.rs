@@ -11,7 +11,7 @@ use super::{Db, StoreError, APPLICATION_ID, BUSY_TIMEOUT, DB_FILE};
 
 /// The migrations, in order: `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
 /// Never edit one that has shipped; append a new one.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     // v1
     "CREATE TABLE instances (
         id          TEXT PRIMARY KEY,
@@ -53,6 +53,14 @@ const MIGRATIONS: &[&str] = &[
         expires_at  INTEGER NOT NULL
     );
     CREATE INDEX remote_leases_by_model ON remote_leases (model);",
+    // v2: what a model file took at a shape of memory-shaping flags, measured (issue 20).
+    "CREATE TABLE learned_memory (
+        file        TEXT NOT NULL,
+        shape       TEXT NOT NULL,
+        bytes       INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL,
+        PRIMARY KEY (file, shape)
+    );",
 ];
 
 /// The schema version this build writes and understands.
@@ -83,6 +91,7 @@ const EXPECTED: &[(&str, &[&str])] = &[
     ("claims", &["model", "instance_id", "claimed_at"]),
     ("ports", &["port", "instance_id", "model", "claimed_at"]),
     ("remote_leases", &["id", "model", "holder", "expires_at"]),
+    ("learned_memory", &["file", "shape", "bytes", "updated_at"]),
 ];
 
 /// Opens (creating if needed) `<state_dir>/state.db`, checks that it is ours and intact, and

@@ -210,3 +210,62 @@ fn a_store_can_be_opened_without_a_runtime() {
         Err(StoreError::Corrupt { .. })
     ));
 }
+
+#[tokio::test]
+async fn learned_memory_keeps_the_largest_per_file_and_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).await.unwrap();
+    assert_eq!(
+        store.learned_memory("/m.gguf:9", "c=2048").await.unwrap(),
+        None
+    );
+    store
+        .remember_memory("/m.gguf:9", "c=2048", 300)
+        .await
+        .unwrap();
+    store
+        .remember_memory("/m.gguf:9", "c=2048", 200)
+        .await
+        .unwrap();
+    store
+        .remember_memory("/m.gguf:9", "c=4096", 500)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.learned_memory("/m.gguf:9", "c=2048").await.unwrap(),
+        Some(300)
+    );
+    assert_eq!(
+        store.learned_memory("/m.gguf:9", "c=4096").await.unwrap(),
+        Some(500)
+    );
+    store.close().await;
+}
+
+/// A state dir written by a build before issue 20 (schema v1) opens, migrated, with its rows.
+#[tokio::test]
+async fn a_v1_state_dir_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch(schema::MIGRATIONS[0]).unwrap();
+        conn.execute_batch(&format!(
+            "PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = 1;
+             INSERT INTO claims (model, instance_id, claimed_at) VALUES ('gemma', 'lv-a', 1);"
+        ))
+        .unwrap();
+    }
+    let store = Store::open(dir.path()).await.unwrap();
+    assert_eq!(store.schema_version().await.unwrap(), SCHEMA_VERSION);
+    store.remember_memory("f", "s", 1).await.unwrap();
+    assert_eq!(store.learned_memory("f", "s").await.unwrap(), Some(1));
+    let claims: i64 = store
+        .call(|db| {
+            db.conn
+                .query_row("SELECT count(*) FROM claims", [], |r| r.get(0))
+        })
+        .await
+        .unwrap();
+    assert_eq!(claims, 1);
+    store.close().await;
+}

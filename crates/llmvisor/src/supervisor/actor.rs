@@ -55,6 +55,7 @@ pub(crate) fn spawn_model(
         policy: RestartPolicy::default(),
         measured_at: None,
     };
+    actor.look_up_learned_memory();
     let task = tokio::spawn(actor.run());
     (cell, task)
 }
@@ -68,6 +69,11 @@ enum Event {
     /// The store said whether other instances hold leases on our idle server.
     TtlChecked {
         held: bool,
+    },
+    /// The state store's remembered figure for the model's file and flags (`learn_key`).
+    Learned {
+        key: (String, String),
+        bytes: Option<u64>,
     },
     /// The health monitor of run `run` gave up on the server.
     Unhealthy {
@@ -253,6 +259,8 @@ impl Actor {
             st.remote = None;
             st.leases = 0;
             st.run += 1;
+            // The next start is admitted on what this run took (`memory_source = "learned"`).
+            st.memory = st.memory.clone().ended_run();
             std::mem::replace(&mut st.admitted, false)
         };
         self.state = next;
@@ -480,8 +488,40 @@ impl Actor {
         }
         self.measured_at = Some(Instant::now());
         let measured = running.server.local().and_then(|p| measure_group(p.pid()));
+        self.record_measured(measured);
+    }
+
+    /// A new measurement of the running server: counted at once, and remembered in the state
+    /// store under the model's file and flags when it is the largest so far.
+    fn record_measured(&self, measured: Option<u64>) {
         let mut st = self.cell.lock();
-        st.memory = st.memory.with_measured(measured);
+        let before = st.memory.measured;
+        st.memory = st.memory.clone().with_measured(measured);
+        let grew = st.memory.measured > before;
+        let (Some(bytes), Some((file, shape)), true) =
+            (st.memory.measured, st.memory.learn_key(), grew)
+        else {
+            return;
+        };
+        drop(st);
+        let store = self.ctx.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.remember_memory(&file, &shape, bytes).await {
+                tracing::warn!("cannot remember the model's memory in the state store: {e}");
+            }
+        });
+    }
+
+    /// Asks the state store what the model's file and flags took before (`Event::Learned`).
+    fn look_up_learned_memory(&self) {
+        let Some(key) = self.cell.lock().memory.learn_key() else {
+            return;
+        };
+        let (store, events) = (self.ctx.store.clone(), self.events_tx.clone());
+        tokio::spawn(async move {
+            let bytes = store.learned_memory(&key.0, &key.1).await.ok().flatten();
+            let _ = events.send(Event::Learned { key, bytes });
+        });
     }
 
     /// New settings. Keys that shape the server (`cmd`, `env`, `cwd`, `port`, health) restart
@@ -499,6 +539,7 @@ impl Actor {
             let measured = if restart { None } else { st.memory.measured };
             st.memory = Memory::for_config(&cfg).with_measured(measured);
         }
+        self.look_up_learned_memory();
         self.cell.connections.resize(cfg.connection_limit());
         self.cfg = cfg;
         // Pinned or memory may have changed what fits.
@@ -522,6 +563,16 @@ impl Actor {
             Event::Admitted(result) => self.on_admitted(result),
             Event::Started(result) => self.on_started(result),
             Event::Stopped(status) => self.on_stopped(status),
+            Event::Learned { key, bytes } => {
+                let mut st = self.cell.lock();
+                // Only if the settings are still those it was looked up for.
+                if st.memory.learn_key().as_ref() == Some(&key) && bytes.is_some() {
+                    st.memory = st.memory.clone().with_learned(bytes);
+                    drop(st);
+                    self.ctx.admission.send(AdmissionMsg::Changed);
+                    self.notify();
+                }
+            }
             Event::TtlChecked { held } => {
                 self.cell.lock().remote_held = held;
                 if held {
@@ -641,10 +692,12 @@ impl Actor {
         self.policy.started();
         let measured = running.server.local().and_then(|p| measure_group(p.pid()));
         self.measured_at = Some(Instant::now());
+        self.record_measured(measured);
         {
+            let lines = self.cell.logs.tail(crate::logs::RING_LINES);
             let mut st = self.cell.lock();
+            st.memory = st.memory.clone().with_buffers(&lines);
             st.waiting = 0;
-            st.memory = st.memory.with_measured(measured);
             st.run += 1;
             st.endpoint = Some(running.endpoint.clone());
             st.down = Some(running.down_rx.clone());

@@ -285,6 +285,8 @@ impl ModelCell {
             error: st.error.clone(),
             memory: st.memory.bytes,
             memory_source: st.memory.source,
+            memory_detail: st.memory.detail(),
+            gpus: Vec::new(),
             queued: if st.queued { st.waiting } else { 0 },
             wait_reason: if st.queued {
                 st.wait_reason.clone()
@@ -328,7 +330,7 @@ impl ModelCell {
     }
 
     pub fn memory(&self) -> Memory {
-        self.lock().memory
+        self.lock().memory.clone()
     }
 
     pub fn pinned(&self) -> bool {

@@ -1,38 +1,83 @@
-//! How much memory a model takes: declared in the config, estimated from its GGUF file, or
-//! measured from its running server — the budget uses the larger of declared/estimated and
-//! measured.
+//! How much memory a model takes: declared in the config, estimated from its GGUF and its
+//! command (`crate::estimate`), learned from an earlier run of the same file and flags, or
+//! measured from its running server.
+//!
+//! What the budget counts: a declared figure, or the larger of it and the measured one (a
+//! declared number wins); otherwise the measured figure while the server runs, before that the
+//! learned one, else the estimate.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::config::ModelConfig;
+use crate::estimate::buffers::{self, DeviceBuffers};
+use crate::estimate::{self, Estimate};
 use crate::procfs;
 
-/// Added to a GGUF file's size for the estimate: KV cache, compute buffers, the server itself.
+/// For commands that name a model file but no GGUF (not a llama-server): the file's size plus
+/// this margin, the rule before GGUF estimates.
 const ESTIMATE_MARGIN_BYTES: u64 = 128 * 1024 * 1024;
 const ESTIMATE_MARGIN_PERCENT: u64 = 20;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Memory {
     /// What the budget counts, in bytes (None: unknown, counted as 0).
     pub bytes: Option<u64>,
-    /// "declared", "estimated", "measured" or "unknown".
+    /// "declared", "estimated", "learned", "measured" or "unknown".
     pub source: &'static str,
     pub declared: Option<u64>,
+    /// RAM the estimate counts (the sum of its parts, or the file-size rule).
     pub estimated: Option<u64>,
+    /// The estimate's parts, for llama-server commands naming a GGUF.
+    pub estimate: Option<Arc<Estimate>>,
+    /// Why there is no estimate for a command that names a model (`-hf`, an unreadable file).
+    pub unknown_reason: Option<String>,
+    /// What an earlier run of the same file and memory-shaping flags measured (state store).
+    pub learned: Option<u64>,
+    /// The most this run's server measured (PSS of its process group).
     pub measured: Option<u64>,
+    /// The most this run's server measured on each GPU.
+    pub measured_gpu: BTreeMap<u32, u64>,
+    /// The buffers this run's server reported as it loaded, per device (`estimate::buffers`).
+    pub buffers: BTreeMap<String, DeviceBuffers>,
+}
+
+/// `memory_detail` of `GET /api/models` (SPEC.md).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MemoryDetail {
+    pub estimate: Option<Estimate>,
+    pub measured: Option<Measured>,
+    pub learned: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Measured {
+    pub ram: u64,
+    pub gpu: BTreeMap<u32, u64>,
+    /// What the server said it allocated, per device ("CPU", "CUDA0", …); empty when its output
+    /// has no buffer lines (llama-server prints them at `-lv 4`).
+    pub buffers: BTreeMap<String, DeviceBuffers>,
 }
 
 impl Memory {
     pub fn for_config(cfg: &ModelConfig) -> Self {
         let mut m = Self {
             declared: cfg.memory,
-            estimated: if cfg.memory.is_none() {
-                estimate(cfg)
-            } else {
-                None
-            },
             ..Self::default()
         };
+        if cfg.memory.is_none() {
+            let cwd = cfg.cwd.as_deref().map(std::path::Path::new);
+            match estimate::for_command(&cfg.cmd, cwd, &[]) {
+                Ok(Some(e)) => {
+                    m.estimated = Some(e.total);
+                    m.estimate = Some(Arc::new(e));
+                }
+                Ok(None) => m.estimated = file_size_rule(cfg),
+                Err(why) => m.unknown_reason = Some(why.0),
+            }
+        }
         m.settle();
         m
     }
@@ -45,22 +90,106 @@ impl Memory {
         self
     }
 
+    /// The server ended: for a model with an estimate, what the run measured becomes the
+    /// learned figure (the larger, as the store keeps it) and the next start counts that.
+    pub fn ended_run(mut self) -> Self {
+        if self.estimate.is_some() {
+            if let Some(m) = self.measured.take() {
+                self.learned = Some(self.learned.map_or(m, |l| l.max(m)));
+                self.measured_gpu.clear();
+                self.buffers.clear();
+            }
+        }
+        self.settle();
+        self
+    }
+
+    /// The buffers the server reported as it loaded (its output since this start): kept, and
+    /// each GPU's share counted as measured on that GPU.
+    pub fn with_buffers(mut self, lines: &[String]) -> Self {
+        self.buffers = buffers::reported(lines);
+        for (device, b) in &self.buffers {
+            if let Some(gpu) = buffers::gpu_index(device) {
+                let v = self.measured_gpu.entry(gpu).or_default();
+                *v = (*v).max(b.total());
+            }
+        }
+        self
+    }
+
+    pub fn with_learned(mut self, learned: Option<u64>) -> Self {
+        self.learned = learned;
+        self.settle();
+        self
+    }
+
+    /// The file and flags a measurement of this model is remembered under (llama-server
+    /// commands naming a GGUF only).
+    pub fn learn_key(&self) -> Option<(String, String)> {
+        let e = self.estimate.as_ref()?;
+        Some((file_key(&e.file), e.shape.clone()))
+    }
+
+    pub fn detail(&self) -> MemoryDetail {
+        MemoryDetail {
+            estimate: self.estimate.as_deref().cloned(),
+            measured: self.measured.map(|ram| Measured {
+                ram,
+                gpu: self.measured_gpu.clone(),
+                buffers: self.buffers.clone(),
+            }),
+            learned: self.learned,
+        }
+    }
+
+    /// One line saying what the budget counts and why, for `llmvisor check`; `None` when
+    /// nothing is known (a command that names no model file).
+    pub fn summary(&self) -> Option<String> {
+        let size = crate::units::format_size;
+        if let Some(why) = &self.unknown_reason {
+            return Some(format!("memory unknown: {why}"));
+        }
+        let bytes = self.bytes?;
+        let mut line = format!("memory {} ({})", size(bytes), self.source);
+        if let Some(e) = &self.estimate {
+            line.push_str(&format!(
+                ": weights {} + KV cache {} + compute {} + server {} in RAM, context {}",
+                size(e.weights),
+                size(e.kv_cache),
+                size(e.compute),
+                size(e.overhead),
+                e.ctx
+            ));
+            for (gpu, b) in &e.gpu {
+                line.push_str(&format!("; GPU {gpu}: {}", size(*b)));
+            }
+        }
+        Some(line)
+    }
+
     fn settle(&mut self) {
-        let base = self
-            .declared
-            .map(|b| (b, "declared"))
-            .or(self.estimated.map(|b| (b, "estimated")));
-        (self.bytes, self.source) = match (base, self.measured) {
-            (Some((b, src)), Some(m)) if b >= m => (Some(b), src),
-            (_, Some(m)) => (Some(m), "measured"),
-            (Some((b, src)), None) => (Some(b), src),
-            (None, None) => (None, "unknown"),
+        (self.bytes, self.source) = match (self.declared, self.measured) {
+            (Some(d), Some(m)) if m > d => (Some(m), "measured"),
+            (Some(d), _) => (Some(d), "declared"),
+            (None, Some(m)) => (Some(m), "measured"),
+            (None, None) => match (self.learned, self.estimated) {
+                (Some(l), _) => (Some(l), "learned"),
+                (None, Some(e)) => (Some(e), "estimated"),
+                (None, None) => (None, "unknown"),
+            },
         };
     }
 }
 
+/// A model file as remembered measurements name it: its path and size (a file replaced by
+/// another of a different size is another model).
+fn file_key(path: &std::path::Path) -> String {
+    let size = std::fs::metadata(path).map_or(0, |m| m.len());
+    format!("{}:{size}", path.display())
+}
+
 /// The size of the model file named by `-m`/`--model` in `cmd`, plus a margin.
-fn estimate(cfg: &ModelConfig) -> Option<u64> {
+fn file_size_rule(cfg: &ModelConfig) -> Option<u64> {
     let mut args = cfg.cmd.iter();
     let mut path = None;
     while let Some(a) = args.next() {
@@ -79,20 +208,25 @@ fn estimate(cfg: &ModelConfig) -> Option<u64> {
     Some(size + size * ESTIMATE_MARGIN_PERCENT / 100 + ESTIMATE_MARGIN_BYTES)
 }
 
-/// Resident memory of every live process in group `pgid`, in bytes.
+/// Memory of every live process in group `pgid`, in bytes: the sum of their PSS, so pages two
+/// servers share (the mapped weights of one file) are counted once between them.
 pub fn measure_group(pgid: u32) -> Option<u64> {
     let total: u64 = procfs::live_group_members(pgid)
         .into_iter()
-        .filter_map(rss_bytes)
+        .filter_map(pss_bytes)
         .sum();
     (total > 0).then_some(total)
 }
 
-fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+/// `Pss:` of `/proc/PID/smaps_rollup` (Linux 4.14+), else `VmRSS:` of `/proc/PID/status`.
+fn pss_bytes(pid: u32) -> Option<u64> {
+    let field = |file: &str, name: &str| -> Option<u64> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    };
+    field("smaps_rollup", "Pss:").or_else(|| field("status", "VmRSS:"))
 }
 
 #[cfg(test)]
@@ -115,24 +249,81 @@ mod tests {
     }
 
     #[test]
-    fn estimate_from_the_model_file() {
+    fn file_size_rule_for_other_commands() {
         let dir = tempfile::tempdir().unwrap();
-        let gguf = dir.path().join("m.gguf");
-        std::fs::write(&gguf, vec![0u8; 1000]).unwrap();
+        let file = dir.path().join("m.bin");
+        std::fs::write(&file, vec![0u8; 1000]).unwrap();
         let cfg = ModelConfig::new(
             "m",
-            vec!["srv".into(), "-m".into(), gguf.display().to_string()],
+            vec!["srv".into(), "-m".into(), file.display().to_string()],
         );
         let m = Memory::for_config(&cfg);
         assert_eq!(m.source, "estimated");
         assert_eq!(m.bytes, Some(1000 + 200 + ESTIMATE_MARGIN_BYTES));
+        assert!(m.estimate.is_none());
         let none = Memory::for_config(&ModelConfig::new("m", vec!["srv".into()]));
         assert_eq!((none.bytes, none.source), (None, "unknown"));
     }
 
     #[test]
+    fn a_gguf_is_estimated_then_learned_then_measured() {
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("m.gguf");
+        let w = crate::gguf::write::GgufWriter::default()
+            .meta(
+                "general.architecture",
+                crate::gguf::write::Meta::Str("llama".into()),
+            )
+            .meta("llama.block_count", crate::gguf::write::Meta::U32(1))
+            .meta("llama.context_length", crate::gguf::write::Meta::U32(256))
+            .meta("llama.embedding_length", crate::gguf::write::Meta::U32(32))
+            .meta(
+                "llama.attention.head_count",
+                crate::gguf::write::Meta::U32(2),
+            )
+            .tensor("blk.0.w", &[32, 32], 0);
+        std::fs::write(&gguf, w.bytes()).unwrap();
+        let cmd = |c: &str| -> Vec<String> {
+            format!("llama-server -m {} {c}", gguf.display())
+                .split_whitespace()
+                .map(String::from)
+                .collect()
+        };
+        let m = Memory::for_config(&ModelConfig::new("m", cmd("-c 256")));
+        assert_eq!(m.source, "estimated");
+        let e = m.estimate.clone().unwrap();
+        assert_eq!(m.bytes, Some(e.total));
+        assert_eq!(e.weights, 32 * 32 * 4);
+        let (file, shape) = m.learn_key().unwrap();
+        assert!(file.ends_with(&format!(
+            "m.gguf:{}",
+            std::fs::metadata(&gguf).unwrap().len()
+        )));
+        assert_ne!(
+            Memory::for_config(&ModelConfig::new("m", cmd("-c 512")))
+                .learn_key()
+                .unwrap()
+                .1,
+            shape
+        );
+        let m = m.with_learned(Some(5_000_000));
+        assert_eq!((m.bytes, m.source), (Some(5_000_000), "learned"));
+        // While it runs, what it really takes counts, below the learned figure too.
+        let m = m.with_measured(Some(4_000_000));
+        assert_eq!((m.bytes, m.source), (Some(4_000_000), "measured"));
+        assert_eq!(m.detail().measured.unwrap().ram, 4_000_000);
+        // -hf: no estimate, and why.
+        let hf = Memory::for_config(&ModelConfig::new(
+            "m",
+            vec!["llama-server".into(), "-hf".into(), "a/b".into()],
+        ));
+        assert_eq!(hf.source, "unknown");
+        assert!(hf.unknown_reason.unwrap().contains("-hf"));
+    }
+
+    #[test]
     fn measures_this_process() {
         let me = std::process::id();
-        assert!(rss_bytes(me).unwrap() > 1024 * 1024);
+        assert!(pss_bytes(me).unwrap() > 1024 * 1024);
     }
 }

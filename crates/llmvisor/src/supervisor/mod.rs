@@ -55,7 +55,7 @@ use crate::sweep;
 use crate::sync::{LockExt, RwLockExt};
 use crate::upstream::{self, UpstreamClient};
 use admission::{Admission, Limits, Msg as AdmissionMsg};
-pub use memory::Memory;
+pub use memory::{measure_group, Memory, MemoryDetail};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {

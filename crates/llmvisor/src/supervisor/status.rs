@@ -51,8 +51,12 @@ pub struct ModelStatus {
     pub error: Option<String>,
     /// Bytes the memory budget counts for it (None: unknown).
     pub memory: Option<u64>,
-    /// Where `memory` comes from: "declared", "estimated", "measured" or "unknown".
+    /// Where `memory` comes from: "declared", "estimated", "learned", "measured" or "unknown".
     pub memory_source: &'static str,
+    /// The estimate's parts, the measured figures and the learned one.
+    pub memory_detail: super::memory::MemoryDetail,
+    /// The GPUs its server runs on (`[]`: CPU only).
+    pub gpus: Vec<u32>,
     /// Requests waiting for room to start it.
     pub queued: usize,
     /// Why its start waits for room (which models it waits for), while it does.

@@ -267,6 +267,7 @@ impl Etcd {
     }
 
     /// A client of the first member (a plain-HTTP cluster's), as root once auth is enabled.
+    #[cfg(feature = "fleet")]
     pub async fn client(&self, user: Option<(&str, &str)>) -> etcd_client::Client {
         let opts = user.map(|(u, p)| etcd_client::ConnectOptions::new().with_user(u, p));
         etcd_client::Client::connect([&self.endpoints()[0]], opts)
@@ -276,6 +277,7 @@ impl Etcd {
 
     /// `etcdctl user add`/`role grant`/`auth enable`: root (password `root_password`) and a
     /// user `node` (password `node_password`) that may read and write `/llmvisor/`.
+    #[cfg(feature = "fleet")]
     pub async fn enable_auth(&self, root_password: &str, node_password: &str) {
         use etcd_client::Permission;
         let mut c = self.client(None).await;

@@ -36,6 +36,14 @@ const SHAPES: &[&str] = &[
     "-c 16384 -np 4 -fa on -ctk q8_0 -ctv q8_0",
 ];
 
+/// One test at a time: PSS splits the pages of a file two servers map between them, so a second
+/// server of the same GGUF running in a parallel test would halve the first's measured figure.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn env(var: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(v) if !v.is_empty() => Some(v),
@@ -140,6 +148,7 @@ fn error(estimate: u64, measured: u64) -> f64 {
 
 #[test]
 fn estimate_within_20_percent_of_measured_pss() {
+    let _one = one_at_a_time();
     let (Some(server), Some(gemma), Some(smol)) = (
         env("LLAMA_SERVER"),
         env("LLAMA_MODEL"),
@@ -205,7 +214,9 @@ fn llama_model(id: &str, server: &str, model: &str, ctx: &str) -> ModelConfig {
 }
 
 #[tokio::test]
+#[allow(clippy::await_holding_lock)] // the guard serialises whole tests, on purpose
 async fn a_budget_without_memory_keys_evicts_the_lru_idle_server_never_a_busy_one() {
+    let _one = one_at_a_time();
     let (Some(server), Some(gemma), Some(smol)) = (
         env("LLAMA_SERVER"),
         env("LLAMA_MODEL"),

@@ -129,7 +129,7 @@ async fn the_store_keeps_rows_across_reopen_and_is_private() {
     let state = dir.path().join("state");
     let store = Store::open(&state).await.unwrap();
     assert_eq!(store.schema_version().await.unwrap(), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 1);
+    assert_eq!(SCHEMA_VERSION, 2);
     let me = InstanceRecord::current("lv-test-reopen");
     store.register_instance(&me).await.unwrap();
     let child = ChildRecord::of_process(

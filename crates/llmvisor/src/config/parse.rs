@@ -1556,8 +1556,10 @@ impl Parser<'_> {
     fn check_name(&mut self, what: &str, name: &str, at: usize) -> bool {
         let problem = if name.is_empty() {
             Some("is empty".to_string())
-        } else if name.contains('/') {
-            Some("contains `/`".to_string())
+        } else if name.starts_with('/') || name.ends_with('/') || name.contains("//") {
+            // `org/name` is fine (Hugging Face's ids); an empty part between slashes would make
+            // the raw id in a path (`/v1/models/{id}`) ambiguous.
+            Some("has an empty part between `/`".to_string())
         } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
             Some("contains whitespace".to_string())
         } else {
@@ -1568,8 +1570,8 @@ impl Parser<'_> {
                 self.err_help(
                     at,
                     format!("{what} {name:?} {problem}"),
-                    "ids and aliases appear in URL paths (/upstream/{model}/...): \
-                     they must be non-empty, without `/` and without whitespace",
+                    "ids and aliases appear in URL paths (/upstream/{model}/...): they must be \
+                     non-empty, without whitespace, and `/` only between two parts (`org/name`)",
                 );
                 false
             }

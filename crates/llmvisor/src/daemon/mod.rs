@@ -82,13 +82,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(llama_swap::metrics))
         .route("/v1/models", get(api::v1_models))
         .route("/v1/{*rest}", post(proxy::v1))
-        .route("/upstream/{model}", any(proxy::upstream_root))
-        .route("/upstream/{model}/{*path}", any(proxy::upstream))
+        // Ids may hold `/` (`Qwen/Qwen3-8B`), raw or percent-encoded: one catch-all each, split
+        // by the handler (see proxy::upstream and api::model_get).
+        .route("/upstream/{*rest}", any(proxy::upstream))
         .route("/api/models", get(api::models))
-        .route("/api/models/{id}", get(api::model))
-        .route("/api/models/{id}/load", post(api::load))
-        .route("/api/models/{id}/unload", post(api::unload))
-        .route("/api/models/{id}/logs", get(api::logs))
+        .route(
+            "/api/models/{*rest}",
+            get(api::model_get).post(api::model_post),
+        )
         .route("/api/leases", post(api::create_lease))
         .route("/api/leases/{id}/renew", post(api::renew_lease))
         .route("/api/leases/{id}", delete(api::release_lease))

@@ -39,7 +39,10 @@ pub(crate) fn spawn_model(
     ctx: Arc<Context>,
 ) -> (Arc<ModelCell>, tokio::task::JoinHandle<()>) {
     let (commands, rx) = mpsc::unbounded_channel();
-    let log_path = ctx.state_dir.join("logs").join(format!("{}.log", cfg.id));
+    let log_path = ctx
+        .state_dir
+        .join("logs")
+        .join(format!("{}.log", crate::ids::encode_segment(&cfg.id)));
     let cell = Arc::new(ModelCell::new(&cfg, log_path, commands));
     let (events_tx, events) = mpsc::unbounded_channel();
     let actor = Actor {

@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub(crate) mod escalate;
 pub mod events;
+pub mod gguf;
 pub mod ids;
 pub mod logs;
 pub(crate) mod metrics;

@@ -90,6 +90,9 @@ pub struct Config {
     pub http: HttpSettings,
     /// `[cluster]`: fleet mode (`None`: one host).
     pub cluster: Option<ClusterConfig>,
+    /// `models_dirs`, `discover`, `llama_server`, `discovered_args`: the models found on the
+    /// machine (added to `models` by `discover::apply`).
+    pub discovery: crate::discover::Settings,
 }
 
 /// The HTTP front end's limits and browser rules (top-level keys of the same names).
@@ -233,6 +236,8 @@ pub struct ModelConfig {
     /// How the router presents and rewrites requests for this model (llama-swap's per-model
     /// API keys), and its stop command.
     pub api: ModelApi,
+    /// Where discovery found it (`None`: a `[models]` entry).
+    pub found: Option<std::sync::Arc<crate::discover::Found>>,
 }
 
 /// Per-model router settings: listing, request rewriting, concurrency, stop command.
@@ -334,6 +339,7 @@ impl ModelConfig {
             replicas: 1,
             nodes: Vec::new(),
             api: ModelApi::default(),
+            found: None,
         }
     }
 

@@ -42,6 +42,10 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "leases_per_caller",
     "cluster",
     "include_aliases_in_list",
+    "models_dirs",
+    "discover",
+    "llama_server",
+    "discovered_args",
 ];
 
 /// Keys allowed in a `[models."ID"]` table.
@@ -393,6 +397,7 @@ struct Top {
     models: Vec<RawModel>,
     http: crate::config::HttpSettings,
     cluster: Option<Node>,
+    discovery: crate::discover::Settings,
 }
 
 #[derive(Clone, Copy)]
@@ -771,6 +776,42 @@ impl Parser<'_> {
                 None => {}
             },
             "cluster" => top.cluster = Some(n.clone()),
+            "models_dirs" => {
+                let dirs = self.string_list("models_dirs", n).unwrap_or_default();
+                top.discovery.models_dirs = dirs
+                    .into_iter()
+                    .map(|d| crate::discover::expand_home(&d.v, self.env))
+                    .collect();
+            }
+            "discover" => {
+                let names = self.string_list("discover", n).unwrap_or_default();
+                top.discovery.stores = Vec::new();
+                for name in names {
+                    match crate::discover::Source::store(&name.v) {
+                        Some(s) if !top.discovery.stores.contains(&s) => top.discovery.stores.push(s),
+                        Some(_) => {}
+                        None => self.err_help(
+                            name.at,
+                            format!("unknown model store `{}` in discover", name.v),
+                            "the stores are \"ollama\", \"huggingface\", \"llama.cpp\" and \"lmstudio\" \
+                             (discover = [] reads none)",
+                        ),
+                    }
+                }
+            }
+            "llama_server" => {
+                if let Some(v) = self.string("llama_server", n) {
+                    top.discovery.llama_server = Some(
+                        crate::discover::expand_home(v, self.env)
+                            .display()
+                            .to_string(),
+                    );
+                }
+            }
+            "discovered_args" => {
+                let args = self.string_list("discovered_args", n).unwrap_or_default();
+                top.discovery.discovered_args = args.into_iter().map(|a| a.v).collect();
+            }
             _ => self.unknown_key(f, Scope::Top),
         }
     }
@@ -1549,6 +1590,7 @@ impl Parser<'_> {
             models,
             http: top.http,
             cluster,
+            discovery: top.discovery,
         }
     }
 

@@ -137,6 +137,11 @@ impl Scratch {
             models,
             http: Default::default(),
             cluster: None,
+            // Tests see only the models they configure, not this machine's.
+            discovery: llmvisor::discover::Settings {
+                stores: Vec::new(),
+                ..Default::default()
+            },
         }
     }
 

@@ -382,6 +382,11 @@ impl ModelConfig {
         usize::try_from(limit.clamp(1, 4096)).unwrap_or(1)
     }
 
+    /// Where it comes from, as `/api/models`' `source` says: `"config"` or the discovery's store.
+    pub fn source(&self) -> &'static str {
+        self.found.as_ref().map_or("config", |f| f.source.as_str())
+    }
+
     /// True when `name` is this model's id or one of its aliases.
     pub fn answers_to(&self, name: &str) -> bool {
         self.id == name || self.aliases.iter().any(|a| a == name)

@@ -15,6 +15,7 @@ mod auth;
 mod browser;
 mod conn;
 mod dashboard;
+pub mod discovery;
 mod error;
 mod extract;
 pub mod fleet;
@@ -73,6 +74,8 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
     #[error("{0}")]
     Fleet(String),
+    #[error(transparent)]
+    Discovery(#[from] crate::discover::NoLlamaServer),
 }
 
 /// The router with every route of SPEC.md.
@@ -248,15 +251,10 @@ pub fn with_overrides(
     Ok(cfg)
 }
 
-/// The daemon: runs `config` (loaded from `config_path`, which SIGHUP reads again) until
-/// SIGINT/SIGTERM.
-pub async fn serve_forever(
-    config_path: &Path,
-    config: Config,
-    listen: Option<SocketAddr>,
-    state_dir: Option<PathBuf>,
-) -> Result<(), DaemonError> {
-    let cfg = with_overrides(config, listen, state_dir.clone())?;
+/// The daemon: runs the config `loader` gives (its file, if any, and the discovered models)
+/// until SIGINT/SIGTERM; SIGHUP and changes in the model folders load it again.
+pub async fn serve_forever(loader: discovery::Loader) -> Result<(), DaemonError> {
+    let (cfg, found) = loader.load()?;
     raise_open_files_limit();
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -273,6 +271,7 @@ pub async fn serve_forever(
         instance = sup.instance_id(),
         state_dir = %cfg.state_dir.display(),
         models = cfg.models.len(),
+        discovered = found.found.len(),
         "llmvisor listening on http://{addr}"
     );
     let state = AppState::new(sup, cfg);
@@ -281,12 +280,19 @@ pub async fn serve_forever(
         return Err(DaemonError::Fleet(e));
     }
     preload(&state);
-    // SIGHUP reloads while serving; SIGINT/SIGTERM end `run`.
-    let reload_state = state.clone();
-    let path = config_path.to_owned();
-    let reloader = tokio::spawn(async move {
+    // SIGHUP and the folders' changes reload while serving; SIGINT/SIGTERM end `run`.
+    let (hup_tx, hup_rx) = tokio::sync::mpsc::unbounded_channel();
+    let reloader = tokio::spawn(discovery::reloader(
+        state.clone(),
+        loader,
+        found.roots,
+        hup_rx,
+    ));
+    let hups = tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            reload(&reload_state, &path, listen, state_dir.clone()).await;
+            if hup_tx.send(()).is_err() {
+                return;
+            }
         }
     });
     let shutdown = async move {
@@ -296,6 +302,7 @@ pub async fn serve_forever(
         }
     };
     run(listener, state, shutdown).await;
+    hups.abort();
     reloader.abort();
     Ok(())
 }
@@ -332,20 +339,25 @@ pub fn preload(state: &AppState) {
     }
 }
 
-/// Applies the config file again. A file that fails validation changes nothing.
+/// Applies the config file again (with the discovered models). A file that fails validation
+/// changes nothing.
 pub async fn reload(
     state: &AppState,
     path: &Path,
     listen: Option<SocketAddr>,
     state_dir: Option<PathBuf>,
 ) {
-    let new = match load_config(path, listen, state_dir) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("config reload rejected; keeping the running config:\n{e}");
-            return;
-        }
+    let loader = discovery::Loader {
+        path: Some(path.to_owned()),
+        listen,
+        state_dir,
+        models_dirs: Vec::new(),
     };
+    loader.reload(state).await;
+}
+
+/// Puts a newly loaded config in force: models added, changed and removed (after their leases).
+async fn apply(state: &AppState, new: Config) {
     // The listener keeps its address across a reload: the new keys must fit that address, not
     // the one the file names now.
     if let Some(bound) = state.bound() {
@@ -368,6 +380,9 @@ pub async fn reload(
         if changed {
             tracing::warn!("{what} changed; it takes effect only after a restart of llmvisor");
         }
+    }
+    if *old == new {
+        return; // a folder event that changed no model
     }
     let summary = state.sup.reconfigure(&new).await;
     tracing::info!(

@@ -499,6 +499,8 @@ impl Actor {
             let mut st = self.cell.lock();
             st.aliases = cfg.aliases.clone();
             st.pinned = cfg.pinned;
+            st.source = cfg.source();
+            st.file = super::cell::found_file(&cfg);
             let measured = if restart { None } else { st.memory.measured };
             st.memory = Memory::for_config(&cfg).with_measured(measured);
         }
@@ -896,7 +898,8 @@ impl Actor {
 
     /// Ready and idle: the TTL starts (never for a pinned model, nor without a ttl).
     fn arm_ttl(&mut self) {
-        let deadline = match (self.cfg.pinned, self.cfg.ttl) {
+        let keep_alive = self.cell.lock().keep_alive;
+        let deadline = match (self.cfg.pinned, keep_alive.unwrap_or(self.cfg.ttl)) {
             (false, Some(ttl)) => Some(units::deadline(Instant::now(), ttl)),
             _ => None,
         };

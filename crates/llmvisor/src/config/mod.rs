@@ -382,6 +382,34 @@ impl ModelConfig {
         usize::try_from(limit.clamp(1, 4096)).unwrap_or(1)
     }
 
+    /// The value of the first of `names` in the command line (`-c 4096` or `--ctx-size=4096`).
+    pub fn arg_value(&self, names: &[&str]) -> Option<&str> {
+        self.cmd.iter().enumerate().find_map(|(i, arg)| {
+            names.iter().find_map(|name| {
+                if arg == name {
+                    self.cmd.get(i + 1).map(String::as_str)
+                } else {
+                    arg.strip_prefix(name)?.strip_prefix('=')
+                }
+            })
+        })
+    }
+
+    /// The GGUF it serves: the discovered file, else the command's `-m`/`--model` (relative to
+    /// `cwd`; `None` when it holds a macro).
+    pub fn model_file(&self) -> Option<std::path::PathBuf> {
+        if let Some(f) = &self.found {
+            return Some(f.file.clone());
+        }
+        let path = self
+            .arg_value(&["-m", "--model"])
+            .filter(|p| !p.contains("${"))?;
+        Some(match &self.cwd {
+            Some(cwd) if !path.starts_with('/') => std::path::Path::new(cwd).join(path),
+            _ => path.into(),
+        })
+    }
+
     /// Where it comes from, as `/api/models`' `source` says: `"config"` or the discovery's store.
     pub fn source(&self) -> &'static str {
         self.found.as_ref().map_or("config", |f| f.source.as_str())

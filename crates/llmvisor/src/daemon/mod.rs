@@ -44,6 +44,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 pub use error::ApiError;
+pub use ollama::tags_json;
 pub use proxy::routed_model;
 pub use state::AppState;
 

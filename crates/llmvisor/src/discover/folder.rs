@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::{modified_secs, quant_of_file_name, read_facts, Found, Source, Warning};
+use super::{modified_secs, quant_of_file_name, Found, Source, Warning};
 
 /// Folders deeper than this below a root are not read (a symlink loop ends here too).
 const MAX_DEPTH: usize = 8;
@@ -117,28 +117,18 @@ pub fn sort_folder(files: &[PathBuf]) -> FolderModels {
     FolderModels { models, projector }
 }
 
-/// Reads one model file into a [`Found`] (its header read; a projector by header is `None`).
-pub fn found(
-    id: String,
-    source: Source,
-    file: &Path,
-    mmproj: Option<&PathBuf>,
-    warnings: &mut Vec<Warning>,
-) -> Option<Found> {
-    let (facts, size, projector) = read_facts(file, warnings)?;
-    if projector {
-        return None;
-    }
-    Some(Found {
+/// A model file found, its header not yet read (see `super::read_headers`).
+pub fn found(id: String, source: Source, file: &Path, mmproj: Option<&PathBuf>) -> Found {
+    Found {
         id,
         source,
         file: file.to_owned(),
         mmproj: mmproj.cloned(),
-        size,
+        size: 0,
         modified: modified_secs(file),
-        facts,
+        facts: Default::default(),
         ollama: None,
-    })
+    }
 }
 
 pub fn find(
@@ -173,9 +163,7 @@ pub fn find(
                     .collect::<Vec<_>>()
                     .join("/"),
             };
-            if let Some(f) = found(id, source, file, folder.projector.as_ref(), warnings) {
-                out.push(f);
-            }
+            out.push(found(id, source, file, folder.projector.as_ref()));
         }
     }
 }

@@ -61,9 +61,7 @@ pub fn find_as(root: &Path, source: Source, out: &mut Vec<Found>, warnings: &mut
             } else {
                 repo_id.clone()
             };
-            if let Some(f) = found(id, source, &file, mmproj.as_ref(), warnings) {
-                out.push(f);
-            }
+            out.push(found(id, source, &file, mmproj.as_ref()));
         }
     }
 }

@@ -331,7 +331,7 @@ pub fn discover(settings: &Settings, env: &dyn Fn(&str) -> Option<String>) -> Di
         }
     }
     let mut by_id: BTreeMap<String, Found> = BTreeMap::new();
-    for f in found {
+    for f in read_headers(found, &mut out.warnings) {
         if let Some(first) = by_id.get(&f.id) {
             out.warnings.push(Warning {
                 path: f.file.clone(),
@@ -385,18 +385,56 @@ pub fn apply(
     Ok(discovery)
 }
 
-/// Reads the header facts of a GGUF; `None` (and a warning naming it) when it cannot be read.
-fn read_facts(file: &Path, warnings: &mut Vec<Warning>) -> Option<(Facts, u64, bool)> {
-    match crate::gguf::Gguf::open(file) {
-        Ok(g) => Some((Facts::from_gguf(&g), g.file_bytes, g.is_mmproj())),
-        Err(e) => {
-            warnings.push(Warning {
-                path: file.to_owned(),
+/// Reads every model's header (facts and size), on a few threads: a header is megabytes of
+/// vocabulary to step over, and a machine may hold hundreds of models. A file that cannot be
+/// read is a warning; a projector found by its header is dropped.
+fn read_headers(found: Vec<Found>, warnings: &mut Vec<Warning>) -> Vec<Found> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, 8)
+        .min(found.len().max(1));
+    let per = found.len().div_ceil(threads).max(1);
+    let mut chunks: Vec<Vec<Found>> = Vec::new();
+    let mut rest = found.into_iter().peekable();
+    while rest.peek().is_some() {
+        chunks.push(rest.by_ref().take(per).collect());
+    }
+    let results: Vec<(Vec<Found>, Vec<Warning>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| s.spawn(move || read_chunk(chunk)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let mut out = Vec::new();
+    for (ok, warned) in results {
+        out.extend(ok);
+        warnings.extend(warned);
+    }
+    out
+}
+
+fn read_chunk(chunk: Vec<Found>) -> (Vec<Found>, Vec<Warning>) {
+    let mut warnings = Vec::new();
+    let mut out = Vec::new();
+    for mut f in chunk {
+        match crate::gguf::Gguf::open(&f.file) {
+            Ok(g) if g.is_mmproj() => {}
+            Ok(g) => {
+                f.facts = Facts::from_gguf(&g);
+                f.size = g.file_bytes;
+                out.push(f);
+            }
+            Err(e) => warnings.push(Warning {
+                path: f.file.clone(),
                 message: format!("not served: {e}"),
-            });
-            None
+            }),
         }
     }
+    (out, warnings)
 }
 
 /// Seconds since the epoch of a file's last change (0 if unknown).

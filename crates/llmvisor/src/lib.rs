@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;
+pub mod discover;
 pub(crate) mod escalate;
 pub mod estimate;
 pub mod events;

@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod json;
+mod models;
 pub mod progress;
 pub mod table;
 pub mod top;
@@ -50,6 +51,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Validate a config file: exit 0 if fine, 1 with every problem found
     Check(CheckArgs),
+    /// List the models a config and discovery give (id, where found, file, size, estimate)
+    Models(ModelsArgs),
     /// Show the daemon's models and their state
     Ps(PsArgs),
     /// Start a model and wait until it is ready
@@ -91,15 +94,32 @@ impl Command {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// The config file (TOML)
+    /// The config file (TOML) [default: ~/.config/llmvisor/llmvisor.toml if it exists, else
+    /// none: every model found is served with defaults]
     #[arg(long, short = 'c', value_name = "FILE")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+    /// A folder whose every GGUF is a model (repeatable; added to the config's models_dirs)
+    #[arg(long = "models-dir", value_name = "DIR")]
+    pub models_dirs: Vec<PathBuf>,
     /// Address to listen on, overriding the config's `listen`
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
     /// Directory for state (sockets, instance records), overriding the config's `state_dir`
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelsArgs {
+    /// The config file [default: ~/.config/llmvisor/llmvisor.toml if it exists]
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// A folder whose every GGUF is a model (repeatable)
+    #[arg(long = "models-dir", value_name = "DIR")]
+    pub models_dirs: Vec<PathBuf>,
+    /// Print JSON (`{"models": [...], "warnings": [...]}`) instead of a table
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -228,6 +248,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let result = match cli.command {
         Command::Serve(args) => serve(&args).await,
         Command::Check(args) => Ok(check(&args.config)),
+        Command::Models(args) => list_models(&args),
         Command::Ps(args) => ps(&args).await,
         Command::Load(args) => load(&args).await,
         Command::Unload(args) => unload(&args).await,
@@ -277,9 +298,42 @@ fn load_config_with_warnings(path: &Path) -> anyhow::Result<(Config, Vec<config:
 }
 
 async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
-    // A bad config reads exactly as `llmvisor check` shows it.
-    let config = load_config_or_report(&args.config)?;
-    crate::daemon::serve_forever(&args.config, config, args.listen, args.state_dir.clone()).await?;
+    let path = args
+        .config
+        .clone()
+        .or_else(crate::daemon::discovery::default_config_file);
+    if let Some(path) = &path {
+        // A bad config reads exactly as `llmvisor check` shows it.
+        load_config_or_report(path)?;
+    }
+    let loader = crate::daemon::discovery::Loader {
+        path,
+        listen: args.listen,
+        state_dir: args.state_dir.clone(),
+        models_dirs: args.models_dirs.clone(),
+    };
+    crate::daemon::serve_forever(loader).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `llmvisor models`: the config's models and the discovered ones, without starting anything.
+fn list_models(args: &ModelsArgs) -> anyhow::Result<ExitCode> {
+    let path = args
+        .config
+        .clone()
+        .or_else(crate::daemon::discovery::default_config_file);
+    let mut config = match &path {
+        Some(p) => load_config_or_report(p)?,
+        None => config::parse("", None).map_err(anyhow::Error::new)?,
+    };
+    models::add_dirs(&mut config, &args.models_dirs);
+    let found = crate::discover::apply(&mut config, &|name| std::env::var(name).ok())?;
+    let text = if args.json {
+        format!("{:#}\n", models::json(&config, &found))
+    } else {
+        models::table(&config, &found)
+    };
+    print_stdout(&text)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -288,7 +342,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
 /// its warnings (on stderr).
 pub fn check(path: &Path) -> ExitCode {
     match load_config_or_report(path) {
-        Ok(config) => {
+        Ok(mut config) => {
             let mut text = format!("{}: ok ({})\n", path.display(), models_summary(&config));
             for m in &config.models {
                 if let Some(line) = crate::supervisor::Memory::for_config(m).summary() {
@@ -298,6 +352,10 @@ pub fn check(path: &Path) -> ExitCode {
             if config::llama_swap::is_yaml_path(path) {
                 text.push_str("llama-swap models as llmvisor runs them:\n");
                 text.push_str(&config::llama_swap::mapping_summary(&config));
+            }
+            match crate::discover::apply(&mut config, &|name| std::env::var(name).ok()) {
+                Ok(found) => text.push_str(&models::check_summary(&found)),
+                Err(e) => text.push_str(&format!("warning: {e}\n")),
             }
             let _ = print_stdout(&text);
             ExitCode::SUCCESS

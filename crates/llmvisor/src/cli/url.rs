@@ -124,19 +124,7 @@ pub fn resolve(
     BaseUrl::parse(DEFAULT_URL)
 }
 
-/// Percent-encodes one path segment (a model id or alias): everything but RFC 3986's
-/// unreserved characters is escaped, so `/`, `?`, `#` and spaces in a name stay inside it.
-pub fn encode_segment(segment: &str) -> String {
-    let mut out = String::with_capacity(segment.len());
-    for b in segment.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+pub use crate::ids::encode_segment;
 
 #[cfg(test)]
 mod tests {
@@ -238,13 +226,5 @@ mod tests {
             BaseUrl::from_listen("192.168.1.5:9".parse().unwrap()).as_str(),
             "http://192.168.1.5:9"
         );
-    }
-
-    #[test]
-    fn segments_are_percent_encoded() {
-        assert_eq!(encode_segment("gemma-3-270m"), "gemma-3-270m");
-        assert_eq!(encode_segment("org/model q8"), "org%2Fmodel%20q8");
-        assert_eq!(encode_segment("a?b#c"), "a%3Fb%23c");
-        assert_eq!(encode_segment("é"), "%C3%A9");
     }
 }

@@ -334,10 +334,14 @@ impl Fleet {
     fn node_key(&self, node: &str) -> String {
         format!("{}nodes/{node}", self.prefix)
     }
+    // A model id is one key segment (`org/name` as `org%2Fname`): `placements/org/` must not
+    // be the prefix of another model's slots.
     fn slot_prefix(&self, model: &str) -> String {
+        let model = crate::ids::encode_segment(model);
         format!("{}placements/{model}/", self.prefix)
     }
     fn marker_key(&self, node: &str, model: &str) -> String {
+        let model = crate::ids::encode_segment(model);
         format!("{}by-node/{node}/{model}", self.prefix)
     }
 

@@ -90,6 +90,9 @@ pub struct Config {
     pub http: HttpSettings,
     /// `[cluster]`: fleet mode (`None`: one host).
     pub cluster: Option<ClusterConfig>,
+    /// `models_dirs`, `discover`, `llama_server`, `discovered_args`: the models found on the
+    /// machine (added to `models` by `discover::apply`).
+    pub discovery: crate::discover::Settings,
 }
 
 /// The HTTP front end's limits and browser rules (top-level keys of the same names).
@@ -286,6 +289,8 @@ pub struct ModelConfig {
     /// How the router presents and rewrites requests for this model (llama-swap's per-model
     /// API keys), and its stop command.
     pub api: ModelApi,
+    /// Where discovery found it (`None`: a `[models]` entry).
+    pub found: Option<std::sync::Arc<crate::discover::Found>>,
 }
 
 /// Per-model router settings: listing, request rewriting, concurrency, stop command.
@@ -387,6 +392,7 @@ impl ModelConfig {
             replicas: 1,
             nodes: Vec::new(),
             api: ModelApi::default(),
+            found: None,
         }
     }
 
@@ -427,6 +433,39 @@ impl ModelConfig {
             None => slots,
         };
         usize::try_from(limit.clamp(1, 4096)).unwrap_or(1)
+    }
+
+    /// The value of the first of `names` in the command line (`-c 4096` or `--ctx-size=4096`).
+    pub fn arg_value(&self, names: &[&str]) -> Option<&str> {
+        self.cmd.iter().enumerate().find_map(|(i, arg)| {
+            names.iter().find_map(|name| {
+                if arg == name {
+                    self.cmd.get(i + 1).map(String::as_str)
+                } else {
+                    arg.strip_prefix(name)?.strip_prefix('=')
+                }
+            })
+        })
+    }
+
+    /// The GGUF it serves: the discovered file, else the command's `-m`/`--model` (relative to
+    /// `cwd`; `None` when it holds a macro).
+    pub fn model_file(&self) -> Option<std::path::PathBuf> {
+        if let Some(f) = &self.found {
+            return Some(f.file.clone());
+        }
+        let path = self
+            .arg_value(&["-m", "--model"])
+            .filter(|p| !p.contains("${"))?;
+        Some(match &self.cwd {
+            Some(cwd) if !path.starts_with('/') => std::path::Path::new(cwd).join(path),
+            _ => path.into(),
+        })
+    }
+
+    /// Where it comes from, as `/api/models`' `source` says: `"config"` or the discovery's store.
+    pub fn source(&self) -> &'static str {
+        self.found.as_ref().map_or("config", |f| f.source.as_str())
     }
 
     /// True when `name` is this model's id or one of its aliases.

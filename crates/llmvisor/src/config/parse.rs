@@ -45,6 +45,10 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "leases_per_caller",
     "cluster",
     "include_aliases_in_list",
+    "models_dirs",
+    "discover",
+    "llama_server",
+    "discovered_args",
 ];
 
 /// Keys allowed in a `[models."ID"]` table.
@@ -417,6 +421,7 @@ struct Top {
     /// `max_clients_per_peer` as written (its default follows `max_clients`).
     max_clients_per_peer: Option<usize>,
     cluster: Option<Node>,
+    discovery: crate::discover::Settings,
 }
 
 #[derive(Clone, Copy)]
@@ -805,6 +810,42 @@ impl Parser<'_> {
                 None => {}
             },
             "cluster" => top.cluster = Some(n.clone()),
+            "models_dirs" => {
+                let dirs = self.string_list("models_dirs", n).unwrap_or_default();
+                top.discovery.models_dirs = dirs
+                    .into_iter()
+                    .map(|d| crate::discover::expand_home(&d.v, self.env))
+                    .collect();
+            }
+            "discover" => {
+                let names = self.string_list("discover", n).unwrap_or_default();
+                top.discovery.stores = Vec::new();
+                for name in names {
+                    match crate::discover::Source::store(&name.v) {
+                        Some(s) if !top.discovery.stores.contains(&s) => top.discovery.stores.push(s),
+                        Some(_) => {}
+                        None => self.err_help(
+                            name.at,
+                            format!("unknown model store `{}` in discover", name.v),
+                            "the stores are \"ollama\", \"huggingface\", \"llama.cpp\" and \"lmstudio\" \
+                             (discover = [] reads none)",
+                        ),
+                    }
+                }
+            }
+            "llama_server" => {
+                if let Some(v) = self.string("llama_server", n) {
+                    top.discovery.llama_server = Some(
+                        crate::discover::expand_home(v, self.env)
+                            .display()
+                            .to_string(),
+                    );
+                }
+            }
+            "discovered_args" => {
+                let args = self.string_list("discovered_args", n).unwrap_or_default();
+                top.discovery.discovered_args = args.into_iter().map(|a| a.v).collect();
+            }
             _ => self.unknown_key(f, Scope::Top),
         }
     }
@@ -1600,6 +1641,7 @@ impl Parser<'_> {
                 ..top.http
             },
             cluster,
+            discovery: top.discovery,
         }
     }
 
@@ -1607,8 +1649,10 @@ impl Parser<'_> {
     fn check_name(&mut self, what: &str, name: &str, at: usize) -> bool {
         let problem = if name.is_empty() {
             Some("is empty".to_string())
-        } else if name.contains('/') {
-            Some("contains `/`".to_string())
+        } else if name.starts_with('/') || name.ends_with('/') || name.contains("//") {
+            // `org/name` is fine (Hugging Face's ids); an empty part between slashes would make
+            // the raw id in a path (`/v1/models/{id}`) ambiguous.
+            Some("has an empty part between `/`".to_string())
         } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
             Some("contains whitespace".to_string())
         } else {
@@ -1619,8 +1663,8 @@ impl Parser<'_> {
                 self.err_help(
                     at,
                     format!("{what} {name:?} {problem}"),
-                    "ids and aliases appear in URL paths (/upstream/{model}/...): \
-                     they must be non-empty, without `/` and without whitespace",
+                    "ids and aliases appear in URL paths (/upstream/{model}/...): they must be \
+                     non-empty, without whitespace, and `/` only between two parts (`org/name`)",
                 );
                 false
             }

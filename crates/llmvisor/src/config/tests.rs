@@ -537,8 +537,17 @@ fn duplicate_fixed_ports() {
 
 #[test]
 fn names_and_duplicates() {
-    let d = one("[models.\"a/b\"]\ncmd = \"a --port ${PORT}\"\n", 1, 9);
-    assert_eq!(d.message, "model id \"a/b\" contains `/`");
+    let d = one("[models.\"a//b\"]\ncmd = \"a --port ${PORT}\"\n", 1, 9);
+    assert_eq!(d.message, "model id \"a//b\" has an empty part between `/`");
+    let d = one("[models.\"/a\"]\ncmd = \"a --port ${PORT}\"\n", 1, 9);
+    assert!(d.message.ends_with("has an empty part between `/`"), "{d}");
+    // Hugging Face's and Ollama's ids are fine.
+    let ok = crate::config::parse(
+        "[models.\"unsloth/Qwen3-8B-GGUF:Q4_K_M\"]\ncmd = \"a --port ${PORT}\"\naliases = [\"llama3.2:3b\"]\n",
+        None,
+    )
+    .unwrap();
+    assert_eq!(ok.models[0].id, "unsloth/Qwen3-8B-GGUF:Q4_K_M");
     let d = one("[models.\"a b\"]\ncmd = \"a --port ${PORT}\"\n", 1, 9);
     assert!(d.message.ends_with("contains whitespace"), "{d}");
     let d = one("[models.\"\"]\ncmd = \"a --port ${PORT}\"\n", 1, 9);
@@ -566,12 +575,12 @@ aliases = ["y", "a", "x", "y"]
     assert_eq!((e[2].line, e[2].col), (6, 27));
     assert_eq!(e[2].message, "alias `y` is listed twice");
 
-    let e = errs("[models.a]\ncmd = \"a --port ${PORT}\"\naliases = [\"a\", \"c/d\"]\n");
+    let e = errs("[models.a]\ncmd = \"a --port ${PORT}\"\naliases = [\"a\", \"c/d/\"]\n");
     assert_eq!(e.len(), 2, "{e:#?}");
     assert_eq!((e[0].line, e[0].col), (3, 12));
     assert!(e[0].message.contains("same as its model's id"), "{}", e[0]);
     assert_eq!((e[1].line, e[1].col), (3, 17));
-    assert_eq!(e[1].message, "alias \"c/d\" contains `/`");
+    assert_eq!(e[1].message, "alias \"c/d/\" has an empty part between `/`");
 }
 
 #[test]

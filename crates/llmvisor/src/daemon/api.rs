@@ -45,25 +45,50 @@ pub async fn models(State(st): St) -> Response {
     Json(list).into_response()
 }
 
-pub async fn model(State(st): St, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let cell = st.sup.model(&id)?;
-    Ok(Json(cell.status()).into_response())
-}
-
-#[derive(Deserialize)]
-pub struct LoadQuery {
-    wait: Option<bool>,
-}
-
-pub async fn load(
+/// `GET /api/models/{id}` and `GET /api/models/{id}/logs`. The id may be percent-encoded
+/// (`Qwen%2FQwen3-8B`) or raw (`Qwen/Qwen3-8B`): a known id or alias is the model itself even when
+/// it ends in `/logs`; otherwise a trailing `/logs` is the action.
+pub async fn model_get(
     State(st): St,
-    Path(id): Path<String>,
-    Query(q): Query<LoadQuery>,
+    Path(rest): Path<String>,
+    Query(q): Query<ModelQuery>,
 ) -> Result<Response, ApiError> {
-    let cell = st.sup.model(&id)?;
-    if q.wait == Some(false) {
+    match rest.strip_suffix("/logs") {
+        Some(id) if st.sup.model(&rest).is_err() => logs(&st, id, q.follow == Some(true)),
+        _ => Ok(Json(st.sup.model(&rest)?.status()).into_response()),
+    }
+}
+
+/// `POST /api/models/{id}/load` and `POST /api/models/{id}/unload` (the id percent-encoded or
+/// raw: the last segment is the action, everything before it the id).
+pub async fn model_post(
+    State(st): St,
+    Path(rest): Path<String>,
+    Query(q): Query<ModelQuery>,
+) -> Result<Response, ApiError> {
+    if let Some(id) = rest.strip_suffix("/load") {
+        load(&st, id, q.wait != Some(false)).await
+    } else if let Some(id) = rest.strip_suffix("/unload") {
+        let status = st.sup.unload(id, q.force.unwrap_or(false)).await?;
+        Ok(Json(status).into_response())
+    } else {
+        Err(ApiError::method_not_allowed())
+    }
+}
+
+/// The query flags of the `/api/models/{id}/...` routes.
+#[derive(Deserialize)]
+pub struct ModelQuery {
+    wait: Option<bool>,
+    force: Option<bool>,
+    follow: Option<bool>,
+}
+
+async fn load(st: &Arc<AppState>, id: &str, wait: bool) -> Result<Response, ApiError> {
+    let cell = st.sup.model(id)?;
+    if !wait {
         let sup = st.sup.clone();
-        let name = id.clone();
+        let name = id.to_owned();
         tokio::spawn(async move {
             if let Err(e) = sup.load(&name).await {
                 tracing::warn!(model = %name, "load failed: {e}");
@@ -71,35 +96,12 @@ pub async fn load(
         });
         return Ok((StatusCode::ACCEPTED, Json(cell.status())).into_response());
     }
-    let status = st.sup.load(&id).await?;
+    let status = st.sup.load(id).await?;
     Ok(Json(status).into_response())
 }
 
-#[derive(Deserialize)]
-pub struct UnloadQuery {
-    force: Option<bool>,
-}
-
-pub async fn unload(
-    State(st): St,
-    Path(id): Path<String>,
-    Query(q): Query<UnloadQuery>,
-) -> Result<Response, ApiError> {
-    let status = st.sup.unload(&id, q.force.unwrap_or(false)).await?;
-    Ok(Json(status).into_response())
-}
-
-#[derive(Deserialize)]
-pub struct LogsQuery {
-    follow: Option<bool>,
-}
-
-pub async fn logs(
-    State(st): St,
-    Path(id): Path<String>,
-    Query(q): Query<LogsQuery>,
-) -> Result<Response, ApiError> {
-    let sink = st.sup.logs(&id)?;
+fn logs(st: &AppState, id: &str, follow: bool) -> Result<Response, ApiError> {
+    let sink = st.sup.logs(id)?;
     let (lines, rx) = sink.follow();
     let mut text = String::new();
     for l in &lines {
@@ -107,7 +109,7 @@ pub async fn logs(
         text.push('\n');
     }
     let plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
-    if q.follow != Some(true) {
+    if !follow {
         return Ok((plain, text).into_response());
     }
     let first =

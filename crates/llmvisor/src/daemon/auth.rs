@@ -16,6 +16,9 @@ pub fn scope_of(path: &str) -> Scope {
     // The dashboard's static assets hold no secret; the page asks for the admin key itself.
     if path == "/healthz" || path == "/ui" || path.starts_with("/ui/") {
         Scope::Open
+    } else if super::ollama::is_ollama_path(path) {
+        // Ollama's API (`/api/tags`, `/api/chat` …) is for model clients, like /v1/*.
+        Scope::Api
     } else if path.starts_with("/api/")
         || path == "/api"
         || path == "/metrics"

@@ -380,36 +380,9 @@ fn query_model(query: Option<&str>) -> Option<String> {
     let q = query?;
     q.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
-        (k == "model" && !v.is_empty()).then(|| percent_decode(v))
+        // A query string writes a space as `+` (a literal `+` arrives as `%2B`).
+        (k == "model" && !v.is_empty()).then(|| crate::ids::decode_segment(&v.replace('+', " ")))
     })
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = b
-                    .get(i + 1..i + 3)
-                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// llama-server's own routes: the model from `?model=`, else from the JSON body's `model`;

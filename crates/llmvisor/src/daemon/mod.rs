@@ -16,12 +16,14 @@ mod body_guard;
 mod browser;
 mod conn;
 mod dashboard;
+pub mod discovery;
 mod error;
 mod extract;
 pub mod fleet;
 mod leases;
 mod llama_swap;
 mod multipart;
+mod ollama;
 mod proxy;
 mod redact;
 mod state;
@@ -44,6 +46,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 pub use error::ApiError;
+pub use ollama::tags_json;
 pub use proxy::routed_model;
 pub use state::AppState;
 
@@ -76,6 +79,8 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
     #[error("{0}")]
     Fleet(String),
+    #[error(transparent)]
+    Discovery(#[from] crate::discover::NoLlamaServer),
 }
 
 /// The router with every route of SPEC.md.
@@ -85,19 +90,21 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(llama_swap::metrics))
         .route("/v1/models", get(api::v1_models))
         .route("/v1/{*rest}", post(proxy::v1))
-        .route("/upstream/{model}", any(proxy::upstream_root))
-        .route("/upstream/{model}/{*path}", any(proxy::upstream))
+        // Ids may hold `/` (`Qwen/Qwen3-8B`), raw or percent-encoded: one catch-all each, split
+        // by the handler (see proxy::upstream and api::model_get).
+        .route("/upstream/{*rest}", any(proxy::upstream))
         .route("/api/models", get(api::models))
-        .route("/api/models/{id}", get(api::model))
-        .route("/api/models/{id}/load", post(api::load))
-        .route("/api/models/{id}/unload", post(api::unload))
-        .route("/api/models/{id}/logs", get(api::logs))
+        .route(
+            "/api/models/{*rest}",
+            get(api::model_get).post(api::model_post),
+        )
         .route("/api/leases", post(api::create_lease))
         .route("/api/leases/{id}/renew", post(api::renew_lease))
         .route("/api/leases/{id}", delete(api::release_lease))
         .route("/api/cluster", get(fleet::cluster))
         // llama-swap's endpoints and llama-server's own routes.
         .merge(llama_swap::routes())
+        .merge(ollama::routes())
         .merge(dashboard::routes())
         .fallback(|| async {
             ApiError::not_found("no such route (see GET /v1/models and /api/models)")
@@ -281,15 +288,10 @@ pub fn with_overrides(
     Ok(cfg)
 }
 
-/// The daemon: runs `config` (loaded from `config_path`, which SIGHUP reads again) until
-/// SIGINT/SIGTERM.
-pub async fn serve_forever(
-    config_path: &Path,
-    config: Config,
-    listen: Option<SocketAddr>,
-    state_dir: Option<PathBuf>,
-) -> Result<(), DaemonError> {
-    let cfg = with_overrides(config, listen, state_dir.clone())?;
+/// The daemon: runs the config `loader` gives (its file, if any, and the discovered models)
+/// until SIGINT/SIGTERM; SIGHUP and changes in the model folders load it again.
+pub async fn serve_forever(loader: discovery::Loader) -> Result<(), DaemonError> {
+    let (cfg, found) = loader.load()?;
     raise_open_files_limit();
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
@@ -306,6 +308,7 @@ pub async fn serve_forever(
         instance = sup.instance_id(),
         state_dir = %cfg.state_dir.display(),
         models = cfg.models.len(),
+        discovered = found.found.len(),
         "llmvisor listening on http://{addr}"
     );
     let state = AppState::new(sup, cfg);
@@ -314,12 +317,19 @@ pub async fn serve_forever(
         return Err(DaemonError::Fleet(e));
     }
     preload(&state);
-    // SIGHUP reloads while serving; SIGINT/SIGTERM end `run`.
-    let reload_state = state.clone();
-    let path = config_path.to_owned();
-    let reloader = tokio::spawn(async move {
+    // SIGHUP and the folders' changes reload while serving; SIGINT/SIGTERM end `run`.
+    let (hup_tx, hup_rx) = tokio::sync::mpsc::unbounded_channel();
+    let reloader = tokio::spawn(discovery::reloader(
+        state.clone(),
+        loader,
+        found.roots,
+        hup_rx,
+    ));
+    let hups = tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            reload(&reload_state, &path, listen, state_dir.clone()).await;
+            if hup_tx.send(()).is_err() {
+                return;
+            }
         }
     });
     let shutdown = async move {
@@ -329,6 +339,7 @@ pub async fn serve_forever(
         }
     };
     run(listener, state, shutdown).await;
+    hups.abort();
     reloader.abort();
     Ok(())
 }
@@ -365,20 +376,25 @@ pub fn preload(state: &AppState) {
     }
 }
 
-/// Applies the config file again. A file that fails validation changes nothing.
+/// Applies the config file again (with the discovered models). A file that fails validation
+/// changes nothing.
 pub async fn reload(
     state: &AppState,
     path: &Path,
     listen: Option<SocketAddr>,
     state_dir: Option<PathBuf>,
 ) {
-    let new = match load_config(path, listen, state_dir) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("config reload rejected; keeping the running config:\n{e}");
-            return;
-        }
+    let loader = discovery::Loader {
+        path: Some(path.to_owned()),
+        listen,
+        state_dir,
+        models_dirs: Vec::new(),
     };
+    loader.reload(state).await;
+}
+
+/// Puts a newly loaded config in force: models added, changed and removed (after their leases).
+async fn apply(state: &AppState, new: Config) {
     // The listener keeps its address across a reload: the new keys must fit that address, not
     // the one the file names now.
     if let Some(bound) = state.bound() {
@@ -401,6 +417,9 @@ pub async fn reload(
         if changed {
             tracing::warn!("{what} changed; it takes effect only after a restart of llmvisor");
         }
+    }
+    if *old == new {
+        return; // a folder event that changed no model
     }
     let summary = state.sup.reconfigure(&new).await;
     tracing::info!(

@@ -21,7 +21,6 @@ use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::ApiError;
-use super::extract::Path;
 use super::state::{AppState, InFlight};
 use crate::supervisor::Lease;
 
@@ -106,42 +105,45 @@ pub(super) fn path_and_query(uri: &http::Uri, default: &str) -> String {
         .map_or_else(|| default.to_owned(), |p| p.as_str().to_owned())
 }
 
-/// `ANY /upstream/{model}/{*path}`: passthrough, request body streamed.
-pub async fn upstream(
-    State(st): State<Arc<AppState>>,
-    Path((model, _decoded)): Path<(String, String)>,
-    req: Request,
-) -> Response {
-    upstream_root(State(st), Path(model), req).await
-}
-
-/// `ANY /upstream/{model}` (no path): the server's root; also the body of [`upstream`].
-pub async fn upstream_root(
-    State(st): State<Arc<AppState>>,
-    Path(model): Path<String>,
-    req: Request,
-) -> Response {
+/// `ANY /upstream/{model}/{path}`: passthrough, request body streamed. The model is the
+/// longest leading part of the path that names a known model (ids may hold `/`: with models
+/// `org` and `org/name`, `/upstream/org/name/health` goes to `org/name`); when none does, the
+/// first segment (answered 404). Each part may be percent-encoded (`org%2Fname`).
+pub async fn upstream(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let began = Instant::now();
     let (parts, body) = req.into_parts();
-    let target = upstream_target(&parts.uri);
+    let (model, target) = upstream_target(&parts.uri, |name| st.sup.model(name).is_ok());
     let body = super::body_guard::GuardedBody::for_config(body, &st.config());
     forward(st, &model, parts, body, &target, began).await
 }
 
-/// The path and query sent upstream for `/upstream/{model}/{tail}?{query}`: the tail exactly as
-/// the client wrote it (still percent-encoded: `%2F`, `%3F` and `%23` keep their meaning).
-fn upstream_target(uri: &http::Uri) -> String {
-    let raw = uri.path();
-    let after = raw.strip_prefix("/upstream/").unwrap_or("");
-    let mut target = match after.find('/') {
-        Some(i) => after[i..].to_owned(),
-        None => "/".to_owned(),
+/// The model and the path and query sent upstream for `/upstream/{model}/{tail}?{query}`: the
+/// tail exactly as the client wrote it (still percent-encoded: `%2F`, `%3F` and `%23` keep their
+/// meaning).
+fn upstream_target(uri: &http::Uri, known: impl Fn(&str) -> bool) -> (String, String) {
+    let after = uri.path().strip_prefix("/upstream/").unwrap_or("");
+    let ends = after
+        .match_indices('/')
+        .map(|(i, _)| i)
+        .chain(std::iter::once(after.len()));
+    let ends: Vec<usize> = ends.collect();
+    let first = ends.first().copied().unwrap_or(after.len());
+    let split = ends
+        .iter()
+        .rev()
+        .copied()
+        .find(|&end| known(&crate::ids::decode_segment(&after[..end])))
+        .unwrap_or(first);
+    let model = crate::ids::decode_segment(&after[..split]);
+    let mut target = match &after[split..] {
+        "" => "/".to_owned(),
+        tail => tail.to_owned(),
     };
     if let Some(q) = uri.query() {
         target.push('?');
         target.push_str(q);
     }
-    target
+    (model, target)
 }
 
 /// Reads a whole request body of at most `limit` bytes (413 beyond, 408 when it does not arrive
@@ -694,7 +696,7 @@ mod tests {
 
     #[test]
     fn upstream_tail_is_forwarded_raw() {
-        let t = |u: &str| upstream_target(&u.parse().unwrap());
+        let t = |u: &str| upstream_target(&u.parse().unwrap(), |m| m == "m").1;
         assert_eq!(
             t("/upstream/m/a%3Fb%23c%252F?x=%26"),
             "/a%3Fb%23c%252F?x=%26"
@@ -702,6 +704,41 @@ mod tests {
         assert_eq!(t("/upstream/m"), "/");
         assert_eq!(t("/upstream/m/"), "/");
         assert_eq!(t("/upstream/m?q=1"), "/?q=1");
+    }
+
+    #[test]
+    fn upstream_model_is_the_longest_known_id() {
+        let known = [
+            "org",
+            "org/name",
+            "unsloth/Qwen3-8B-GGUF:Q4_K_M",
+            "llama3.2:3b",
+        ];
+        let t = |u: &str| {
+            let (m, tail) = upstream_target(&u.parse().unwrap(), |m| known.contains(&m));
+            (m, tail)
+        };
+        let pair = |m: &str, tail: &str| (m.to_owned(), tail.to_owned());
+        assert_eq!(t("/upstream/org/name/health"), pair("org/name", "/health"));
+        assert_eq!(
+            t("/upstream/org/other/health"),
+            pair("org", "/other/health")
+        );
+        assert_eq!(
+            t("/upstream/org%2Fname/health"),
+            pair("org/name", "/health")
+        );
+        assert_eq!(t("/upstream/org/name"), pair("org/name", "/"));
+        assert_eq!(
+            t("/upstream/unsloth/Qwen3-8B-GGUF:Q4_K_M/props?x=1"),
+            pair("unsloth/Qwen3-8B-GGUF:Q4_K_M", "/props?x=1")
+        );
+        assert_eq!(
+            t("/upstream/llama3.2%3A3b/v1/models"),
+            pair("llama3.2:3b", "/v1/models")
+        );
+        // Nothing known: the first segment is the model (and is answered 404 by name).
+        assert_eq!(t("/upstream/nope/a/b"), pair("nope", "/a/b"));
     }
 
     #[test]

@@ -39,7 +39,10 @@ pub(crate) fn spawn_model(
     ctx: Arc<Context>,
 ) -> (Arc<ModelCell>, tokio::task::JoinHandle<()>) {
     let (commands, rx) = mpsc::unbounded_channel();
-    let log_path = ctx.state_dir.join("logs").join(format!("{}.log", cfg.id));
+    let log_path = ctx
+        .state_dir
+        .join("logs")
+        .join(format!("{}.log", crate::ids::encode_segment(&cfg.id)));
     let cell = Arc::new(ModelCell::new(&cfg, log_path, commands));
     let (events_tx, events) = mpsc::unbounded_channel();
     let actor = Actor {
@@ -536,6 +539,8 @@ impl Actor {
             let mut st = self.cell.lock();
             st.aliases = cfg.aliases.clone();
             st.pinned = cfg.pinned;
+            st.source = cfg.source();
+            st.file = super::cell::found_file(&cfg);
             let measured = if restart { None } else { st.memory.measured };
             st.memory = Memory::for_config(&cfg).with_measured(measured);
         }
@@ -946,7 +951,8 @@ impl Actor {
 
     /// Ready and idle: the TTL starts (never for a pinned model, nor without a ttl).
     fn arm_ttl(&mut self) {
-        let deadline = match (self.cfg.pinned, self.cfg.ttl) {
+        let keep_alive = self.cell.lock().keep_alive;
+        let deadline = match (self.cfg.pinned, keep_alive.unwrap_or(self.cfg.ttl)) {
             (false, Some(ttl)) => Some(units::deadline(Instant::now(), ttl)),
             _ => None,
         };

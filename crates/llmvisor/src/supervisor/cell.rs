@@ -127,10 +127,20 @@ pub(super) struct CellState {
     pub(super) wait_reason: Option<String>,
     pub(super) memory: Memory,
     pub(super) pinned: bool,
+    pub(super) source: &'static str,
+    pub(super) file: Option<String>,
+    /// Ollama's `keep_alive` of the last request that gave one: the idle time before the server
+    /// stops, instead of `ttl` (`Some(None)`: never).
+    pub(super) keep_alive: Option<Option<std::time::Duration>>,
     /// Set while the current run is another instance's server we attached to.
     pub(super) remote: Option<Arc<RemoteServer>>,
     /// Other instances hold leases on our server (refreshed every second).
     pub(super) remote_held: bool,
+}
+
+/// A discovered model's GGUF, for `/api/models`' `file`.
+pub(super) fn found_file(cfg: &ModelConfig) -> Option<String> {
+    cfg.found.as_ref().map(|f| f.file.display().to_string())
 }
 
 pub(crate) enum Command {
@@ -194,6 +204,9 @@ impl ModelCell {
                 wait_reason: None,
                 memory: Memory::for_config(cfg),
                 pinned: cfg.pinned,
+                source: cfg.source(),
+                file: found_file(cfg),
+                keep_alive: None,
                 remote: None,
                 remote_held: false,
             }),
@@ -294,7 +307,15 @@ impl ModelCell {
                 None
             },
             pinned: st.pinned,
+            source: st.source,
+            file: st.file.clone(),
         }
+    }
+
+    /// Ollama's `keep_alive` for this model from now on: `Some(d)` stops its idle server after
+    /// `d` (zero: once idle), `None` never; replaces `ttl` until the next call.
+    pub fn set_keep_alive(&self, keep_alive: Option<std::time::Duration>) {
+        self.lock().keep_alive = Some(keep_alive);
     }
 
     /// Waits for one of the server's connection slots (`max_connections`); the permit is held

@@ -125,7 +125,9 @@ impl Context {
     }
 
     pub fn socket_path(&self, model: &str) -> PathBuf {
-        self.state_dir.join("sockets").join(format!("{model}.sock"))
+        self.state_dir
+            .join("sockets")
+            .join(format!("{}.sock", crate::ids::encode_segment(model)))
     }
 }
 

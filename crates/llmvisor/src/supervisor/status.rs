@@ -62,4 +62,8 @@ pub struct ModelStatus {
     /// Why its start waits for room (which models it waits for), while it does.
     pub wait_reason: Option<String>,
     pub pinned: bool,
+    /// `"config"`, or the store discovery found it in (`"ollama"`, `"huggingface"` …).
+    pub source: &'static str,
+    /// The GGUF it serves, when discovered.
+    pub file: Option<String>,
 }

@@ -206,10 +206,16 @@ impl Serve {
     /// Writes `config_text` into the scratch dir and starts the daemon on it; returns once its
     /// `/healthz` answers 200.
     pub async fn start(s: &Scratch, config_text: &str) -> Serve {
+        Self::start_with(s, config_text, &[]).await
+    }
+
+    /// [`Serve::start`] with `env` set for the daemon (a test's own `HOME` for discovery).
+    pub async fn start_with(s: &Scratch, config_text: &str, env: &[(&str, &Path)]) -> Serve {
         let config = s.path("llmvisor.toml");
         std::fs::write(&config, config_text).unwrap();
         let mut child = Command::new(BIN)
             .args(["serve", "--config", config.to_str().unwrap()])
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .env("RUST_LOG", "info")
             .env_remove("LLMVISOR_URL")
             .stdin(Stdio::null())

@@ -104,7 +104,10 @@ impl Scratch {
             "--port".into(),
             "${PORT}".into(),
             "--pid-file".into(),
-            self.path(&format!("{id}.pids")).display().to_string(),
+            // An id may hold `/` (`org/name`): one file per id all the same.
+            self.path(&format!("{}.pids", llmvisor::ids::encode_segment(id)))
+                .display()
+                .to_string(),
         ];
         cmd.extend(extra.iter().map(|s| s.to_string()));
         let mut m = ModelConfig::new(id, cmd);
@@ -134,6 +137,11 @@ impl Scratch {
             models,
             http: Default::default(),
             cluster: None,
+            // Tests see only the models they configure, not this machine's.
+            discovery: llmvisor::discover::Settings {
+                stores: Vec::new(),
+                ..Default::default()
+            },
         }
     }
 

@@ -28,6 +28,11 @@ pub use parse::{
     TOP_LEVEL_KEYS,
 };
 
+/// `kv_disk_budget` when the config does not set it: bytes of saved KV state on disk, all
+/// models together (4 GiB).
+pub const DEFAULT_KV_DISK_BUDGET: u64 = 4 << 30;
+/// A model's `kv_save_timeout` when neither it nor `[defaults]` sets one.
+pub const DEFAULT_KV_SAVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// `listen` when the config does not set it.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// `port_range` when the config does not set it.
@@ -76,6 +81,8 @@ pub struct Config {
     pub max_loaded: Option<usize>,
     /// Bytes.
     pub memory_budget: Option<u64>,
+    /// Bytes of saved KV state on disk, all models together; the oldest files go first.
+    pub kv_disk_budget: u64,
     pub queue_timeout: Duration,
     pub max_wait_for_swap: Duration,
     pub preload: Vec<String>,
@@ -233,6 +240,11 @@ pub struct ModelConfig {
     /// How the router presents and rewrites requests for this model (llama-swap's per-model
     /// API keys), and its stop command.
     pub api: ModelApi,
+    /// llama-server: its slots' KV state is saved before a stop llmvisor decides and restored
+    /// at the next start (docs/kv-persist.md).
+    pub kv_persist: bool,
+    /// Bounds the save before a stop, and the restore after a start.
+    pub kv_save_timeout: Duration,
 }
 
 /// Per-model router settings: listing, request rewriting, concurrency, stop command.
@@ -334,7 +346,34 @@ impl ModelConfig {
             replicas: 1,
             nodes: Vec::new(),
             api: ModelApi::default(),
+            kv_persist: false,
+            kv_save_timeout: DEFAULT_KV_SAVE_TIMEOUT,
         }
+    }
+
+    /// True when the command runs llama-server: one of its words is a path whose file name is
+    /// `llama-server` (so `env X=1 /opt/llama-server ...` and `nice llama-server ...` count).
+    pub fn is_llama_server(&self) -> bool {
+        self.cmd.iter().any(|arg| {
+            std::path::Path::new(arg)
+                .file_name()
+                .is_some_and(|f| f == "llama-server")
+        })
+    }
+
+    /// The value of a llama-server option, from the command (`NAME VALUE` or `NAME=VALUE`, any
+    /// of `names`) or else from its environment variable `env`.
+    pub fn llama_arg(&self, names: &[&str], env: &str) -> Option<&str> {
+        let from_argv = self.cmd.iter().enumerate().find_map(|(i, arg)| {
+            names.iter().find_map(|name| {
+                if arg == name {
+                    self.cmd.get(i + 1).map(String::as_str)
+                } else {
+                    arg.strip_prefix(name)?.strip_prefix('=')
+                }
+            })
+        });
+        from_argv.or_else(|| self.env.get(env).map(String::as_str))
     }
 
     /// Connections llmvisor keeps to this server at once (more requests wait in llmvisor):
@@ -346,25 +385,11 @@ impl ModelConfig {
         if let Some(n) = self.max_connections {
             return n;
         }
-        let is_llama_server = self.cmd.iter().any(|arg| {
-            std::path::Path::new(arg)
-                .file_name()
-                .is_some_and(|f| f == "llama-server")
-        });
-        if !is_llama_server {
+        if !self.is_llama_server() {
             return DEFAULT_MAX_CONNECTIONS;
         }
         let flag = |names: &[&str], env: &str| -> Option<i64> {
-            let from_argv = self.cmd.iter().enumerate().find_map(|(i, arg)| {
-                names.iter().find_map(|name| {
-                    if arg == name {
-                        self.cmd.get(i + 1)?.parse().ok()
-                    } else {
-                        arg.strip_prefix(name)?.strip_prefix('=')?.parse().ok()
-                    }
-                })
-            });
-            from_argv.or_else(|| self.env.get(env)?.parse().ok())
+            self.llama_arg(names, env)?.parse().ok()
         };
         let slots = flag(&["-np", "--parallel"], "LLAMA_ARG_N_PARALLEL")
             .filter(|n| *n > 0)

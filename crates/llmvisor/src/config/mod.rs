@@ -361,19 +361,10 @@ impl ModelConfig {
         })
     }
 
-    /// The value of a llama-server option, from the command (`NAME VALUE` or `NAME=VALUE`, any
-    /// of `names`) or else from its environment variable `env`.
+    /// The value of a llama-server option in this model's command or environment
+    /// ([`llama_arg`]).
     pub fn llama_arg(&self, names: &[&str], env: &str) -> Option<&str> {
-        let from_argv = self.cmd.iter().enumerate().find_map(|(i, arg)| {
-            names.iter().find_map(|name| {
-                if arg == name {
-                    self.cmd.get(i + 1).map(String::as_str)
-                } else {
-                    arg.strip_prefix(name)?.strip_prefix('=')
-                }
-            })
-        });
-        from_argv.or_else(|| self.env.get(env).map(String::as_str))
+        llama_arg(&self.cmd, &self.env, names, env)
     }
 
     /// Connections llmvisor keeps to this server at once (more requests wait in llmvisor):
@@ -388,9 +379,8 @@ impl ModelConfig {
         if !self.is_llama_server() {
             return DEFAULT_MAX_CONNECTIONS;
         }
-        let flag = |names: &[&str], env: &str| -> Option<i64> {
-            self.llama_arg(names, env)?.parse().ok()
-        };
+        let flag =
+            |names: &[&str], env: &str| -> Option<i64> { self.llama_arg(names, env)?.parse().ok() };
         let slots = flag(&["-np", "--parallel"], "LLAMA_ARG_N_PARALLEL")
             .filter(|n| *n > 0)
             .unwrap_or(LLAMA_SERVER_AUTO_PARALLEL);
@@ -423,6 +413,26 @@ impl ModelConfig {
             .chain(self.env.values())
             .chain(self.cwd.iter())
     }
+}
+
+/// The value of a llama-server option, from `argv` (`NAME VALUE` or `NAME=VALUE`, any of
+/// `names`) or else from its environment variable `var` in `env`.
+pub fn llama_arg<'a>(
+    argv: &'a [String],
+    env: &'a BTreeMap<String, String>,
+    names: &[&str],
+    var: &str,
+) -> Option<&'a str> {
+    let from_argv = argv.iter().enumerate().find_map(|(i, arg)| {
+        names.iter().find_map(|name| {
+            if arg == name {
+                argv.get(i + 1).map(String::as_str)
+            } else {
+                arg.strip_prefix(name)?.strip_prefix('=')
+            }
+        })
+    });
+    from_argv.or_else(|| env.get(var).map(String::as_str))
 }
 
 /// The values macros expand to for one start of one model.

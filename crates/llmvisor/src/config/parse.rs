@@ -1737,7 +1737,12 @@ impl Parser<'_> {
     /// Whether `m` saves its slots' KV state: its own `kv_persist`, else `[defaults]`'. An own
     /// `kv_persist = true` on a command that is not llama-server is an error; `[defaults]`
     /// turning it on applies to the llama-server models only.
-    fn kv_persist(&mut self, m: &ModelConfig, own: Option<&Sp<bool>>, d: Option<&Sp<bool>>) -> bool {
+    fn kv_persist(
+        &mut self,
+        m: &ModelConfig,
+        own: Option<&Sp<bool>>,
+        d: Option<&Sp<bool>>,
+    ) -> bool {
         let llama = m.cmd.is_empty() || m.is_llama_server();
         match (own, d) {
             (Some(own), _) if own.v && !llama => {

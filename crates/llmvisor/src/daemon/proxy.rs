@@ -309,7 +309,7 @@ pub(super) async fn forward(
         .is_some_and(|v| v.starts_with("text/event-stream"));
     strip_hop_by_hop(&mut head.headers);
     // [dashboard hook] one `request` event per answer, read as it passes.
-    let observer = crate::events::RequestObserver::new(
+    let mut observer = crate::events::RequestObserver::new(
         st.events.clone(),
         lease.model(),
         path_and_query,
@@ -318,6 +318,7 @@ pub(super) async fn forward(
         began,
         is_sse,
     );
+    observer.check_kv_reuse(lease.kv_check());
     let body = LeasedBody {
         observer,
         inner: upstream_body,

@@ -40,7 +40,8 @@ pub(crate) fn spawn_model(
 ) -> (Arc<ModelCell>, tokio::task::JoinHandle<()>) {
     let (commands, rx) = mpsc::unbounded_channel();
     let log_path = ctx.state_dir.join("logs").join(format!("{}.log", cfg.id));
-    let cell = Arc::new(ModelCell::new(&cfg, log_path, commands));
+    let kv = super::kv::KvCell::new(&cfg, ctx.kv_events.clone(), &ctx.state_dir);
+    let cell = Arc::new(ModelCell::new(&cfg, log_path, commands, kv));
     let (events_tx, events) = mpsc::unbounded_channel();
     let actor = Actor {
         cell: cell.clone(),
@@ -54,6 +55,7 @@ pub(crate) fn spawn_model(
         stop_waiters: Vec::new(),
         policy: RestartPolicy::default(),
         measured_at: None,
+        save_kv: true,
     };
     let task = tokio::spawn(actor.run());
     (cell, task)
@@ -101,6 +103,9 @@ struct Actor {
     policy: RestartPolicy,
     /// When the server's memory was last measured.
     measured_at: Option<Instant>,
+    /// Whether the stop under way saves the server's KV state (`kv_persist`): not for a forced
+    /// unload, an unhealthy server, or a model removed from the config.
+    save_kv: bool,
 }
 
 impl Actor {
@@ -204,14 +209,33 @@ impl Actor {
             cancel: Some(cancel),
             then: None,
         });
-        let (cfg, ctx, logs, events) = (
-            self.cfg.clone(),
+        self.save_kv = true;
+        let cfg = if self.cfg.kv_persist && self.cell.kv.is_off() {
+            // A restore was seen to reuse nothing: not worth the disk and the time.
+            Arc::new(ModelConfig {
+                kv_persist: false,
+                ..(*self.cfg).clone()
+            })
+        } else {
+            self.cfg.clone()
+        };
+        let (ctx, logs, events, cell) = (
             self.ctx.clone(),
             self.cell.logs.clone(),
             self.events_tx.clone(),
+            self.cell.clone(),
         );
         tokio::spawn(async move {
-            let result = start::launch(cfg, ctx, logs, cancel_rx).await;
+            let result = start::launch(cfg, ctx.clone(), logs, cancel_rx).await;
+            // A step of Starting: the saved conversations are back before anyone is served.
+            if let Ok(Running {
+                kv: Some(plan),
+                endpoint,
+                ..
+            }) = &result
+            {
+                super::kv::restore(plan, &cell.kv, &ctx.client, endpoint).await;
+            }
             let _ = events.send(Event::Started(result));
         });
     }
@@ -230,7 +254,33 @@ impl Actor {
                 super::cmd_stop::expand(argv, server.pid(), running.endpoint.port(), &self.cfg.id);
             (argv, self.cfg.id.clone())
         });
+        // Saved in the model's own stop task: bounded by kv_save_timeout, and no other model
+        // waits for it.
+        let save = running
+            .kv
+            .clone()
+            .filter(|_| self.save_kv && !matches!(why, Why::Unhealthy(_)))
+            .map(|plan| {
+                (
+                    plan,
+                    self.cell.clone(),
+                    self.ctx.clone(),
+                    running.endpoint.clone(),
+                )
+            });
         tokio::spawn(async move {
+            if let Some((plan, cell, ctx, endpoint)) = save {
+                let budget = ctx.kv_budget.load(Ordering::Relaxed);
+                super::kv::save(
+                    &plan,
+                    &cell.kv,
+                    &ctx.client,
+                    &endpoint,
+                    &ctx.state_dir,
+                    budget,
+                )
+                .await;
+            }
             if let (Some((argv, id)), Some(child)) = (cmd_stop, server.local()) {
                 super::cmd_stop::run(&argv, child, grace, &id).await;
             }
@@ -351,6 +401,9 @@ impl Actor {
             Command::Idle { run } => self.on_idle(run),
             Command::Unload { force, reply } => {
                 self.stop_waiters.push(reply);
+                if force {
+                    self.save_kv = false; // a forced stop is never delayed
+                }
                 self.request_stop(Why::Unload, force);
             }
             Command::Reconfigure { cfg, applied } => {
@@ -381,8 +434,9 @@ impl Actor {
                 }
                 other => self.state = other,
             },
-            Command::Retire { reply } => {
+            Command::Retire { reply, keep_kv } => {
                 self.stop_waiters.push(reply);
+                self.save_kv &= keep_kv;
                 self.fail_waiters("the model was removed or llmvisor is shutting down");
                 self.request_stop(Why::Retire, true);
             }
@@ -500,6 +554,7 @@ impl Actor {
             st.memory = Memory::for_config(&cfg).with_measured(measured);
         }
         self.cell.connections.resize(cfg.connection_limit());
+        self.cell.kv.configure(&cfg, &self.ctx.state_dir);
         self.cfg = cfg;
         // Pinned or memory may have changed what fits.
         self.ctx.admission.send(AdmissionMsg::Changed);

@@ -41,6 +41,8 @@ pub struct Running {
     pub down_rx: watch::Receiver<bool>,
     /// Held for the life of the server: nobody else gets this port meanwhile.
     pub _port: Option<PortClaim>,
+    /// `kv_persist`: where this server's slots are saved and how (None: not saved).
+    pub kv: Option<super::kv::KvPlan>,
 }
 
 #[derive(Debug)]
@@ -218,6 +220,7 @@ async fn attach_remote(
                     down_tx,
                     down_rx,
                     _port: None,
+                    kv: None, // another instance's server: its owner saves it
                 }));
             }
         }
@@ -247,7 +250,18 @@ async fn start_local(
             Address::Port(c) => (Some(c.port()), None),
             Address::Socket(p) => (None, Some(p.as_path())),
         };
-        let spec = expand_spec(cfg, port, socket)?;
+        let mut spec = expand_spec(cfg, port, socket)?;
+        let kv = if cfg.kv_persist {
+            match super::kv::prepare(&ctx.state_dir, cfg, &mut spec) {
+                Ok(plan) => Some(plan),
+                Err(e) => {
+                    tracing::warn!(model = %cfg.id, "kv_persist: {e}; started without it");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         logs.push(format!(
             "llmvisor: starting {} (attempt {attempt}): {} {}",
             cfg.id,
@@ -306,6 +320,7 @@ async fn start_local(
                         Address::Port(c) => Some(c),
                         Address::Socket(_) => None,
                     },
+                    kv,
                 });
             }
             Err(NotReady::TimedOut) => {

@@ -58,4 +58,6 @@ pub struct ModelStatus {
     /// Why its start waits for room (which models it waits for), while it does.
     pub wait_reason: Option<String>,
     pub pinned: bool,
+    /// Bytes of saved KV state on disk (`kv_persist`), or None.
+    pub kv_saved: Option<u64>,
 }

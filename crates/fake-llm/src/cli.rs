@@ -94,6 +94,15 @@ pub struct Args {
     /// like /echo: the method, path, query, headers and body it received, as JSON.
     #[arg(long)]
     pub echo_unknown: bool,
+
+    /// Accepted for llama-server compatibility (`kv_persist` adds it); ignored.
+    #[arg(long, value_name = "DIR")]
+    pub slot_save_path: Option<String>,
+
+    /// Answer `GET /slots` with one idle slot holding tokens, and refuse every
+    /// `POST /slots/{id}` like a llama-server without slot support (501).
+    #[arg(long)]
+    pub refuse_slot_save: bool,
 }
 
 impl Args {

@@ -162,7 +162,7 @@ async fn run(args: Args, start: Instant, pid: u32) -> ExitCode {
         args.model_name,
         args.crash_after,
     ));
-    let router = api::router(state, args.echo_unknown);
+    let router = api::router(state, args.echo_unknown, args.refuse_slot_save);
     server::serve(listener, router, pid, args.crash_after.is_some()).await
 }
 

@@ -219,23 +219,9 @@ impl Actor {
         } else {
             self.cfg.clone()
         };
-        let (ctx, logs, events, cell) = (
-            self.ctx.clone(),
-            self.cell.logs.clone(),
-            self.events_tx.clone(),
-            self.cell.clone(),
-        );
+        let (ctx, events, cell) = (self.ctx.clone(), self.events_tx.clone(), self.cell.clone());
         tokio::spawn(async move {
-            let result = start::launch(cfg, ctx.clone(), logs, cancel_rx).await;
-            // A step of Starting: the saved conversations are back before anyone is served.
-            if let Ok(Running {
-                kv: Some(plan),
-                endpoint,
-                ..
-            }) = &result
-            {
-                super::kv::restore(plan, &cell.kv, &ctx.client, endpoint).await;
-            }
+            let result = start::launch(cfg, ctx, cell, cancel_rx).await;
             let _ = events.send(Event::Started(result));
         });
     }

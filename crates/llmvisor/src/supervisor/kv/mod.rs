@@ -27,7 +27,9 @@ use crate::upstream::{Endpoint, UpstreamClient};
 pub const EVENTS_CAPACITY: usize = 256;
 
 /// Where one start of a `kv_persist` model keeps its slot files and how they are named:
-/// `lv-<model>-<shape>-s<slot>.bin`, `<model>` and `<shape>` hashes (see `shape.rs`).
+/// `lv-<model>-<shape>-s<slot>-b<bytes>.bin`, `<model>` and `<shape>` hashes (see `shape.rs`),
+/// `<bytes>` the size llama-server wrote: a file of another size is cut short, and is never
+/// loaded (build 11434 aborts on a truncated file).
 #[derive(Debug, Clone)]
 pub struct KvPlan {
     pub dir: PathBuf,
@@ -40,16 +42,21 @@ pub struct KvPlan {
 }
 
 impl KvPlan {
-    fn file_name(&self, slot: u32) -> String {
-        format!("{}{}-s{slot}.bin", self.model_prefix, self.shape)
+    fn file_name(&self, slot: u32, bytes: u64) -> String {
+        format!("{}{}-s{slot}-b{bytes}.bin", self.model_prefix, self.shape)
     }
 
-    /// The slot a file of this model and shape is for; `None` for another shape's file.
-    fn slot_of(&self, name: &str) -> Option<u32> {
+    /// The slot a file of this model and shape is for, and the bytes it should have; `None`
+    /// for another shape's file.
+    fn slot_of(&self, name: &str) -> Option<(u32, u64)> {
         let rest = name
             .strip_prefix(&self.model_prefix)?
             .strip_prefix(&self.shape)?;
-        rest.strip_prefix("-s")?.strip_suffix(".bin")?.parse().ok()
+        let (slot, bytes) = rest
+            .strip_prefix("-s")?
+            .strip_suffix(".bin")?
+            .split_once("-b")?;
+        Some((slot.parse().ok()?, bytes.parse().ok()?))
     }
 }
 
@@ -406,8 +413,12 @@ async fn save_slot(
     endpoint: &Endpoint,
     slot: u32,
 ) {
-    let name = plan.file_name(slot);
-    let partial = format!("{name}{}", dir::PARTIAL);
+    let partial = format!(
+        "{}{}-s{slot}{}",
+        plan.model_prefix,
+        plan.shape,
+        dir::PARTIAL
+    );
     let result = slots::save(client, endpoint, slot, &partial)
         .await
         .and_then(|moved| {
@@ -421,7 +432,15 @@ async fn save_slot(
                     moved.bytes
                 ));
             }
+            let name = plan.file_name(slot, moved.bytes);
             dir::rename(&plan.dir, &partial, &name).map_err(|e| format!("slot {slot}: {e}"))?;
+            // The slot's earlier conversation: the newest save of a slot is the one kept.
+            for older in dir::list(&plan.dir) {
+                let same_slot = plan.slot_of(&older.name).is_some_and(|(s, _)| s == slot);
+                if older.name != name && same_slot {
+                    let _ = dir::remove(&plan.dir, &older.name);
+                }
+            }
             Ok(moved)
         });
     match result {
@@ -447,13 +466,20 @@ async fn save_slot(
 }
 
 /// After a start, before the server is handed out: loads this model's files of this shape into
-/// their slots, within `plan.timeout`; removes the files of another shape, cut-short saves, and
-/// files the server refuses (corrupt, truncated).
-pub async fn restore(plan: &KvPlan, cell: &KvCell, client: &UpstreamClient, endpoint: &Endpoint) {
+/// their slots, within `plan.timeout`; removes the files of another shape, cut-short saves and
+/// files the server refuses (corrupt). False when a restore request got no answer: the server
+/// may have died loading the file (the caller checks and starts it again without it).
+pub async fn restore(
+    plan: &KvPlan,
+    cell: &KvCell,
+    client: &UpstreamClient,
+    endpoint: &Endpoint,
+) -> bool {
     cell.state.locked().model_file.clone_from(&plan.model_file);
     if cell.is_off() {
-        return;
+        return true;
     }
+    let mut answered = true;
     let mut files: Vec<_> = dir::list(&plan.dir)
         .into_iter()
         .filter(|f| f.name.starts_with(&plan.model_prefix))
@@ -472,10 +498,15 @@ pub async fn restore(plan: &KvPlan, cell: &KvCell, client: &UpstreamClient, endp
                 );
                 continue;
             }
-            let Some(slot) = plan.slot_of(&f.name) else {
+            let Some((slot, bytes)) = plan.slot_of(&f.name) else {
                 cell.discard(plan, f, "saved by a server of another shape (model file, -c, -np or cache types changed)".into());
                 continue;
             };
+            if f.bytes != bytes {
+                let why = format!("truncated: {} bytes of the {bytes} saved", f.bytes);
+                cell.discard(plan, f, why);
+                continue;
+            }
             match slots::restore(client, endpoint, slot, &f.name).await {
                 Ok(m) => {
                     let s = &cell.stats;
@@ -495,7 +526,11 @@ pub async fn restore(plan: &KvPlan, cell: &KvCell, client: &UpstreamClient, endp
                         ..KvEvent::new("kv_restored", &cell.model)
                     });
                 }
-                Err(e) => cell.discard(plan, f, format!("the server refused it: {e}")),
+                Err(e) => {
+                    // An HTTP answer is a refusal; none at all, a server that may have died.
+                    answered &= e.contains(" answered ");
+                    cell.discard(plan, f, format!("the server refused it: {e}"));
+                }
             }
         }
     };
@@ -504,6 +539,7 @@ pub async fn restore(plan: &KvPlan, cell: &KvCell, client: &UpstreamClient, endp
     }
     cell.state.locked().check = fewest;
     cell.refresh_saved(plan);
+    answered
 }
 
 #[cfg(test)]
@@ -531,8 +567,8 @@ mod tests {
                 format!("{}/", dir.display())
             ]
         );
-        let name = plan.file_name(3);
-        assert_eq!(plan.slot_of(&name), Some(3));
+        let name = plan.file_name(3, 1234);
+        assert_eq!(plan.slot_of(&name), Some((3, 1234)));
         let mut other = spec.clone();
         other.args[3] = "1024".into();
         let other_plan = prepare(tmp.path(), &cfg, &mut other).unwrap();

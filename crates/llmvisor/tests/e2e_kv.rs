@@ -320,3 +320,54 @@ async fn a_long_chat_survives_every_stop_llmvisor_decides() {
     );
     d.shutdown().await;
 }
+
+/// A 1 MiB tmpfs, unmounted on drop (even when the test fails).
+struct TinyDisk(PathBuf);
+
+impl TinyDisk {
+    /// `None` when this machine lets no tmpfs be mounted (not root): said, and skipped.
+    fn mount(at: PathBuf) -> Option<Self> {
+        std::fs::create_dir_all(&at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("skipping the full-disk case: cannot mount a tmpfs here (needs root)");
+            return None;
+        }
+        Some(Self(at))
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_into_a_full_disk_is_a_warning_and_the_stop_goes_on() {
+    let Some(e) = env() else { return };
+    let s = Scratch::new();
+    let Some(disk) = TinyDisk::mount(s.path("tiny")) else {
+        return;
+    };
+    // A slot of even a few dozen tokens takes more than 1 MiB (1.4 MB for 60 with SmolLM2).
+    let d = Serve::start(&s, &config(&s, &e, 4096, "", Some(&disk.0))).await;
+    let chat = json!([{"role": "user", "content": "Tell me about lighthouses, please."}]);
+    let (answer, _, _) = turn(&d, "chat", &chat, 32).await;
+    let r = d.post("/api/models/chat/unload", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["state"], "stopped");
+    let log = d.log_text();
+    assert!(log.contains("KV save failed (the stop goes on)"), "{log}");
+    let left: Vec<_> = std::fs::read_dir(&disk.0).unwrap().flatten().collect();
+    assert!(left.is_empty(), "a failed save left {left:?}");
+    // Nothing else lost: the model starts and answers as before.
+    let (again, _, cache_n) = turn(&d, "chat", &chat, 32).await;
+    assert_eq!(again, answer);
+    assert_eq!(cache_n, 0, "nothing was saved, so nothing can be reused");
+    d.shutdown().await;
+}

@@ -21,7 +21,9 @@ fn refusing(s: &Scratch) -> llmvisor::config::ModelConfig {
 #[tokio::test]
 async fn a_refused_save_is_a_warning_and_an_event_and_the_stop_goes_on() {
     let s = Scratch::new();
-    let sup = Supervisor::new(&s.config(vec![refusing(&s)])).await.unwrap();
+    let sup = Supervisor::new(&s.config(vec![refusing(&s)]))
+        .await
+        .unwrap();
     let mut events = sup.kv_events();
     drop(sup.acquire("a").await.unwrap());
     let status = tokio::time::timeout(Duration::from_secs(10), sup.unload("a", false))
@@ -33,7 +35,10 @@ async fn a_refused_save_is_a_warning_and_an_event_and_the_stop_goes_on() {
     assert_eq!(e.kind, "kv_failed");
     assert_eq!(e.slot, Some(0));
     assert!(
-        e.reason.as_deref().unwrap().contains("does not support slots action"),
+        e.reason
+            .as_deref()
+            .unwrap()
+            .contains("does not support slots action"),
         "{e:?}"
     );
     let cell = sup.model("a").unwrap();
@@ -51,7 +56,9 @@ async fn a_refused_save_is_a_warning_and_an_event_and_the_stop_goes_on() {
 #[tokio::test]
 async fn a_request_racing_the_stop_is_served_by_the_next_server() {
     let s = Scratch::new();
-    let sup = Supervisor::new(&s.config(vec![refusing(&s)])).await.unwrap();
+    let sup = Supervisor::new(&s.config(vec![refusing(&s)]))
+        .await
+        .unwrap();
     drop(sup.acquire("a").await.unwrap());
     let cell = sup.model("a").unwrap();
     let unload = tokio::spawn({
@@ -66,7 +73,11 @@ async fn a_request_racing_the_stop_is_served_by_the_next_server() {
         .unwrap();
     assert!(lease.is_up());
     unload.await.unwrap().unwrap();
-    assert_eq!(s.pids("a.pids").len(), 2, "stopped, then started again for the request");
+    assert_eq!(
+        s.pids("a.pids").len(),
+        2,
+        "stopped, then started again for the request"
+    );
     drop(lease);
     sup.shutdown().await;
     s.assert_all_gone(Duration::from_secs(5)).await;

@@ -44,7 +44,7 @@ pub struct Running {
     /// Held for the life of the server: nobody else gets this port meanwhile.
     pub _port: Option<PortClaim>,
     /// `kv_persist`: where this server's slots are saved and how (None: not saved).
-    pub kv: Option<super::kv::KvPlan>,
+    pub kv: Option<Arc<super::kv::KvPlan>>,
 }
 
 #[derive(Debug)]
@@ -256,7 +256,7 @@ async fn start_local(
         let mut spec = expand_spec(cfg, port, socket)?;
         let kv = if cfg.kv_persist {
             match super::kv::prepare(&ctx.state_dir, cfg, &mut spec) {
-                Ok(plan) => Some(plan),
+                Ok(plan) => Some(Arc::new(plan)),
                 Err(e) => {
                     tracing::warn!(model = %cfg.id, "kv_persist: {e}; started without it");
                     None

@@ -23,6 +23,8 @@ use crate::spawn::SpawnSpec;
 use crate::sync::LockExt;
 use crate::upstream::{Endpoint, UpstreamClient};
 
+/// How often a save waiting for a busy slot looks at `/slots` again.
+const BUSY_POLL: Duration = Duration::from_millis(50);
 /// KV events buffered for slow readers of `Supervisor::kv_events`.
 pub const EVENTS_CAPACITY: usize = 256;
 
@@ -373,7 +375,19 @@ pub async fn save(
     }
     let began = Instant::now();
     let all = async {
-        let slots = slots::list(client, endpoint).await.map_err(|e| (None, e))?;
+        // A request its client just gave up on keeps its slot busy for a moment: wait for
+        // it, within half the timeout (the rest is for the saves).
+        let patience = Instant::now() + plan.timeout / 2;
+        let slots = loop {
+            let slots = slots::list(client, endpoint).await.map_err(|e| (None, e))?;
+            let busy = slots
+                .iter()
+                .any(|s| s.is_processing && s.n_prompt_tokens > 0);
+            if !busy || Instant::now() >= patience {
+                break slots;
+            }
+            tokio::time::sleep(BUSY_POLL).await;
+        };
         for slot in slots.iter().filter(|s| s.n_prompt_tokens > 0) {
             if slot.is_processing {
                 cell.failed(

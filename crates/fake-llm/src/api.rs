@@ -108,7 +108,7 @@ impl OnComplete for AppState {
     }
 }
 
-pub fn router(state: Arc<AppState>, echo_unknown: bool) -> Router {
+pub fn router(state: Arc<AppState>, echo_unknown: bool, refuse_slot_save: bool) -> Router {
     let r = Router::new()
         .route("/small", get(small))
         .route("/page", get(page))
@@ -119,6 +119,12 @@ pub fn router(state: Arc<AppState>, echo_unknown: bool) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/echo", any(echo))
         .route("/echo/{*rest}", any(echo));
+    let r = if refuse_slot_save {
+        r.route("/slots", get(slots_holding_tokens))
+            .route("/slots/{id}", post(slot_action_refused))
+    } else {
+        r
+    };
     let r = if echo_unknown {
         r.fallback(echo)
     } else {
@@ -194,6 +200,23 @@ async fn page() -> Response {
         axum::http::HeaderValue::from_static("text/html; charset=utf-8"),
     );
     resp
+}
+
+/// `GET /slots` as llama-server answers it for one idle slot that served a task.
+async fn slots_holding_tokens() -> Response {
+    json_body(
+        StatusCode::OK,
+        r#"[{"id":0,"n_ctx":1024,"is_processing":false,"id_task":1,"n_prompt_tokens":42}]"#,
+    )
+}
+
+/// `POST /slots/{id}?action=...` as llama-server answers it without slot support.
+async fn slot_action_refused() -> Response {
+    log!("slot action refused (--refuse-slot-save)");
+    json_body(
+        StatusCode::NOT_IMPLEMENTED,
+        r#"{"error":{"code":501,"message":"This server does not support slots action","type":"not_supported_error"}}"#,
+    )
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Response {

@@ -113,6 +113,15 @@ pub struct Args {
     /// does not trust or pass on headers a server may not set.
     #[arg(long, value_name = "NAME:VALUE", value_parser = parse_header)]
     pub response_header: Vec<(String, String)>,
+
+    /// Accepted for llama-server compatibility (`kv_persist` adds it); ignored.
+    #[arg(long, value_name = "DIR")]
+    pub slot_save_path: Option<String>,
+
+    /// Answer `GET /slots` with one idle slot holding tokens, and refuse every
+    /// `POST /slots/{id}` like a llama-server without slot support (501).
+    #[arg(long)]
+    pub refuse_slot_save: bool,
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {

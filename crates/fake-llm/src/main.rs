@@ -164,7 +164,7 @@ async fn run(args: Args, start: Instant, pid: u32) -> ExitCode {
     );
     state.ready_file = args.ready_file.clone();
     let router = api::with_response_headers(
-        api::router(Arc::new(state), args.echo_unknown),
+        api::router(Arc::new(state), args.echo_unknown, args.refuse_slot_save),
         args.response_header,
     );
     server::serve(

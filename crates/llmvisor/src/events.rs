@@ -302,6 +302,22 @@ pub fn attach(sup: Supervisor, bus: &Arc<EventBus>) {
             }
         }
     });
+    // `kv_persist` saves and restores, as the stop and start tasks report them.
+    let mut kv = sup.kv_events();
+    let weak = Arc::downgrade(bus);
+    tokio::spawn(async move {
+        loop {
+            let event = kv.recv().await;
+            let Some(bus) = weak.upgrade() else { return };
+            match event {
+                Ok(e) => {
+                    bus.publish(e.kind, &e);
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
     // Progress followers per model (new models after a reload too) and queue changes.
     let weak = Arc::downgrade(bus);
     tokio::spawn(async move {
@@ -540,6 +556,8 @@ pub struct RequestObserver {
     overflow: bool,
     finished: bool,
     usage: Usage,
+    /// After a `kv_persist` restore: where this answer's `timings` go.
+    kv_check: Option<crate::supervisor::KvCheck>,
 }
 
 #[derive(Default, Debug)]
@@ -547,6 +565,9 @@ struct Usage {
     prompt: Option<u64>,
     completion: Option<u64>,
     per_s: Option<f64>,
+    /// llama-server's `timings`: tokens taken from its cache, and evaluated.
+    cache_n: Option<u64>,
+    prompt_n: Option<u64>,
 }
 
 /// The fields of an answer (or of one SSE chunk) that carry token counts, read without building
@@ -565,6 +586,7 @@ struct CountedUsage {
 
 #[derive(serde::Deserialize)]
 struct CountedTimings {
+    cache_n: Option<u64>,
     prompt_n: Option<u64>,
     predicted_n: Option<u64>,
     predicted_per_second: Option<f64>,
@@ -594,6 +616,8 @@ impl Usage {
             self.completion = u.completion_tokens.or(self.completion);
         }
         if let Some(t) = c.timings {
+            self.cache_n = t.cache_n.or(self.cache_n);
+            self.prompt_n = t.prompt_n.or(self.prompt_n);
             if let Some(n) = t.prompt_n {
                 self.prompt.get_or_insert(n);
             }
@@ -612,6 +636,7 @@ impl Usage {
                 completion_tokens: field("usage", "completion_tokens").and_then(|n| n.as_u64()),
             }),
             timings: Some(CountedTimings {
+                cache_n: field("timings", "cache_n").and_then(|n| n.as_u64()),
                 prompt_n: field("timings", "prompt_n").and_then(|n| n.as_u64()),
                 predicted_n: field("timings", "predicted_n").and_then(|n| n.as_u64()),
                 predicted_per_second: field("timings", "predicted_per_second")
@@ -644,7 +669,13 @@ impl RequestObserver {
             overflow: false,
             finished: false,
             usage: Usage::default(),
+            kv_check: None,
         }
+    }
+
+    /// Hands this answer's llama-server `timings` to a pending KV reuse check when it ends.
+    pub fn check_kv_reuse(&mut self, check: Option<crate::supervisor::KvCheck>) {
+        self.kv_check = check;
     }
 
     /// Publishes the `request` event of a request that got no answer from its server (`status`:
@@ -757,6 +788,11 @@ impl Drop for RequestObserver {
     fn drop(&mut self) {
         let s = self.summary();
         self.bus.activity.model(&self.model).record(&s);
+        if let (Some(check), Some(cache_n), Some(prompt_n)) =
+            (&self.kv_check, self.usage.cache_n, self.usage.prompt_n)
+        {
+            check.observe(cache_n, prompt_n);
+        }
         let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 10.0).round() / 10.0;
         self.bus.publish(
             "request",

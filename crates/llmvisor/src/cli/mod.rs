@@ -620,6 +620,24 @@ async fn gc(args: &GcArgs) -> anyhow::Result<ExitCode> {
     let store = crate::store::Store::open(&dir).await?;
     let report = crate::sweep::run(&dir, &store, None, args.dry_run).await;
     print_stdout(&format!("{report}\n"))?;
+    if !args.dry_run {
+        // Saved KV state: of models no longer configured (when the config is known), and
+        // saves a dead instance cut short.
+        let keep: Option<Vec<String>> = match &args.config {
+            Some(path) => Some(
+                load_config_or_report(path)?
+                    .models
+                    .into_iter()
+                    .filter(|m| m.kv_persist)
+                    .map(|m| m.id)
+                    .collect(),
+            ),
+            None => None,
+        };
+        for gone in crate::supervisor::kv::dir::clean(&dir, keep.as_deref()) {
+            print_stdout(&format!("removed saved KV state {}\n", gone.display()))?;
+        }
+    }
     Ok(if report.has_errors() {
         ExitCode::from(1)
     } else {

@@ -28,6 +28,11 @@ pub use parse::{
     TOP_LEVEL_KEYS,
 };
 
+/// `kv_disk_budget` when the config does not set it: bytes of saved KV state on disk, all
+/// models together (4 GiB).
+pub const DEFAULT_KV_DISK_BUDGET: u64 = 4 << 30;
+/// A model's `kv_save_timeout` when neither it nor `[defaults]` sets one.
+pub const DEFAULT_KV_SAVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// `listen` when the config does not set it.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// `port_range` when the config does not set it.
@@ -76,6 +81,8 @@ pub struct Config {
     pub max_loaded: Option<usize>,
     /// Bytes.
     pub memory_budget: Option<u64>,
+    /// Bytes of saved KV state on disk, all models together; the oldest files go first.
+    pub kv_disk_budget: u64,
     pub queue_timeout: Duration,
     pub max_wait_for_swap: Duration,
     pub preload: Vec<String>,
@@ -291,6 +298,11 @@ pub struct ModelConfig {
     pub api: ModelApi,
     /// Where discovery found it (`None`: a `[models]` entry).
     pub found: Option<std::sync::Arc<crate::discover::Found>>,
+    /// llama-server: its slots' KV state is saved before a stop llmvisor decides and restored
+    /// at the next start (docs/kv-persist.md).
+    pub kv_persist: bool,
+    /// Bounds the save before a stop, and the restore after a start.
+    pub kv_save_timeout: Duration,
 }
 
 /// Per-model router settings: listing, request rewriting, concurrency, stop command.
@@ -393,7 +405,25 @@ impl ModelConfig {
             nodes: Vec::new(),
             api: ModelApi::default(),
             found: None,
+            kv_persist: false,
+            kv_save_timeout: DEFAULT_KV_SAVE_TIMEOUT,
         }
+    }
+
+    /// True when the command runs llama-server: one of its words is a path whose file name is
+    /// `llama-server` (so `env X=1 /opt/llama-server ...` and `nice llama-server ...` count).
+    pub fn is_llama_server(&self) -> bool {
+        self.cmd.iter().any(|arg| {
+            std::path::Path::new(arg)
+                .file_name()
+                .is_some_and(|f| f == "llama-server")
+        })
+    }
+
+    /// The value of a llama-server option in this model's command or environment
+    /// ([`llama_arg`]).
+    pub fn llama_arg(&self, names: &[&str], env: &str) -> Option<&str> {
+        llama_arg(&self.cmd, &self.env, names, env)
     }
 
     /// Connections llmvisor keeps to this server at once (more requests wait in llmvisor):
@@ -405,26 +435,11 @@ impl ModelConfig {
         if let Some(n) = self.max_connections {
             return n;
         }
-        let is_llama_server = self.cmd.iter().any(|arg| {
-            std::path::Path::new(arg)
-                .file_name()
-                .is_some_and(|f| f == "llama-server")
-        });
-        if !is_llama_server {
+        if !self.is_llama_server() {
             return DEFAULT_MAX_CONNECTIONS;
         }
-        let flag = |names: &[&str], env: &str| -> Option<i64> {
-            let from_argv = self.cmd.iter().enumerate().find_map(|(i, arg)| {
-                names.iter().find_map(|name| {
-                    if arg == name {
-                        self.cmd.get(i + 1)?.parse().ok()
-                    } else {
-                        arg.strip_prefix(name)?.strip_prefix('=')?.parse().ok()
-                    }
-                })
-            });
-            from_argv.or_else(|| self.env.get(env)?.parse().ok())
-        };
+        let flag =
+            |names: &[&str], env: &str| -> Option<i64> { self.llama_arg(names, env)?.parse().ok() };
         let slots = flag(&["-np", "--parallel"], "LLAMA_ARG_N_PARALLEL")
             .filter(|n| *n > 0)
             .unwrap_or(LLAMA_SERVER_AUTO_PARALLEL);
@@ -490,6 +505,26 @@ impl ModelConfig {
             .chain(self.env.values())
             .chain(self.cwd.iter())
     }
+}
+
+/// The value of a llama-server option, from `argv` (`NAME VALUE` or `NAME=VALUE`, any of
+/// `names`) or else from its environment variable `var` in `env`.
+pub fn llama_arg<'a>(
+    argv: &'a [String],
+    env: &'a BTreeMap<String, String>,
+    names: &[&str],
+    var: &str,
+) -> Option<&'a str> {
+    let from_argv = argv.iter().enumerate().find_map(|(i, arg)| {
+        names.iter().find_map(|name| {
+            if arg == name {
+                argv.get(i + 1).map(String::as_str)
+            } else {
+                arg.strip_prefix(name)?.strip_prefix('=')
+            }
+        })
+    });
+    from_argv.or_else(|| env.get(var).map(String::as_str))
 }
 
 /// The values macros expand to for one start of one model.

@@ -49,6 +49,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "discover",
     "llama_server",
     "discovered_args",
+    "kv_disk_budget",
 ];
 
 /// Keys allowed in a `[models."ID"]` table.
@@ -80,6 +81,8 @@ pub const MODEL_KEYS: &[&str] = &[
     "concurrency_limit",
     "send_loading_state",
     "cmd_stop",
+    "kv_persist",
+    "kv_save_timeout",
 ];
 
 /// Per-model keys that differ for every model: not allowed in `[defaults]`.
@@ -303,6 +306,8 @@ struct Settings {
     concurrency_limit: Option<Option<usize>>,
     send_loading_state: Option<bool>,
     cmd_stop: Option<Vec<String>>,
+    kv_persist: Option<Sp<bool>>,
+    kv_save_timeout: Option<Duration>,
     /// Some template of this table was malformed (its ${PORT}/${SOCKET} uses are unknown).
     template_error: bool,
 }
@@ -323,6 +328,9 @@ impl Settings {
         }
         if let Some(t) = self.drain_timeout {
             m.drain_timeout = t;
+        }
+        if let Some(t) = self.kv_save_timeout {
+            m.kv_save_timeout = t;
         }
         if let Some(path) = &self.health_path {
             m.health_path.clone_from(path);
@@ -409,6 +417,7 @@ struct Top {
     allow_insecure: Option<bool>,
     max_loaded: Option<usize>,
     memory_budget: Option<Sp<u64>>,
+    kv_disk_budget: Option<u64>,
     queue_timeout: Option<Duration>,
     max_wait_for_swap: Option<Duration>,
     preload: Vec<Sp<String>>,
@@ -748,6 +757,7 @@ impl Parser<'_> {
             "memory_budget" => {
                 top.memory_budget = self.size("memory_budget", n).map(|v| Sp { v, at: n.at() })
             }
+            "kv_disk_budget" => top.kv_disk_budget = self.size("kv_disk_budget", n),
             "queue_timeout" => top.queue_timeout = self.duration("queue_timeout", n),
             "max_wait_for_swap" => top.max_wait_for_swap = self.duration("max_wait_for_swap", n),
             "preload" => top.preload = self.string_list("preload", n).unwrap_or_default(),
@@ -1158,6 +1168,21 @@ impl Parser<'_> {
                     }
                 }
                 "pinned" => s.pinned = self.boolean("pinned", v),
+                "kv_persist" => {
+                    s.kv_persist = self.boolean("kv_persist", v).map(|b| Sp { v: b, at: v.at() })
+                }
+                "kv_save_timeout" => {
+                    s.kv_save_timeout = self.duration("kv_save_timeout", v).filter(|d| {
+                        if d.is_zero() {
+                            self.err_help(
+                                v.at(),
+                                "`kv_save_timeout` must be more than 0",
+                                "set kv_persist = false to save nothing",
+                            );
+                        }
+                        !d.is_zero()
+                    })
+                }
                 "name" | "description" | "use_model_name" => {
                     if let Some(text) = self.string(&f.key, v) {
                         if text.is_empty() {
@@ -1627,6 +1652,7 @@ impl Parser<'_> {
             allow_insecure: top.allow_insecure.unwrap_or(false),
             max_loaded: top.max_loaded,
             memory_budget: top.memory_budget.map(|b| b.v),
+            kv_disk_budget: top.kv_disk_budget.unwrap_or(super::DEFAULT_KV_DISK_BUDGET),
             queue_timeout: top.queue_timeout.unwrap_or(DEFAULT_QUEUE_TIMEOUT),
             max_wait_for_swap: top.max_wait_for_swap.unwrap_or(DEFAULT_MAX_WAIT_FOR_SWAP),
             preload,
@@ -1799,7 +1825,34 @@ impl Parser<'_> {
         config.cwd = cwd;
         config.port = s.port.map(|p| p.v);
         config.memory = memory.map(|b| b.v);
+        config.kv_persist = self.kv_persist(&config, s.kv_persist.as_ref(), d.kv_persist.as_ref());
         (config, fixed)
+    }
+
+    /// Whether `m` saves its slots' KV state: its own `kv_persist`, else `[defaults]`'. An own
+    /// `kv_persist = true` on a command that is not llama-server is an error; `[defaults]`
+    /// turning it on applies to the llama-server models only.
+    fn kv_persist(
+        &mut self,
+        m: &ModelConfig,
+        own: Option<&Sp<bool>>,
+        d: Option<&Sp<bool>>,
+    ) -> bool {
+        let llama = m.cmd.is_empty() || m.is_llama_server();
+        match (own, d) {
+            (Some(own), _) if own.v && !llama => {
+                self.err_help(
+                    own.at,
+                    format!("model `{}` has kv_persist = true, but its cmd does not run llama-server", m.id),
+                    "kv_persist uses llama-server's slot save/restore routes: remove it, or run llama-server \
+                     (a cmd is taken as llama-server when one of its words is a path whose file name is `llama-server`)",
+                );
+                false
+            }
+            (Some(own), _) => own.v,
+            (None, Some(d)) => d.v && llama && !m.cmd.is_empty(),
+            (None, None) => false,
+        }
     }
 
     /// Model references (ids or aliases) → ids, without duplicates; unknown ones are reported.

@@ -1123,6 +1123,8 @@ fn every_listed_key_is_read_and_the_lists_agree() {
             "unlisted",
             "concurrency_limit",
             "send_loading_state",
+            "kv_persist",
+            "kv_save_timeout",
         ]
     );
     for key in TOP_LEVEL_KEYS {
@@ -1211,4 +1213,36 @@ fn slow_client_limits_parse_with_defaults_that_follow_max_clients() {
     assert!(d.message.contains("must be more than 0"), "{}", d.message);
     let d = one(&format!("max_clients_per_peer = 0\n{M}"), 1, 24);
     assert!(d.message.contains("at least 1"), "{}", d.message);
+}
+
+#[test]
+fn kv_persist_is_for_llama_server_and_defaults_turn_it_on_for_those_only() {
+    let text = r#"kv_disk_budget = "1GiB"
+[defaults]
+kv_persist = true
+kv_save_timeout = "2s"
+[models.llama]
+cmd = "/opt/bin/llama-server -m x.gguf --port ${PORT}"
+[models.other]
+cmd = "srv --port ${PORT}"
+"#;
+    let c = ok(text);
+    assert_eq!(c.kv_disk_budget, GIB);
+    let llama = c.model("llama").unwrap();
+    assert!(llama.kv_persist);
+    assert_eq!(llama.kv_save_timeout, Duration::from_secs(2));
+    assert!(!c.model("other").unwrap().kv_persist);
+    let plain = ok(M);
+    assert_eq!(plain.kv_disk_budget, DEFAULT_KV_DISK_BUDGET);
+    assert!(!plain.models[0].kv_persist);
+    assert_eq!(plain.models[0].kv_save_timeout, DEFAULT_KV_SAVE_TIMEOUT);
+
+    let d = one(&format!("{M}kv_persist = true\n"), 3, 14);
+    assert_eq!(
+        d.message,
+        "model `m` has kv_persist = true, but its cmd does not run llama-server"
+    );
+    assert!(help(&d).contains("file name is `llama-server`"), "{d}");
+    let d = one(&format!("{M}kv_save_timeout = \"0s\"\n"), 3, 19);
+    assert_eq!(d.message, "`kv_save_timeout` must be more than 0");
 }

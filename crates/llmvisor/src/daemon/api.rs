@@ -302,6 +302,16 @@ pub async fn metrics(State(st): St) -> Response {
         "Starts that had to wait for other models to stop (swaps); their wait is in llmvisor_model_queue_wait_seconds.",
         counters.iter().map(|(id, c)| (*id, c.swaps)),
     );
+    let kv: Vec<_> = cells.iter().map(|c| (&*c.id, c.kv.counters())).collect();
+    for (name, help, value) in crate::supervisor::kv::METRICS {
+        per_model(
+            &mut out,
+            name,
+            "counter",
+            help,
+            kv.iter().map(|(id, c)| (*id, value(c))),
+        );
+    }
     per_model(
         &mut out,
         "llmvisor_model_connections_in_use",

@@ -391,7 +391,7 @@ pub(super) async fn forward(
     strip_model_answer(&mut head.headers);
     super::browser::sandbox_model_page(&mut head.headers);
     // [dashboard hook] one `request` event per answer, read as it passes.
-    let observer = crate::events::RequestObserver::new(
+    let mut observer = crate::events::RequestObserver::new(
         st.events.clone(),
         lease.model(),
         path_and_query,
@@ -400,6 +400,7 @@ pub(super) async fn forward(
         began,
         is_sse,
     );
+    observer.check_kv_reuse(lease.kv_check());
     let body = LeasedBody {
         observer,
         inner: upstream_body,

@@ -43,7 +43,8 @@ pub(crate) fn spawn_model(
         .state_dir
         .join("logs")
         .join(format!("{}.log", crate::ids::encode_segment(&cfg.id)));
-    let cell = Arc::new(ModelCell::new(&cfg, log_path, commands));
+    let kv = super::kv::KvCell::new(&cfg, ctx.kv_events.clone(), &ctx.state_dir);
+    let cell = Arc::new(ModelCell::new(&cfg, log_path, commands, kv));
     let (events_tx, events) = mpsc::unbounded_channel();
     let actor = Actor {
         cell: cell.clone(),
@@ -57,6 +58,7 @@ pub(crate) fn spawn_model(
         stop_waiters: Vec::new(),
         policy: RestartPolicy::default(),
         measured_at: None,
+        save_kv: true,
     };
     actor.look_up_learned_memory();
     let task = tokio::spawn(actor.run());
@@ -110,6 +112,9 @@ struct Actor {
     policy: RestartPolicy,
     /// When the server's memory was last measured.
     measured_at: Option<Instant>,
+    /// Whether the stop under way saves the server's KV state (`kv_persist`): not for a forced
+    /// unload, an unhealthy server, or a model removed from the config.
+    save_kv: bool,
 }
 
 impl Actor {
@@ -213,14 +218,19 @@ impl Actor {
             cancel: Some(cancel),
             then: None,
         });
-        let (cfg, ctx, logs, events) = (
-            self.cfg.clone(),
-            self.ctx.clone(),
-            self.cell.logs.clone(),
-            self.events_tx.clone(),
-        );
+        self.save_kv = true;
+        let cfg = if self.cfg.kv_persist && self.cell.kv.is_off() {
+            // A restore was seen to reuse nothing: not worth the disk and the time.
+            Arc::new(ModelConfig {
+                kv_persist: false,
+                ..(*self.cfg).clone()
+            })
+        } else {
+            self.cfg.clone()
+        };
+        let (ctx, events, cell) = (self.ctx.clone(), self.events_tx.clone(), self.cell.clone());
         tokio::spawn(async move {
-            let result = start::launch(cfg, ctx, logs, cancel_rx).await;
+            let result = start::launch(cfg, ctx, cell, cancel_rx).await;
             let _ = events.send(Event::Started(result));
         });
     }
@@ -239,7 +249,33 @@ impl Actor {
                 super::cmd_stop::expand(argv, server.pid(), running.endpoint.port(), &self.cfg.id);
             (argv, self.cfg.id.clone())
         });
+        // Saved in the model's own stop task: bounded by kv_save_timeout, and no other model
+        // waits for it.
+        let save = running
+            .kv
+            .clone()
+            .filter(|_| self.save_kv && !matches!(why, Why::Unhealthy(_)))
+            .map(|plan| {
+                (
+                    plan,
+                    self.cell.clone(),
+                    self.ctx.clone(),
+                    running.endpoint.clone(),
+                )
+            });
         tokio::spawn(async move {
+            if let Some((plan, cell, ctx, endpoint)) = save {
+                let budget = ctx.kv_budget.load(Ordering::Relaxed);
+                super::kv::save(
+                    &plan,
+                    &cell.kv,
+                    &ctx.client,
+                    &endpoint,
+                    &ctx.state_dir,
+                    budget,
+                )
+                .await;
+            }
             if let (Some((argv, id)), Some(child)) = (cmd_stop, server.local()) {
                 super::cmd_stop::run(&argv, child, grace, &id).await;
             }
@@ -362,6 +398,9 @@ impl Actor {
             Command::Idle { run } => self.on_idle(run),
             Command::Unload { force, reply } => {
                 self.stop_waiters.push(reply);
+                if force {
+                    self.save_kv = false; // a forced stop is never delayed
+                }
                 self.request_stop(Why::Unload, force);
             }
             Command::Reconfigure { cfg, applied } => {
@@ -392,8 +431,9 @@ impl Actor {
                 }
                 other => self.state = other,
             },
-            Command::Retire { reply } => {
+            Command::Retire { reply, keep_kv } => {
                 self.stop_waiters.push(reply);
+                self.save_kv &= keep_kv;
                 self.fail_waiters("the model was removed or llmvisor is shutting down");
                 self.request_stop(Why::Retire, true);
             }
@@ -546,6 +586,7 @@ impl Actor {
         }
         self.look_up_learned_memory();
         self.cell.connections.resize(cfg.connection_limit());
+        self.cell.kv.configure(&cfg, &self.ctx.state_dir);
         self.cfg = cfg;
         // Pinned or memory may have changed what fits.
         self.ctx.admission.send(AdmissionMsg::Changed);

@@ -32,6 +32,8 @@ pub struct ModelCell {
     pub(super) changed: watch::Sender<u64>,
     /// Connections to its server at once: one permit per proxied request in flight.
     pub(super) connections: Connections,
+    /// `kv_persist`: saved bytes, the reuse check after a restore, counters.
+    pub kv: super::kv::KvCell,
 }
 
 /// A model's counters at one moment, as plain numbers: what the daemon's /metrics and the
@@ -162,7 +164,11 @@ pub(crate) enum Command {
         applied: oneshot::Sender<()>,
     },
     /// Stop for good (shutdown or the model was removed); the actor exits afterwards.
-    Retire { reply: oneshot::Sender<()> },
+    /// `keep_kv`: save the server's KV state first (shutdown, not a removed model).
+    Retire {
+        reply: oneshot::Sender<()>,
+        keep_kv: bool,
+    },
     /// From admission: stop to make room — now if idle, else once the leases end.
     Evict,
     /// From admission: the start that wanted the room gave up; keep serving if still running.
@@ -174,6 +180,7 @@ impl ModelCell {
         cfg: &ModelConfig,
         log_path: std::path::PathBuf,
         commands: mpsc::UnboundedSender<Command>,
+        kv: super::kv::KvCell,
     ) -> Self {
         ModelCell {
             id: cfg.id.as_str().into(),
@@ -213,6 +220,7 @@ impl ModelCell {
             commands,
             changed: watch::channel(0).0,
             connections: Connections::new(cfg.connection_limit()),
+            kv,
         }
     }
 
@@ -309,6 +317,7 @@ impl ModelCell {
             pinned: st.pinned,
             source: st.source,
             file: st.file.clone(),
+            kv_saved: self.kv.saved_bytes(),
         }
     }
 

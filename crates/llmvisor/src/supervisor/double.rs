@@ -113,6 +113,7 @@ impl Launches {
                     down_tx,
                     down_rx,
                     _port: None,
+                    kv: None,
                 })
             }
         }

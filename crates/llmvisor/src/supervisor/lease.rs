@@ -64,8 +64,27 @@ impl Lease {
         self.cell.connection_slot().await
     }
 
+    /// After a `kv_persist` restore, until the next request tells whether it was reused: the
+    /// model's KV state, to be given that request's llama-server `timings`.
+    pub fn kv_check(&self) -> Option<KvCheck> {
+        self.cell
+            .kv
+            .check_pending()
+            .then(|| KvCheck(self.cell.clone()))
+    }
+
     /// Ends the lease now (same as dropping it).
     pub fn release(self) {}
+}
+
+/// Where a request's llama-server `timings` go after a restore (see [`Lease::kv_check`]).
+pub struct KvCheck(Arc<ModelCell>);
+
+impl KvCheck {
+    /// `cache_n` tokens taken from the cache, `prompt_n` evaluated.
+    pub fn observe(&self, cache_n: u64, prompt_n: u64) {
+        self.0.kv.observe(cache_n, prompt_n);
+    }
 }
 
 impl Drop for Lease {

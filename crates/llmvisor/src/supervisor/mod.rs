@@ -23,6 +23,7 @@ mod cmd_stop;
 #[cfg(test)]
 mod double;
 mod error;
+pub mod kv;
 mod lease;
 mod lifecycle;
 mod memory;
@@ -41,7 +42,7 @@ use tokio::task::JoinHandle;
 
 pub use cell::{Counters, ModelCell};
 pub use error::AcquireError;
-pub use lease::Lease;
+pub use lease::{KvCheck, Lease};
 pub use status::{ModelStatus, Phase};
 
 use crate::config::{Config, ModelConfig};
@@ -90,6 +91,10 @@ pub(crate) struct Context {
     pub launcher: start::Launcher,
     /// [dashboard hook] Every phase change's full status, for `/api/events` (`Supervisor::changes`).
     pub changes: tokio::sync::broadcast::Sender<ModelStatus>,
+    /// `kv_saved` / `kv_restored` / … events, for `/api/events` (`Supervisor::kv_events`).
+    pub kv_events: tokio::sync::broadcast::Sender<kv::KvEvent>,
+    /// `kv_disk_budget`: bytes of saved KV state under `<state_dir>/kv`, all models together.
+    pub kv_budget: std::sync::atomic::AtomicU64,
 }
 
 impl Context {
@@ -214,7 +219,10 @@ impl Supervisor {
             state_dir,
             launcher: start::Launcher::Process,
             changes: tokio::sync::broadcast::channel(CHANGES_CAPACITY).0,
+            kv_events: tokio::sync::broadcast::channel(kv::EVENTS_CAPACITY).0,
+            kv_budget: config.kv_disk_budget.into(),
         });
+        clean_kv(&ctx.state_dir, config);
         let mut models = Models::default();
         let mut actors = Vec::new();
         for m in &config.models {
@@ -243,6 +251,11 @@ impl Supervisor {
     /// stream). A receiver that falls more than a few hundred changes behind gets `Lagged`.
     pub fn changes(&self) -> tokio::sync::broadcast::Receiver<ModelStatus> {
         self.shared.ctx.changes.subscribe()
+    }
+
+    /// [dashboard hook] `kv_persist` events (saves, restores, discarded files), in order.
+    pub fn kv_events(&self) -> tokio::sync::broadcast::Receiver<kv::KvEvent> {
+        self.shared.ctx.kv_events.subscribe()
     }
 
     /// The id of this llmvisor instance, carried by its children as `LLMVISOR_INSTANCE`.
@@ -369,7 +382,12 @@ impl Supervisor {
         // Every changed model has its new settings before this returns (and the admission
         // scheduler sees them: they live in the cells).
         futures_util::future::join_all(applying).await;
-        futures_util::future::join_all(retired.iter().map(|c| retire(c))).await;
+        futures_util::future::join_all(retired.iter().map(|c| retire(c, false))).await;
+        self.shared
+            .ctx
+            .kv_budget
+            .store(config.kv_disk_budget, std::sync::atomic::Ordering::Relaxed);
+        clean_kv(&self.shared.ctx.state_dir, config);
         summary
     }
 
@@ -379,7 +397,7 @@ impl Supervisor {
             let models = self.shared.models.read_locked();
             models.ordered.iter().map(|(_, c)| c.clone()).collect()
         };
-        futures_util::future::join_all(cells.iter().map(|c| retire(c))).await;
+        futures_util::future::join_all(cells.iter().map(|c| retire(c, true))).await;
         // Everything is stopped: nothing of this instance is left to sweep.
         if let Err(e) = self
             .shared
@@ -393,9 +411,23 @@ impl Supervisor {
     }
 }
 
-async fn retire(cell: &ModelCell) {
+/// Removes the saved KV state of models that are gone from `config` or no longer persist it,
+/// and saves cut short by a crash.
+fn clean_kv(state_dir: &Path, config: &Config) {
+    let keep: Vec<String> = config
+        .models
+        .iter()
+        .filter(|m| m.kv_persist)
+        .map(|m| m.id.clone())
+        .collect();
+    for gone in kv::dir::clean(state_dir, Some(&keep)) {
+        tracing::info!("removed saved KV state {}", gone.display());
+    }
+}
+
+async fn retire(cell: &ModelCell, keep_kv: bool) {
     let (reply, done) = tokio::sync::oneshot::channel();
-    if cell.send(cell::Command::Retire { reply }).is_ok() {
+    if cell.send(cell::Command::Retire { reply, keep_kv }).is_ok() {
         let _ = done.await;
     }
 }

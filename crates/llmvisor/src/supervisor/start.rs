@@ -9,12 +9,12 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::actor::ERROR_TAIL_LINES;
+use super::cell::ModelCell;
 use super::error::AcquireError;
 use super::server::{RemoteServer, Server};
 use super::Context;
 use crate::child::ChildProcess;
 use crate::config::{process_env, MacroValues, ModelConfig};
-use crate::logs::LogSink;
 use crate::owner::{self, Liveness};
 use crate::ports::{bind_probe, PortClaim};
 use crate::readiness::{wait_ready, NotReady};
@@ -27,6 +27,8 @@ use crate::upstream::Endpoint;
 const OUTPUT_DRAIN: Duration = Duration::from_millis(500);
 /// How often a start waiting for another instance's server checks on it.
 const REMOTE_POLL: Duration = Duration::from_millis(50);
+/// How long a server whose KV restore got no answer is given to show that it died.
+const RESTORE_EXIT_WAIT: Duration = Duration::from_millis(500);
 /// Tries per start when the child loses its port to another process between probe and bind.
 const PORT_TRIES: usize = 3;
 
@@ -41,6 +43,8 @@ pub struct Running {
     pub down_rx: watch::Receiver<bool>,
     /// Held for the life of the server: nobody else gets this port meanwhile.
     pub _port: Option<PortClaim>,
+    /// `kv_persist`: where this server's slots are saved and how (None: not saved).
+    pub kv: Option<Arc<super::kv::KvPlan>>,
 }
 
 #[derive(Debug)]
@@ -118,11 +122,11 @@ pub(crate) enum Launcher {
 pub(crate) async fn launch(
     cfg: Arc<ModelConfig>,
     ctx: Arc<Context>,
-    logs: Arc<LogSink>,
+    cell: Arc<ModelCell>,
     cancel: oneshot::Receiver<()>,
 ) -> Result<Running, StartFailure> {
     match &ctx.launcher {
-        Launcher::Process => start_server(&cfg, &ctx, logs, cancel).await,
+        Launcher::Process => start_server(&cfg, &ctx, &cell, cancel).await,
         #[cfg(test)]
         Launcher::Double(launches) => launches.start(&cfg, cancel).await,
     }
@@ -133,7 +137,7 @@ pub(crate) async fn launch(
 pub async fn start_server(
     cfg: &ModelConfig,
     ctx: &Arc<Context>,
-    logs: Arc<LogSink>,
+    cell: &ModelCell,
     mut cancel: oneshot::Receiver<()>,
 ) -> Result<Running, StartFailure> {
     let began = Instant::now();
@@ -164,7 +168,7 @@ pub async fn start_server(
             }
         }
     }
-    let started = start_local(cfg, ctx, logs, &mut cancel, began, deadline).await;
+    let started = start_local(cfg, ctx, cell, &mut cancel, began, deadline).await;
     if started.is_err() {
         ctx.release_claim(&cfg.id);
     }
@@ -218,6 +222,7 @@ async fn attach_remote(
                     down_tx,
                     down_rx,
                     _port: None,
+                    kv: None, // another instance's server: its owner saves it
                 }));
             }
         }
@@ -235,11 +240,12 @@ async fn attach_remote(
 async fn start_local(
     cfg: &ModelConfig,
     ctx: &Arc<Context>,
-    logs: Arc<LogSink>,
+    cell: &ModelCell,
     cancel: &mut oneshot::Receiver<()>,
     began: Instant,
     deadline: Instant,
 ) -> Result<Running, StartFailure> {
+    let logs = cell.logs.clone();
     let mut avoid: Vec<u16> = Vec::new();
     for attempt in 1..=PORT_TRIES {
         let address = claim_address(cfg, ctx, &mut avoid).await?;
@@ -247,7 +253,18 @@ async fn start_local(
             Address::Port(c) => (Some(c.port()), None),
             Address::Socket(p) => (None, Some(p.as_path())),
         };
-        let spec = expand_spec(cfg, port, socket)?;
+        let mut spec = expand_spec(cfg, port, socket)?;
+        let kv = if cfg.kv_persist {
+            match super::kv::prepare(&ctx.state_dir, cfg, &mut spec) {
+                Ok(plan) => Some(Arc::new(plan)),
+                Err(e) => {
+                    tracing::warn!(model = %cfg.id, "kv_persist: {e}; started without it");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         logs.push(format!(
             "llmvisor: starting {} (attempt {attempt}): {} {}",
             cfg.id,
@@ -280,6 +297,24 @@ async fn start_local(
                 return Err(StartFailure::Cancelled);
             }
         };
+        // A step of Starting (kv_persist): the saved conversations are back before anyone is
+        // served. A server that dies loading a file (then discarded) is started again.
+        let mut died_restoring = false;
+        let ready = match (ready, &kv) {
+            (Ok(()), Some(plan)) => {
+                let answered = super::kv::restore(plan, &cell.kv, &ctx.client, &endpoint).await;
+                let exited = tokio::time::timeout(RESTORE_EXIT_WAIT, process.exited());
+                match if answered { None } else { exited.await.ok() } {
+                    Some(status) => {
+                        tracing::warn!(model = %cfg.id, "the server died loading saved KV state ({}); the file is discarded, starting it again", describe_exit(status));
+                        died_restoring = true;
+                        Err(NotReady::Exited(status))
+                    }
+                    None => Ok(()),
+                }
+            }
+            (ready, _) => ready,
+        };
         if ready.is_ok() {
             let marked = ctx
                 .store
@@ -306,6 +341,7 @@ async fn start_local(
                         Address::Port(c) => Some(c),
                         Address::Socket(_) => None,
                     },
+                    kv,
                 });
             }
             Err(NotReady::TimedOut) => {
@@ -320,6 +356,10 @@ async fn start_local(
                 process.output_drained(OUTPUT_DRAIN).await;
                 // Lost a race for the port? Someone else holds it now; try another one.
                 let port_taken = cfg.port.is_none() && port.is_some_and(|p| !bind_probe(p));
+                if died_restoring && attempt < PORT_TRIES {
+                    logs.push("llmvisor: the server died loading saved KV state; starting it again without it".into());
+                    continue;
+                }
                 if port_taken && attempt < PORT_TRIES {
                     let p = port.expect("checked above");
                     tracing::info!(model = %cfg.id, port = p, "port was taken during startup; retrying on another");

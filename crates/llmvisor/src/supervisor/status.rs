@@ -66,4 +66,6 @@ pub struct ModelStatus {
     pub source: &'static str,
     /// The GGUF it serves, when discovered.
     pub file: Option<String>,
+    /// Bytes of saved KV state on disk (`kv_persist`), or None.
+    pub kv_saved: Option<u64>,
 }

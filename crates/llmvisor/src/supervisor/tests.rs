@@ -56,6 +56,8 @@ async fn harness(limits: Limits, load: Duration) -> Harness {
         state_dir: dir.path().to_owned(),
         launcher: Launcher::Double(launches.clone()),
         changes: tokio::sync::broadcast::channel(super::CHANGES_CAPACITY).0,
+        kv_events: tokio::sync::broadcast::channel(super::kv::EVENTS_CAPACITY).0,
+        kv_budget: crate::config::DEFAULT_KV_DISK_BUDGET.into(),
     });
     Harness {
         ctx,
@@ -426,7 +428,11 @@ async fn retiring_ends_the_actor_from_every_state() {
     assert_eq!(starting.phase(), Phase::Starting);
     for cell in [&stopped, &starting, &ready] {
         let (reply, done) = oneshot::channel();
-        cell.send(Command::Retire { reply }).unwrap();
+        cell.send(Command::Retire {
+            reply,
+            keep_kv: true,
+        })
+        .unwrap();
         done.await.unwrap();
         assert_eq!(cell.phase(), Phase::Stopped, "{}", cell.id);
     }

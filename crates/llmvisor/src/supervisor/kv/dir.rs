@@ -183,7 +183,7 @@ mod tests {
         );
         assert_eq!(
             ensure_model_dir(state, "..").unwrap(),
-            root(state).join("_..")
+            root(state).join("%2E.")
         );
         let elsewhere = tmp.path().join("elsewhere");
         std::fs::create_dir(&elsewhere).unwrap();

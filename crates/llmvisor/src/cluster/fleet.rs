@@ -1157,11 +1157,18 @@ fn explain_connect_error(cluster: &ClusterConfig, error: &str) -> String {
     let lower = error.to_ascii_lowercase();
     let client_cert = cluster.etcd_tls.as_ref().map(|t| t.client.is_some());
     // A member that wants a client certificate closes the connection during the handshake;
-    // tonic reports that as a cancelled request ("connection closed"), not as a TLS error.
-    let handshake = lower.contains("certificate")
-        || lower.contains("unknown ca")
-        || lower.contains("handshake")
-        || lower.contains("connection closed");
+    // tonic reports that as a cancelled request ("connection closed"), or, when the close
+    // races the first write, as a broken pipe or a reset: not as a TLS error.
+    let handshake = [
+        "certificate",
+        "unknown ca",
+        "handshake",
+        "connection closed",
+        "broken pipe",
+        "connection reset",
+    ]
+    .iter()
+    .any(|s| lower.contains(s));
     // On a loaded machine the refused handshake may surface as the request's timeout instead.
     let timed_out = lower.contains("timed out") || lower.contains("timeout");
     let hint = if client_cert == Some(false) && (handshake || timed_out) {
@@ -1185,4 +1192,40 @@ fn explain_connect_error(cluster: &ClusterConfig, error: &str) -> String {
         ""
     };
     format!("{error}{hint}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each way a refused client-certificate handshake has surfaced (seen on this machine, the
+    /// last two only under load) gets the hint.
+    #[test]
+    fn a_refused_handshake_without_a_client_certificate_names_the_missing_keys() {
+        let cluster = ClusterConfig {
+            etcd: vec!["https://127.0.0.1:2379".into()],
+            name: "f".into(),
+            node: "n".into(),
+            advertise: "http://127.0.0.1:1".into(),
+            lease_ttl: Duration::from_secs(3),
+            cluster_key: None,
+            etcd_tls: Some(crate::config::EtcdTls {
+                ca: "/ca.pem".into(),
+                client: None,
+            }),
+            etcd_auth: None,
+        };
+        for seen in [
+            "grpc request error: code: 'Cancelled', message: \"connection closed\"",
+            "grpc request error: code: 'Unknown error', message: \"Timeout expired\"",
+            "transport error: hyper::Error(Io, Custom { kind: BrokenPipe, error: \"stream \
+             closed because of a broken pipe\" })",
+            "transport error: Connection reset by peer (os error 104)",
+        ] {
+            let text = explain_connect_error(&cluster, seen);
+            assert!(text.ends_with("set etcd_cert and etcd_key"), "{text}");
+        }
+        let refused = explain_connect_error(&cluster, "Connection refused (os error 111)");
+        assert!(!refused.contains("etcd_cert"), "{refused}");
+    }
 }

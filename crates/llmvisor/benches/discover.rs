@@ -33,7 +33,8 @@ fn folder() -> Option<&'static Path> {
         header.truncate(n);
         let dir = tempfile::tempdir().ok()?;
         for i in 0..FILES {
-            let mut f = std::fs::File::create(dir.path().join(format!("model-{i:04}.gguf"))).ok()?;
+            let mut f =
+                std::fs::File::create(dir.path().join(format!("model-{i:04}.gguf"))).ok()?;
             f.write_all(&header).ok()?;
             f.set_len(size).ok()?;
         }
@@ -72,6 +73,10 @@ fn tags_body_1000(bencher: divan::Bencher) {
     cfg.discovery = settings(dir);
     let d = discover::discover(&cfg.discovery, &|_| None);
     let server = Path::new("/usr/bin/llama-server");
-    cfg.models = d.found.iter().map(|f| discover::to_model(f, &cfg.discovery, server)).collect();
+    cfg.models = d
+        .found
+        .iter()
+        .map(|f| discover::to_model(f, &cfg.discovery, server))
+        .collect();
     bencher.bench(|| serde_json::to_vec(&llmvisor::daemon::tags_json(&cfg)).unwrap());
 }

@@ -190,14 +190,18 @@ fn entry(m: &ModelConfig) -> Value {
 
 /// `GET /api/tags`: every model.
 async fn tags(State(st): St) -> Response {
-    let cfg = st.config();
+    Json(tags_json(&st.config())).into_response()
+}
+
+/// The body of `GET /api/tags` for `cfg` (public for the benchmark of a large listing).
+pub fn tags_json(cfg: &crate::config::Config) -> Value {
     let models: Vec<Value> = cfg
         .models
         .iter()
         .filter(|m| !m.api.unlisted)
         .map(entry)
         .collect();
-    Json(json!({"models": models})).into_response()
+    json!({"models": models})
 }
 
 /// The context its server runs with (`-c`), when the command says.

@@ -34,7 +34,8 @@ pylog=$(mktemp)
 wheels=$(mktemp -d)
 trap 'rm -rf "$log" "$pylog" "$wheels"' EXIT
 status=0
-cargo test --workspace "${features[@]}" "$@" 2>&1 | tee "$log" || status=$?
+# --no-fail-fast: one failing test binary must not hide the results of the others.
+cargo test --workspace --no-fail-fast "${features[@]}" "$@" 2>&1 | tee "$log" || status=$?
 
 if [ "${LLMVISOR_SKIP_PYTHON:-0}" != 1 ]; then
   venv=${LLMVISOR_PY_VENV:-$HOME/.cache/llmvisor/py-venv}

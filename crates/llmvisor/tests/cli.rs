@@ -62,11 +62,24 @@ cmd = "/bin/true --port ${PORT}"
 ttl = "5m"
 "#,
     );
-    let out = llmvisor(&["check", "--config", path.to_str().unwrap()]);
+    // An empty home: no model store of this machine's user adds to what is checked.
+    let home = dir.path().to_str().unwrap();
+    let out = llmvisor_env(
+        &["check", "--config", path.to_str().unwrap()],
+        &[
+            ("HOME", home),
+            ("HF_HOME", home),
+            ("OLLAMA_MODELS", home),
+            ("LLAMA_CACHE", home),
+        ],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         stdout(&out),
-        format!("{}: ok (2 models: alpha, beta)\n", path.display())
+        format!(
+            "{}: ok (2 models: alpha, beta)\ndiscovery adds no models\n",
+            path.display()
+        )
     );
 }
 

@@ -16,6 +16,7 @@ fn starter_config() -> String {
         .expect("run.sh writes its config with a <<TOML here-document")
         .0;
     body.replace("$LLAMA_SERVER", "/opt/llama-server")
+        .replace("$LLAMA_MODEL_SMOL", "/opt/smollm2.gguf")
         .replace("$LLAMA_MODEL", "/opt/gemma.gguf")
         .replace("\\${", "${")
 }
@@ -23,13 +24,27 @@ fn starter_config() -> String {
 #[test]
 fn starter_config_caps_generation_and_sets_the_gemma_template() {
     let cfg = llmvisor::config::parse(&starter_config(), None).unwrap();
+    // The default is the instruction-tuned SmolLM2, Gemma (base) second.
+    let default = cfg.model("default").expect("an alias `default`");
+    assert_eq!(default.id, "smollm2-135m-instruct");
+    assert!(default.cmd.iter().any(|a| a == "/opt/smollm2.gguf"));
     assert!(!cfg.models.is_empty());
     for m in &cfg.models {
         let has = |flag: &str, value: &str| m.cmd.windows(2).any(|w| w[0] == flag && w[1] == value);
         assert!(has("-n", "256"), "{}: {:?}", m.id, m.cmd);
-        assert!(has("--chat-template", "gemma"), "{}: {:?}", m.id, m.cmd);
-        assert!(
+        let gemma = m.cmd.iter().any(|a| a == "/opt/gemma.gguf");
+        // Gemma's GGUF carries no template: llama.cpp's built-in one is named; SmolLM2's own
+        // template is used as it is.
+        assert_eq!(
+            has("--chat-template", "gemma"),
+            gemma,
+            "{}: {:?}",
+            m.id,
+            m.cmd
+        );
+        assert_eq!(
             m.cmd.iter().any(|a| a == "--no-jinja"),
+            gemma,
             "{}: {:?}",
             m.id,
             m.cmd

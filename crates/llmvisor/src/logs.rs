@@ -25,8 +25,16 @@ pub const LINE_CAP_BYTES: usize = 16 * 1024;
 
 pub struct LogSink {
     ring: Mutex<VecDeque<String>>,
-    file: Mutex<Option<LogFile>>,
+    file: Mutex<FileState>,
     follow: broadcast::Sender<String>,
+}
+
+/// The log file is opened at the first line, not when the sink is made: a daemon serving a
+/// thousand discovered models creates (and holds open) only the files of those that ran.
+enum FileState {
+    None,
+    Unopened(PathBuf),
+    Open(LogFile),
 }
 
 struct LogFile {
@@ -36,25 +44,32 @@ struct LogFile {
 }
 
 impl LogSink {
-    /// A sink writing to `path` (created 0600); `None` keeps lines in memory only.
+    /// A sink writing to `path` (created 0600 at the first line); `None` keeps lines in memory
+    /// only.
     pub fn new(path: Option<PathBuf>) -> Self {
-        let file = path.and_then(|p| match LogFile::open(p.clone()) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                tracing::warn!(path = %p.display(), "cannot open log file: {e}");
-                None
-            }
-        });
         Self {
             ring: Mutex::new(VecDeque::with_capacity(64)),
-            file: Mutex::new(file),
+            file: Mutex::new(path.map_or(FileState::None, FileState::Unopened)),
             follow: broadcast::channel(256).0,
         }
     }
 
     pub fn push(&self, line: String) {
-        if let Some(f) = self.file.locked().as_mut() {
-            f.append(&line);
+        {
+            let mut file = self.file.locked();
+            if let FileState::Unopened(p) = &*file {
+                *file = match LogFile::open(p.clone()) {
+                    Ok(f) => FileState::Open(f),
+                    Err(e) => {
+                        // Once: the lines stay in memory.
+                        tracing::warn!(path = %p.display(), "cannot open log file: {e}");
+                        FileState::None
+                    }
+                };
+            }
+            if let FileState::Open(f) = &mut *file {
+                f.append(&line);
+            }
         }
         let _ = self.follow.send(line.clone());
         let mut ring = self.ring.locked();
@@ -182,6 +197,16 @@ mod tests {
             ]
         );
         assert_eq!(sink.tail(usize::MAX).len(), RING_LINES);
+    }
+
+    #[test]
+    fn the_file_is_created_at_the_first_line_not_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.log");
+        let sink = LogSink::new(Some(path.clone()));
+        assert!(!path.exists(), "a model that never ran has no log file");
+        sink.push("hello".into());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "hello\n");
     }
 
     #[test]

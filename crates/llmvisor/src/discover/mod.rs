@@ -421,7 +421,7 @@ fn read_chunk(chunk: Vec<Found>) -> (Vec<Found>, Vec<Warning>) {
     let mut warnings = Vec::new();
     let mut out = Vec::new();
     for mut f in chunk {
-        match crate::gguf::Gguf::open(&f.file) {
+        match crate::gguf::open_shared(&f.file) {
             Ok(g) if g.is_mmproj() => {}
             Ok(g) => {
                 f.facts = Facts::from_gguf(&g);

@@ -92,12 +92,14 @@ pub fn for_command(
         return Ok(None);
     }
     let path = resolve(model, cwd);
-    let gguf = Gguf::open(&path).map_err(|e| Unknown(e.to_string()))?;
+    let gguf = crate::gguf::open_shared(&path).map_err(|e| Unknown(e.to_string()))?;
     let mmproj = match &args.mmproj {
-        Some(p) => Some(Gguf::open(&resolve(p, cwd)).map_err(|e| Unknown(e.to_string()))?),
+        Some(p) => {
+            Some(crate::gguf::open_shared(&resolve(p, cwd)).map_err(|e| Unknown(e.to_string()))?)
+        }
         None => None,
     };
-    let mut est = estimate(&gguf, mmproj.as_ref(), &args, gpus)?;
+    let mut est = estimate(&gguf, mmproj.as_deref(), &args, gpus)?;
     est.shape = args.shape_key();
     est.file = path;
     Ok(Some(est))

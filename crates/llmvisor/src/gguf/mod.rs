@@ -8,6 +8,7 @@
 
 mod facts;
 mod read;
+mod shared;
 mod split;
 #[cfg(test)]
 mod tests;
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 pub use facts::PerLayer;
 pub use read::read_header_from;
+pub use shared::open_shared;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {

@@ -251,9 +251,14 @@ async fn show(State(st): St, req: Request) -> Result<Response, OllamaError> {
     let (_, _, cfg, i) = read(&st, req).await?;
     let m = &cfg.models[i];
     let file = m.model_file();
-    let header = file
-        .as_deref()
-        .and_then(|f| crate::gguf::Gguf::open(f).ok());
+    // Off the runtime's threads: a first read steps over megabytes of vocabulary.
+    let header = match file.clone() {
+        Some(f) => tokio::task::spawn_blocking(move || crate::gguf::open_shared(&f).ok())
+            .await
+            .ok()
+            .flatten(),
+        None => None,
+    };
     let mut model_info = serde_json::Map::new();
     let mut template = String::new();
     if let Some(g) = &header {

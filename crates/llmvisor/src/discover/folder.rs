@@ -49,21 +49,15 @@ pub fn gguf_files(root: &Path, warnings: &mut Vec<Warning>) -> BTreeMap<PathBuf,
     let mut by_dir: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
     let mut stack = vec![(root.to_owned(), 0usize)];
     while let Some((dir, depth)) = stack.pop() {
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) => {
-                warnings.push(Warning {
-                    path: dir,
-                    message: format!("cannot read this folder: {e}"),
-                });
-                continue;
-            }
+        let Some(paths) = super::sorted_entries(&dir, warnings) else {
+            continue;
         };
-        let mut names: Vec<_> = entries.flatten().collect();
-        names.sort_by_key(|e| e.file_name());
-        for entry in names {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let path = entry.path();
+        for path in paths {
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             // Follows symlinks: the Hugging Face cache's files are links into its blobs.
             let meta = match std::fs::metadata(&path) {
                 Ok(m) => m,

@@ -20,18 +20,9 @@ pub fn find(root: &Path, out: &mut Vec<Found>, warnings: &mut Vec<Warning>) {
 
 /// The repos of a cache in Hugging Face's layout, found as `source`.
 pub fn find_as(root: &Path, source: Source, out: &mut Vec<Found>, warnings: &mut Vec<Warning>) {
-    let entries = match std::fs::read_dir(root) {
-        Ok(e) => e,
-        Err(e) => {
-            warnings.push(Warning {
-                path: root.to_owned(),
-                message: format!("cannot read this folder: {e}"),
-            });
-            return;
-        }
+    let Some(repos) = super::sorted_entries(root, warnings) else {
+        return;
     };
-    let mut repos: Vec<_> = entries.flatten().map(|e| e.path()).collect();
-    repos.sort();
     for repo_dir in repos {
         let name = repo_dir
             .file_name()

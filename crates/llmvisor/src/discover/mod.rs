@@ -437,6 +437,24 @@ fn read_chunk(chunk: Vec<Found>) -> (Vec<Found>, Vec<Warning>) {
     (out, warnings)
 }
 
+/// The entries of `dir`, sorted by path; a folder that cannot be read is a warning naming it.
+pub(crate) fn sorted_entries(dir: &Path, warnings: &mut Vec<Warning>) -> Option<Vec<PathBuf>> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+            paths.sort();
+            Some(paths)
+        }
+        Err(e) => {
+            warnings.push(Warning {
+                path: dir.to_owned(),
+                message: format!("cannot read this folder: {e}"),
+            });
+            None
+        }
+    }
+}
+
 /// Seconds since the epoch of a file's last change (0 if unknown).
 fn modified_secs(path: &Path) -> u64 {
     std::fs::metadata(path)

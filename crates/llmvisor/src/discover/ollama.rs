@@ -67,18 +67,9 @@ pub fn find(root: &Path, out: &mut Vec<Found>, warnings: &mut Vec<Warning>) {
     for depth in 0..4 {
         let mut next = Vec::new();
         for (dir, parts) in level {
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) => {
-                    warnings.push(Warning {
-                        path: dir,
-                        message: format!("cannot read this folder: {e}"),
-                    });
-                    continue;
-                }
+            let Some(entries) = super::sorted_entries(&dir, warnings) else {
+                continue;
             };
-            let mut entries: Vec<_> = entries.flatten().map(|e| e.path()).collect();
-            entries.sort();
             for path in entries {
                 let name = path
                     .file_name()

@@ -20,6 +20,12 @@ pub struct ModelInfo {
     pub error: Option<String>,
     /// Bytes the memory budget counts (declared, estimated or measured).
     pub memory: Option<u64>,
+    /// What the budget's figure is: "declared", "estimated", "measured", "learned", "unknown".
+    pub memory_source: Option<String>,
+    /// The estimate and the measurement side by side (`memory_detail`).
+    pub memory_detail: MemoryDetailInfo,
+    /// The GPUs it runs on (`[]` on the CPU).
+    pub gpus: Vec<u32>,
     /// Fleet mode: the node whose server this describes.
     pub node: Option<String>,
     /// Requests finished in the last minute (from `GET /api/activity`; None: not asked).
@@ -28,6 +34,26 @@ pub struct ModelInfo {
     /// Generation speed of the last request that reported it (`GET /api/activity`).
     #[serde(skip)]
     pub last_tokens_per_s: Option<f64>,
+}
+
+/// The parts of `memory_detail` that `ps` shows.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct MemoryDetailInfo {
+    pub estimate: Option<EstimateInfo>,
+    pub measured: Option<MeasuredInfo>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct EstimateInfo {
+    pub total: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct MeasuredInfo {
+    pub ram: u64,
 }
 
 /// Longest ERROR cell, in characters.
@@ -42,9 +68,20 @@ pub fn render(models: &[ModelInfo]) -> String {
     // daemon reported activity (older daemons do not).
     let with_node = models.iter().any(|m| m.node.is_some());
     let with_activity = models.iter().any(|m| m.requests_per_min.is_some());
+    // Estimate vs measured only when the daemon reports them; GPU only when a model has one.
+    let with_detail = models
+        .iter()
+        .any(|m| m.memory_detail.estimate.is_some() || m.memory_detail.measured.is_some());
+    let with_gpu = models.iter().any(|m| !m.gpus.is_empty());
     let mut header = vec![
         "MODEL", "STATE", "PID", "PORT", "LEASES", "RESTARTS", "READY", "MEMORY",
     ];
+    if with_detail {
+        header.extend(["ESTIMATE", "MEASURED"]);
+    }
+    if with_gpu {
+        header.push("GPU");
+    }
     if with_node {
         header.insert(1, "NODE");
     }
@@ -71,6 +108,22 @@ pub fn render(models: &[ModelInfo]) -> String {
             m.memory
                 .map_or_else(|| "-".to_string(), crate::units::format_size_column),
         ];
+        if with_detail {
+            let d = &m.memory_detail;
+            let size = |b: Option<u64>| {
+                b.map_or_else(|| "-".to_string(), crate::units::format_size_column)
+            };
+            row.push(size(d.estimate.as_ref().map(|e| e.total)));
+            row.push(size(d.measured.as_ref().map(|e| e.ram)));
+        }
+        if with_gpu {
+            let gpus: Vec<String> = m.gpus.iter().map(u32::to_string).collect();
+            row.push(if gpus.is_empty() {
+                "-".to_string()
+            } else {
+                gpus.join(",")
+            });
+        }
         if with_node {
             row.insert(1, m.node.clone().unwrap_or_else(|| "-".to_string()));
         }
@@ -147,6 +200,24 @@ mod tests {
             state: state.into(),
             ..ModelInfo::default()
         }
+    }
+
+    #[test]
+    fn estimate_measured_and_gpu_columns_appear_when_the_daemon_reports_them() {
+        let mut a = model("a", "ready");
+        a.memory = Some(300 << 20);
+        a.memory_detail.estimate = Some(EstimateInfo { total: 315 << 20 });
+        a.memory_detail.measured = Some(MeasuredInfo { ram: 300 << 20 });
+        a.gpus = vec![0, 1];
+        let b = model("b", "stopped");
+        assert_eq!(
+            render(&[a, b]),
+            "\
+MODEL  STATE    PID  PORT  LEASES  RESTARTS  READY  MEMORY     ESTIMATE   MEASURED   GPU
+a      ready    -    -     0       0         -      300.0 MiB  315.0 MiB  300.0 MiB  0,1
+b      stopped  -    -     0       0         -      -          -          -          -
+"
+        );
     }
 
     #[test]

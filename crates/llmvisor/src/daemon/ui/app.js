@@ -214,6 +214,13 @@ function renderModel(s) {
     ["ready in", s.ready_ms == null ? "–" : (s.ready_ms / 1000).toFixed(2) + " s"],
     ["last exit", s.last_exit ?? "–"],
   ];
+  // The estimate beside what the running server really holds, and where it runs.
+  const d = s.memory_detail || {};
+  if (d.estimate || d.measured) {
+    rows.splice(3, 0, ["estimate / measured",
+      `${bytes(d.estimate ? d.estimate.total : null)} / ${bytes(d.measured ? d.measured.ram : null)}`]);
+  }
+  if (s.gpus && s.gpus.length) rows.splice(3, 0, ["gpu", s.gpus.join(", ")]);
   if (s.aliases && s.aliases.length) rows.unshift(["aliases", s.aliases.join(", ")]);
   if (s.reason) rows.push(["why", s.reason.replace("_", " ")]);
   const dl = el("dl");

@@ -84,8 +84,17 @@ impl View {
         );
         let _ = writeln!(
             out,
-            "\n{:<24} {:<9} {:>7} {:>6} {:>6} {:>8} {:>6} {:>8}  NOTE",
-            "MODEL", "STATE", "PID", "LEASES", "QUEUE", "RESTARTS", "REQS", "TOK/S"
+            "\n{:<24} {:<9} {:>7} {:>6} {:>6} {:>8} {:>6} {:>8} {:>21} {:>4}  NOTE",
+            "MODEL",
+            "STATE",
+            "PID",
+            "LEASES",
+            "QUEUE",
+            "RESTARTS",
+            "REQS",
+            "TOK/S",
+            "MEMORY EST / MEAS",
+            "GPU"
         );
         for (id, m) in &self.models {
             let (reqs, tps) = self.counts.get(id).cloned().unwrap_or_default();
@@ -105,7 +114,7 @@ impl View {
             };
             let _ = writeln!(
                 out,
-                "{:<24} {:<9} {:>7} {:>6} {:>6} {:>8} {:>6} {:>8}  {}",
+                "{:<24} {:<9} {:>7} {:>6} {:>6} {:>8} {:>6} {:>8} {:>21} {:>4}  {}",
                 id,
                 m["state"].as_str().unwrap_or("-"),
                 m["pid"].as_u64().map_or("-".into(), |p| p.to_string()),
@@ -114,6 +123,8 @@ impl View {
                 m["restarts"].as_u64().unwrap_or(0),
                 reqs,
                 tps.map_or("-".into(), |t| format!("{t:.1}")),
+                memory_cell(m),
+                gpu_cell(m),
                 note
             );
         }
@@ -265,6 +276,38 @@ pub async fn run(daemon: &Daemon, once: bool) -> anyhow::Result<ExitCode> {
     result
 }
 
+/// `estimate / measured` of a model's `memory_detail` (`-` for what it lacks).
+fn memory_cell(m: &serde_json::Value) -> String {
+    let size = |v: &serde_json::Value| {
+        v.as_u64()
+            .map_or_else(|| "-".to_string(), crate::units::format_size_column)
+    };
+    let d = &m["memory_detail"];
+    format!(
+        "{} / {}",
+        size(&d["estimate"]["total"]),
+        size(&d["measured"]["ram"])
+    )
+}
+
+/// The GPUs a model runs on (`-` on the CPU).
+fn gpu_cell(m: &serde_json::Value) -> String {
+    let gpus: Vec<String> = m["gpus"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|g| g.as_u64())
+                .map(|g| g.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    if gpus.is_empty() {
+        "-".into()
+    } else {
+        gpus.join(",")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,5 +331,12 @@ mod tests {
         assert!(s.starts_with("llmvisor 0.1.0  up 5s  models 1"), "{s}");
         assert!(s.contains(" 40% loading tensors"), "{s}");
         assert!(s.contains("3/9 tokens  33.3 tok/s"), "{s}");
+        assert!(
+            s.contains("- / -    -"),
+            "no estimate, no measurement, no GPU: {s}"
+        );
+        v.apply(&json!({"type":"model","model":"a","status":{"id":"a","state":"ready","memory_detail":{"estimate":{"total":330_301_440u64},"measured":{"ram":314_572_800u64}},"gpus":[0]}}));
+        let s = v.render();
+        assert!(s.contains("315.0 MiB / 300.0 MiB    0"), "{s}");
     }
 }

@@ -27,6 +27,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "allow_insecure",
     "max_loaded",
     "memory_budget",
+    "memory_reserve",
     "queue_timeout",
     "max_wait_for_swap",
     "preload",
@@ -417,6 +418,7 @@ struct Top {
     allow_insecure: Option<bool>,
     max_loaded: Option<usize>,
     memory_budget: Option<Sp<u64>>,
+    budgets: crate::config::MachineBudgets,
     kv_disk_budget: Option<u64>,
     queue_timeout: Option<Duration>,
     max_wait_for_swap: Option<Duration>,
@@ -754,8 +756,16 @@ impl Parser<'_> {
                 ),
                 _ => self.type_err("`max_loaded`", n, "an integer"),
             },
-            "memory_budget" => {
-                top.memory_budget = self.size("memory_budget", n).map(|v| Sp { v, at: n.at() })
+            "memory_budget" => match &n.kind {
+                Kind::Str(a) if a == "auto" => top.budgets.memory_auto = true,
+                _ => {
+                    top.memory_budget = self.size("memory_budget", n).map(|v| Sp { v, at: n.at() })
+                }
+            },
+            "memory_reserve" => {
+                if let Some(r) = self.size("memory_reserve", n) {
+                    top.budgets.memory_reserve = r;
+                }
             }
             "kv_disk_budget" => top.kv_disk_budget = self.size("kv_disk_budget", n),
             "queue_timeout" => top.queue_timeout = self.duration("queue_timeout", n),
@@ -1652,6 +1662,7 @@ impl Parser<'_> {
             allow_insecure: top.allow_insecure.unwrap_or(false),
             max_loaded: top.max_loaded,
             memory_budget: top.memory_budget.map(|b| b.v),
+            budgets: top.budgets,
             kv_disk_budget: top.kv_disk_budget.unwrap_or(super::DEFAULT_KV_DISK_BUDGET),
             queue_timeout: top.queue_timeout.unwrap_or(DEFAULT_QUEUE_TIMEOUT),
             max_wait_for_swap: top.max_wait_for_swap.unwrap_or(DEFAULT_MAX_WAIT_FOR_SWAP),

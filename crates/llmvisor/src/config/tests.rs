@@ -132,6 +132,24 @@ fn spec_example_parses() {
 }
 
 #[test]
+fn memory_budget_auto_and_its_reserve() {
+    let c = ok(&format!(
+        "memory_budget = \"auto\"\nmemory_reserve = \"2GiB\"\n{M}"
+    ));
+    assert!(c.budgets.memory_auto);
+    assert_eq!(c.budgets.memory_reserve, 2 * GIB);
+    // No number yet: the supervisor reads the RAM available when it starts.
+    assert_eq!(c.memory_budget, None);
+    let c = ok(&format!(
+        "memory_budget = \"auto\"\n{M}memory = \"900GiB\"\n"
+    ));
+    assert_eq!(c.budgets.memory_reserve, GIB);
+    let c = ok(&format!("memory_budget = \"8GiB\"\n{M}"));
+    assert!(!c.budgets.memory_auto);
+    assert_eq!(c.memory_budget, Some(8 * GIB));
+}
+
+#[test]
 fn defaults_applied() {
     let c = ok(M);
     assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
@@ -141,6 +159,9 @@ fn defaults_applied() {
     assert!(!c.allow_insecure);
     assert_eq!(c.max_loaded, None);
     assert_eq!(c.memory_budget, None);
+    assert_eq!(c.budgets, crate::config::MachineBudgets::default());
+    assert_eq!(c.budgets.memory_reserve, GIB);
+    assert!(!c.budgets.memory_auto);
     assert_eq!(c.queue_timeout, Duration::from_secs(300));
     assert!(c.preload.is_empty() && c.groups.is_empty());
     assert_eq!(c.body_limit, 32 * 1024 * 1024);
@@ -634,6 +655,20 @@ fn bad_values() {
     );
     let d = one(&format!("memory_budget = 1.5\n{M}"), 1, 17);
     assert_eq!(d.message, "`memory_budget` must be a size, found a float");
+    let d = one(&format!("memory_budget = \"automatic\"\n{M}"), 1, 17);
+    assert!(d.message.contains("`memory_budget`"), "{d}");
+    let d = one(
+        &format!("memory_budget = \"auto\"\nmemory_reserve = \"1 potato\"\n{M}"),
+        2,
+        18,
+    );
+    assert!(
+        d.message
+            .starts_with("invalid size \"1 potato\" for `memory_reserve`"),
+        "{d}"
+    );
+    let d = one(&format!("memory_reserve = -5\n{M}"), 1, 18);
+    assert!(d.message.contains("negative"), "{d}");
     let d = one(&format!("{M}port = 70000\n"), 3, 8);
     assert!(d.message.contains("between 1 and 65535"), "{d}");
     let d = one(&format!("{M}health_path = \"health\"\n"), 3, 15);

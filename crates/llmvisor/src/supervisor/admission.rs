@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::cell::{Command, ModelCell};
+use super::machine::Machine;
 use super::Phase;
 use crate::config::Config;
 use crate::units::format_size;
@@ -39,6 +40,8 @@ pub enum AdmitError {
 pub struct Limits {
     pub max_loaded: Option<usize>,
     pub memory_budget: Option<u64>,
+    /// Where `memory_budget` comes from when the machine gave it (`memory_budget = "auto"`).
+    pub memory_budget_origin: Option<String>,
     pub queue_timeout: Duration,
     /// How long a start waits for a busy model to finish its work before draining it to make
     /// room (swap-aware admission; zero = drain at once).
@@ -89,10 +92,12 @@ impl Limits {
             .any(|g| g.persistent && g.has(other) && !g.has(starting))
     }
 
-    pub fn from_config(cfg: &Config) -> Self {
+    pub fn from_config(cfg: &Config, machine: &Machine) -> Self {
+        let budget = machine.memory_budget(cfg);
         Self {
             max_loaded: cfg.max_loaded,
-            memory_budget: cfg.memory_budget,
+            memory_budget: budget.bytes,
+            memory_budget_origin: budget.origin,
             queue_timeout: cfg.queue_timeout,
             max_wait_for_swap: cfg.max_wait_for_swap,
             groups: cfg
@@ -241,8 +246,13 @@ pub(crate) fn plan(id: &str, need: u64, others: &[Snapshot], limits: &Limits) ->
     let pinned_mem: u64 = pinned.iter().map(|o| o.memory).sum();
     if let Some(budget) = limits.memory_budget {
         if need > budget {
+            let origin = limits
+                .memory_budget_origin
+                .as_ref()
+                .map(|o| format!(" ({o})"))
+                .unwrap_or_default();
             return Plan::Never(format!(
-                "model `{id}` needs {} but memory_budget is {}: it can never fit (fix: raise memory_budget, or lower the model's `memory`)",
+                "model `{id}` needs {} but memory_budget is {}{origin}: it can never fit (fix: raise memory_budget, or lower the model's `memory`)",
                 format_size(need),
                 format_size(budget)
             ));
@@ -523,6 +533,7 @@ mod tests {
         Limits {
             max_loaded,
             memory_budget: budget_gib.map(|g| g * GIB),
+            memory_budget_origin: None,
             queue_timeout: Duration::from_secs(60),
             max_wait_for_swap: Duration::ZERO,
             groups: groups

@@ -26,6 +26,7 @@ mod error;
 pub mod kv;
 mod lease;
 mod lifecycle;
+pub mod machine;
 mod memory;
 mod policy;
 mod server;
@@ -56,6 +57,7 @@ use crate::sweep;
 use crate::sync::{LockExt, RwLockExt};
 use crate::upstream::{self, UpstreamClient};
 use admission::{Admission, Limits, Msg as AdmissionMsg};
+pub use machine::Machine;
 pub use memory::{measure_group, Memory, MemoryDetail};
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +97,10 @@ pub(crate) struct Context {
     pub kv_events: tokio::sync::broadcast::Sender<kv::KvEvent>,
     /// `kv_disk_budget`: bytes of saved KV state under `<state_dir>/kv`, all models together.
     pub kv_budget: std::sync::atomic::AtomicU64,
+    /// The machine as it was when this supervisor started (`memory_budget = "auto"`).
+    pub machine: Machine,
+    /// The memory budget in force (bytes; resolved against `machine`).
+    pub memory_budget: Mutex<Option<u64>>,
 }
 
 impl Context {
@@ -180,6 +186,11 @@ impl Supervisor {
     /// opens the state store, and sweeps what dead instances left behind (logged). Starts no
     /// server (preloading is the caller's choice). Must run inside a tokio runtime.
     pub async fn new(config: &Config) -> Result<Self, SupervisorError> {
+        Self::with_machine(config, Machine::read()).await
+    }
+
+    /// [`Self::new`] against the given machine figures instead of this machine's (tests).
+    pub async fn with_machine(config: &Config, machine: Machine) -> Result<Self, SupervisorError> {
         let state_dir = config.state_dir.clone();
         for dir in [
             state_dir.clone(),
@@ -211,7 +222,7 @@ impl Supervisor {
         let ctx = Arc::new(Context {
             instance_id: instance_id.as_str().into(),
             store,
-            admission: Admission::start(Limits::from_config(config)),
+            admission: Admission::start(Limits::from_config(config, &machine)),
             spawner,
             ports,
             client: upstream::client(),
@@ -221,6 +232,8 @@ impl Supervisor {
             changes: tokio::sync::broadcast::channel(CHANGES_CAPACITY).0,
             kv_events: tokio::sync::broadcast::channel(kv::EVENTS_CAPACITY).0,
             kv_budget: config.kv_disk_budget.into(),
+            memory_budget: Mutex::new(machine.memory_budget(config).bytes),
+            machine,
         });
         clean_kv(&ctx.state_dir, config);
         let mut models = Models::default();
@@ -233,7 +246,7 @@ impl Supervisor {
         }
         ctx.admission.send(AdmissionMsg::Reset {
             cells: models.ordered.iter().map(|(_, c)| c.clone()).collect(),
-            limits: Limits::from_config(config),
+            limits: Limits::from_config(config, &ctx.machine),
         });
         Ok(Self {
             shared: Arc::new(Shared {
@@ -265,6 +278,12 @@ impl Supervisor {
 
     pub fn state_dir(&self) -> &Path {
         &self.shared.ctx.state_dir
+    }
+
+    /// The memory budget in force, in bytes: `memory_budget`, or what `"auto"` made of the RAM
+    /// available when this supervisor started.
+    pub fn memory_budget(&self) -> Option<u64> {
+        *self.shared.ctx.memory_budget.locked()
     }
 
     /// The cell of a model by id or alias.
@@ -372,9 +391,11 @@ impl Supervisor {
                 .ctx
                 .ports
                 .set_reserved(config.models.iter().filter_map(|m| m.port));
+            let limits = Limits::from_config(config, &self.shared.ctx.machine);
+            *self.shared.ctx.memory_budget.locked() = limits.memory_budget;
             self.shared.ctx.admission.send(AdmissionMsg::Reset {
                 cells: next.ordered.iter().map(|(_, c)| c.clone()).collect(),
-                limits: Limits::from_config(config),
+                limits,
             });
             *models = next;
         }

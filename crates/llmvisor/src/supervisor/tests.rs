@@ -58,6 +58,8 @@ async fn harness(limits: Limits, load: Duration) -> Harness {
         changes: tokio::sync::broadcast::channel(super::CHANGES_CAPACITY).0,
         kv_events: tokio::sync::broadcast::channel(super::kv::EVENTS_CAPACITY).0,
         kv_budget: crate::config::DEFAULT_KV_DISK_BUDGET.into(),
+        machine: super::Machine::default(),
+        memory_budget: std::sync::Mutex::new(None),
     });
     Harness {
         ctx,

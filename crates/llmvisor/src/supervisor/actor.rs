@@ -16,6 +16,7 @@ use super::error::AcquireError;
 use super::lease::Lease;
 use super::lifecycle::{State, Why};
 use super::memory::{measure_group, Memory};
+use super::oom;
 use super::policy::{AfterCrash, RestartPolicy, CRASH_LOOP_COOLDOWN};
 use super::start::{self, Running, StartFailure};
 use super::Context;
@@ -58,6 +59,7 @@ pub(crate) fn spawn_model(
         stop_waiters: Vec::new(),
         policy: RestartPolicy::default(),
         measured_at: None,
+        oom_kills_at_launch: None,
         save_kv: true,
     };
     actor.look_up_learned_memory();
@@ -112,6 +114,8 @@ struct Actor {
     policy: RestartPolicy,
     /// When the server's memory was last measured.
     measured_at: Option<Instant>,
+    /// The OOM-kill count of llmvisor's cgroup when the current server was launched.
+    oom_kills_at_launch: Option<u64>,
     /// Whether the stop under way saves the server's KV state (`kv_persist`): not for a forced
     /// unload, an unhealthy server, or a model removed from the config.
     save_kv: bool,
@@ -219,6 +223,7 @@ impl Actor {
             then: None,
         });
         self.save_kv = true;
+        self.oom_kills_at_launch = self.ctx.oom.read();
         let cfg = if self.cfg.kv_persist && self.cell.kv.is_off() {
             // A restore was seen to reuse nothing: not worth the disk and the time.
             Arc::new(ModelConfig {
@@ -697,12 +702,18 @@ impl Actor {
             Ok(running) => self.on_ready(running, then),
             Err(failure) => {
                 let status = failure.exit_status();
-                let error = failure.into_error(&self.cfg.id);
+                let mut error = failure.into_error(&self.cfg.id);
                 let cancelled = matches!(error, AcquireError::Unavailable { .. });
+                let exit = status.map(|s| self.judge_exit(s));
+                if let (Some((_, Some(note))), AcquireError::StartFailed { reason, .. }) =
+                    (&exit, &mut error)
+                {
+                    reason.push_str(&format!("; {note}"));
+                }
                 {
                     let mut st = self.cell.lock();
-                    if let Some(status) = status {
-                        st.last_exit = Some(describe_exit(status));
+                    if let Some((how, _)) = exit {
+                        st.last_exit = Some(how);
                     }
                     st.error = (!cancelled).then(|| error.to_string());
                 }
@@ -839,9 +850,13 @@ impl Actor {
             };
             return self.server_gone(next, why == Some(Why::Reconfigure));
         };
-        let how = describe_exit(status);
+        let (last_exit, note) = self.judge_exit(status);
+        let how = match note {
+            Some(note) => format!("{}; {note}", describe_exit(status)),
+            None => describe_exit(status),
+        };
         tracing::warn!(model = %self.cfg.id, pid = running.server.pid(), "server exited unexpectedly ({how})");
-        self.cell.lock().last_exit = Some(how.clone());
+        self.cell.lock().last_exit = Some(last_exit);
         // Whatever it left in its group goes too; then its record and claims.
         let server = running.server.clone();
         let (ctx, port, pid) = (
@@ -871,6 +886,29 @@ impl Actor {
 
     /// After a crash or an unhealthy stop: the restart policy decides — restart (at once, or
     /// after a backoff) if `on_unhealthy = "restart"`, or fail for a cool-down in a crash loop.
+    /// `last_exit` of a server that ended by itself, and a note on an OOM kill: a SIGKILL
+    /// while the cgroup's OOM-kill count rose is `"oom"`, and the model counts more from now on
+    /// (`Memory::after_oom`); a SIGKILL with no count to ask gets a hint.
+    fn judge_exit(&self, status: std::process::ExitStatus) -> (String, Option<String>) {
+        let verdict = oom::judge(status, self.oom_kills_at_launch, self.ctx.oom.read());
+        match verdict {
+            oom::Verdict::NotOom => (describe_exit(status), None),
+            oom::Verdict::MaybeOom => (describe_exit(status), Some(oom::OOM_HINT.to_owned())),
+            oom::Verdict::Oom => {
+                let mut st = self.cell.lock();
+                st.memory = st.memory.clone().after_oom();
+                let note = match st.memory.oom_floor {
+                    Some(b) => format!(
+                        "killed by the kernel's OOM killer; its next start counts {}",
+                        units::format_size(b)
+                    ),
+                    None => "killed by the kernel's OOM killer".to_owned(),
+                };
+                (oom::OOM_EXIT.to_owned(), Some(note))
+            }
+        }
+    }
+
     fn after_failure(&mut self, ran_for: Duration, reason: String) {
         match self.policy.crashed(ran_for) {
             AfterCrash::CrashLoop { failures } => {

@@ -42,7 +42,13 @@ pub struct Memory {
     pub measured_gpu: BTreeMap<u32, u64>,
     /// The buffers this run's server reported as it loaded, per device (`estimate::buffers`).
     pub buffers: BTreeMap<String, DeviceBuffers>,
+    /// Set when a server of this model was killed for lack of memory: the next starts count at
+    /// least this (`after_oom`).
+    pub oom_floor: Option<u64>,
 }
+
+/// After an OOM kill, the next start counts the largest figure known × this (in percent).
+pub const OOM_MARGIN_PERCENT: u64 = 110;
 
 /// `memory_detail` of `GET /api/models` (SPEC.md).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -117,6 +123,27 @@ impl Memory {
         self
     }
 
+    /// The server was killed for lack of memory: from now on this model counts at least the
+    /// largest figure known of it (declared, estimated, learned, measured, an earlier floor)
+    /// × 1.1, so its next start makes more room, or waits for it.
+    pub fn after_oom(mut self) -> Self {
+        let known = [
+            self.declared,
+            self.estimated,
+            self.learned,
+            self.measured,
+            self.oom_floor,
+        ]
+        .into_iter()
+        .flatten()
+        .max();
+        if let Some(k) = known {
+            self.oom_floor = Some(k.saturating_mul(OOM_MARGIN_PERCENT) / 100);
+        }
+        self.settle();
+        self
+    }
+
     pub fn with_learned(mut self, learned: Option<u64>) -> Self {
         self.learned = learned;
         self.settle();
@@ -178,6 +205,11 @@ impl Memory {
                 (None, None) => (None, "unknown"),
             },
         };
+        if let Some(floor) = self.oom_floor {
+            if self.bytes.is_none_or(|b| b < floor) {
+                self.bytes = Some(floor);
+            }
+        }
     }
 }
 
@@ -246,6 +278,27 @@ mod tests {
         // A later, smaller measurement does not shrink it.
         let m = m.with_measured(Some(10));
         assert_eq!(m.bytes, Some(3000));
+    }
+
+    #[test]
+    fn after_an_oom_kill_the_largest_figure_plus_a_tenth() {
+        let mut cfg = ModelConfig::new("m", vec!["x".into()]);
+        cfg.memory = Some(1000);
+        let m = Memory::for_config(&cfg)
+            .with_measured(Some(2000))
+            .after_oom();
+        assert_eq!(m.oom_floor, Some(2200));
+        // The run ends: the floor outlives it, above the learned figure.
+        let m = m.ended_run();
+        assert_eq!(m.bytes, Some(2200));
+        // A later, smaller measurement does not undo it; a second kill raises it again.
+        let m = m.with_measured(Some(1500));
+        assert_eq!(m.bytes, Some(2200));
+        let m = m.after_oom();
+        assert_eq!(m.bytes, Some(2420));
+        // A model whose memory is unknown has nothing to grow.
+        let unknown = Memory::for_config(&ModelConfig::new("u", vec!["x".into()])).after_oom();
+        assert_eq!((unknown.bytes, unknown.oom_floor), (None, None));
     }
 
     #[test]

@@ -28,6 +28,7 @@ mod lease;
 mod lifecycle;
 pub mod machine;
 mod memory;
+pub mod oom;
 mod policy;
 mod server;
 mod start;
@@ -101,6 +102,8 @@ pub(crate) struct Context {
     pub machine: Machine,
     /// The memory budget in force (bytes; resolved against `machine`).
     pub memory_budget: Mutex<Option<u64>>,
+    /// The OOM-kill count of llmvisor's cgroup (`last_exit = "oom"`).
+    pub oom: oom::OomCounter,
 }
 
 impl Context {
@@ -234,6 +237,7 @@ impl Supervisor {
             kv_budget: config.kv_disk_budget.into(),
             memory_budget: Mutex::new(machine.memory_budget(config).bytes),
             machine,
+            oom: oom::OomCounter::own_cgroup(),
         });
         clean_kv(&ctx.state_dir, config);
         let mut models = Models::default();

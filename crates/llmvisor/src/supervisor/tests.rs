@@ -34,6 +34,8 @@ async fn pass(d: Duration) {
 
 struct Harness {
     ctx: Arc<Context>,
+    /// The cgroup's OOM-kill count the actors read; negative: unreadable.
+    oom_kills: Arc<std::sync::atomic::AtomicI64>,
     launches: Arc<Launches>,
     cells: Vec<Arc<ModelCell>>,
     _dir: tempfile::TempDir,
@@ -45,6 +47,8 @@ async fn harness(limits: Limits, load: Duration) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).await.unwrap();
     let launches = Launches::new(load);
+    let oom_kills = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let count = oom_kills.clone();
     let ctx = Arc::new(Context {
         instance_id: "lv-actor-test".into(),
         store,
@@ -60,9 +64,13 @@ async fn harness(limits: Limits, load: Duration) -> Harness {
         kv_budget: crate::config::DEFAULT_KV_DISK_BUDGET.into(),
         machine: super::Machine::default(),
         memory_budget: std::sync::Mutex::new(None),
+        oom: super::oom::OomCounter::from_fn(move || {
+            u64::try_from(count.load(Ordering::SeqCst)).ok()
+        }),
     });
     Harness {
         ctx,
+        oom_kills,
         launches,
         cells: Vec::new(),
         _dir: dir,
@@ -560,4 +568,98 @@ async fn a_drain_that_outlasts_drain_timeout_is_cut() {
     assert_eq!(cell.phase(), Phase::Stopped);
     assert!(!stuck.is_up(), "the stuck request's server is gone");
     assert!(!h.launches.server(0).is_running());
+}
+
+/// The first status with an error the model's changes carry (what `/api/events` sends).
+async fn first_error(
+    changes: &mut tokio::sync::broadcast::Receiver<super::ModelStatus>,
+) -> super::ModelStatus {
+    loop {
+        let st = changes.recv().await.unwrap();
+        if st.error.is_some() {
+            return st;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_oom_kill_is_last_exit_oom_and_the_restart_makes_more_room() {
+    let limits = Limits {
+        memory_budget: Some(10 * GIB),
+        queue_timeout: MIN,
+        ..Limits::default()
+    };
+    let mut h = harness(limits.clone(), secs(1)).await;
+    let mut a = model("a");
+    a.memory = Some(4 * GIB);
+    let mut b = model("b");
+    b.memory = Some(6 * GIB);
+    let a = h.add(a, limits.clone());
+    let b = h.add(b, limits);
+    drop(a.acquire(false).await.unwrap());
+    drop(b.acquire(false).await.unwrap());
+    assert_eq!(b.phase(), Phase::Ready, "4 + 6 GiB fit the 10 GiB budget");
+    // The kernel's OOM killer: SIGKILL, and the cgroup's count rises.
+    let mut changes = h.ctx.changes.subscribe();
+    h.oom_kills.store(1, Ordering::SeqCst);
+    h.launches.server(0).killed(9);
+    let st = first_error(&mut changes).await;
+    assert_eq!(st.last_exit.as_deref(), Some("oom"));
+    let error = st.error.unwrap_or_default();
+    assert!(
+        error.contains("killed by the kernel's OOM killer"),
+        "{error}"
+    );
+    assert!(error.contains("4.4 GiB"), "{error}");
+    // Its restart counts 4.4 GiB: idle b goes to make room.
+    assert_eq!(a.memory().bytes, Some(4 * GIB * 11 / 10));
+    wait_phase(&a, Phase::Ready).await;
+    assert_eq!(b.phase(), Phase::Stopped);
+    assert_eq!(h.launches.begun(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sigkill_not_ours_without_an_oom_count_gets_the_hint() {
+    let mut h = harness(Limits::default(), secs(1)).await;
+    let cell = h.single(model("m"));
+    drop(cell.acquire(false).await.unwrap());
+    // No count to ask: the usual last_exit, with the hint.
+    let mut changes = h.ctx.changes.subscribe();
+    h.oom_kills.store(-1, Ordering::SeqCst);
+    h.launches.server(0).killed(9);
+    let st = first_error(&mut changes).await;
+    assert_eq!(st.last_exit.as_deref(), Some("signal 9 (SIGKILL)"));
+    let error = st.error.unwrap_or_default();
+    assert!(error.contains(super::oom::OOM_HINT), "{error}");
+    wait_phase(&cell, Phase::Ready).await;
+    // Counted, and unchanged: someone else's SIGKILL, no hint.
+    h.oom_kills.store(3, Ordering::SeqCst);
+    drop(cell.acquire(false).await.unwrap());
+    pass(secs(5)).await;
+    h.launches.server(1).killed(9);
+    wait_phase(&cell, Phase::Stopped).await;
+    let st = cell.status();
+    assert_eq!(st.last_exit.as_deref(), Some("signal 9 (SIGKILL)"));
+    assert!(!st.error.unwrap_or_default().contains("OOM"));
+    assert_eq!(cell.memory().oom_floor, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_oom_kill_during_the_start_is_oom_too() {
+    let mut h = harness(Limits::default(), secs(1)).await;
+    let mut cfg = model("m");
+    cfg.memory = Some(GIB);
+    h.launches.then(&[Outcome::Killed(9)]);
+    let cell = h.single(cfg);
+    h.oom_kills.store(0, Ordering::SeqCst);
+    let count = h.oom_kills.clone();
+    // The count rises while it loads (the double "dies" at the end of its load time).
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        count.store(1, Ordering::SeqCst);
+    });
+    let err = cell.acquire(false).await.unwrap_err();
+    assert!(err.to_string().contains("OOM killer"), "{err}");
+    assert_eq!(cell.status().last_exit.as_deref(), Some("oom"));
+    assert_eq!(cell.memory().bytes, Some(GIB * 11 / 10));
 }

@@ -15,7 +15,7 @@ use super::cell::{Command, ModelCell};
 use super::error::AcquireError;
 use super::lease::Lease;
 use super::lifecycle::{State, Why};
-use super::memory::{measure_group, Memory};
+use super::memory::{self, measure_group, Memory};
 use super::oom;
 use super::policy::{AfterCrash, RestartPolicy, CRASH_LOOP_COOLDOWN};
 use super::start::{self, Running, StartFailure};
@@ -422,6 +422,17 @@ impl Actor {
                     self.request_stop(Why::Evict, false);
                 }
             }
+            Command::EvictIdle => {
+                let idle = matches!(self.state, State::Ready { .. })
+                    && !self.cfg.pinned
+                    && !self.cell.remote_held()
+                    && self.cell.lock().leases == 0;
+                if idle {
+                    tracing::info!(model = %self.cfg.id, "evicting: a running model grew past its memory figure");
+                    self.cell.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                    self.request_stop(Why::Evict, false);
+                }
+            }
             Command::CancelEvict => match self.take() {
                 // The start that wanted the room gave up: keep serving.
                 State::Draining {
@@ -541,10 +552,19 @@ impl Actor {
 
     /// A new measurement of the running server: counted at once, and remembered in the state
     /// store under the model's file and flags when it is the largest so far.
+    /// A server that grew past the figure it was admitted on by more than 10 % is re-counted
+    /// (`Msg::Grew`): idle models may be evicted to keep the budget.
     fn record_measured(&self, measured: Option<u64>) {
         let mut st = self.cell.lock();
         let before = st.memory.measured;
         st.memory = st.memory.clone().with_measured(measured);
+        if st.admitted && memory::grew_past(st.admitted_bytes, st.memory.bytes) {
+            tracing::info!(model = %self.cfg.id, "grew from {} to {}: re-counted", st.admitted_bytes.map_or_else(|| "unknown".to_owned(), units::format_size), st.memory.bytes.map_or_else(String::new, units::format_size));
+            st.admitted_bytes = st.memory.bytes;
+            self.ctx.admission.send(AdmissionMsg::Grew {
+                cell: self.cell.clone(),
+            });
+        }
         let grew = st.memory.measured > before;
         let (Some(bytes), Some((file, shape)), true) =
             (st.memory.measured, st.memory.learn_key(), grew)

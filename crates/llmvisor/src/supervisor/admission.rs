@@ -127,6 +127,9 @@ pub(crate) enum Msg {
     Withdraw { model: Arc<str> },
     /// A model became idle, stopped, or exited: room may have appeared.
     Changed,
+    /// A running model grew past the figure it was admitted on (by more than 10 %): re-counted,
+    /// idle others are evicted if the budget no longer holds (never a busy one).
+    Grew { cell: Arc<ModelCell> },
     /// Config reload: the models and limits now in force.
     Reset {
         cells: Vec<Arc<ModelCell>>,
@@ -323,6 +326,44 @@ pub(crate) fn plan(id: &str, need: u64, others: &[Snapshot], limits: &Limits) ->
     Plan::Wait(victims.into_iter().map(|v| v.id.clone()).collect())
 }
 
+/// What a running model's growth asks of the others.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Growth {
+    /// Idle models to stop, least recently used first.
+    pub victims: Vec<Arc<str>>,
+    /// Bytes the running models still take beyond the budget once they are gone (busy,
+    /// pinned or starting models hold it).
+    pub over_by: Option<u64>,
+}
+
+/// Re-counts model `id`, which runs and now takes `grown` bytes, against `others` under the
+/// memory budget: the idle ones to stop, least recently used first, until the budget holds —
+/// never a busy, pinned, starting, persistent-group or remotely used one, and never `id` itself.
+pub(crate) fn plan_growth(id: &str, grown: u64, others: &[Snapshot], limits: &Limits) -> Growth {
+    let Some(budget) = limits.memory_budget else {
+        return Growth::default();
+    };
+    let loaded: Vec<&Snapshot> = others.iter().filter(|o| o.admitted).collect();
+    let mut total = grown + loaded.iter().map(|o| o.memory).sum::<u64>();
+    let mut idle: Vec<&Snapshot> = loaded
+        .iter()
+        .copied()
+        .filter(|o| o.phase == Phase::Ready && o.leases == 0)
+        .filter(|o| !o.pinned && !o.remote_held && !limits.protects(id, &o.id))
+        .collect();
+    idle.sort_by_key(|o| o.last_used);
+    let mut growth = Growth::default();
+    for o in idle {
+        if total <= budget {
+            break;
+        }
+        total -= o.memory;
+        growth.victims.push(o.id.clone());
+    }
+    growth.over_by = (total > budget).then(|| total - budget);
+    growth
+}
+
 impl Scheduler {
     async fn run(mut self) {
         loop {
@@ -366,6 +407,7 @@ impl Scheduler {
                     }
                 }
                 Some(Msg::Changed) => {}
+                Some(Msg::Grew { cell }) => self.recount(&cell),
                 Some(Msg::Reset { cells, limits }) => {
                     self.cells = cells;
                     self.limits = limits;
@@ -475,6 +517,33 @@ impl Scheduler {
                     return;
                 }
             }
+        }
+    }
+
+    /// `cell` runs and grew: evicts the idle models that must go for the budget to hold.
+    fn recount(&self, cell: &Arc<ModelCell>) {
+        let grown = cell.memory().bytes.unwrap_or(0);
+        let others: Vec<Snapshot> = self
+            .cells
+            .iter()
+            .filter(|c| !Arc::ptr_eq(c, cell))
+            .map(|c| Snapshot::of(c))
+            .collect();
+        let growth = plan_growth(&cell.id, grown, &others, &self.limits);
+        for id in &growth.victims {
+            if let Some(v) = self.cells.iter().find(|c| c.id == *id) {
+                tracing::info!(model = %cell.id, "grew to {}: evicting idle model `{id}`", format_size(grown));
+                let _ = v.send(Command::EvictIdle);
+            }
+        }
+        if let (Some(over), Some(budget)) = (growth.over_by, self.limits.memory_budget) {
+            tracing::warn!(
+                model = %cell.id,
+                "grew to {}: the running models take {} more than memory_budget ({}), and none of the others is idle",
+                format_size(grown),
+                format_size(over),
+                format_size(budget)
+            );
         }
     }
 
@@ -667,6 +736,71 @@ mod tests {
         for (name, need_gib, others, limits, expected) in cases {
             assert_eq!(
                 plan("x", need_gib * GIB, &others, &limits),
+                expected,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn growth_evicts_idle_models_only() {
+        let g = |victims: &[&str], over_gib: Option<u64>| Growth {
+            victims: victims.iter().map(|&v| Arc::from(v)).collect(),
+            over_by: over_gib.map(|o| o * GIB),
+        };
+        type Case = (&'static str, u64, Vec<Snapshot>, Option<u64>, Growth);
+        let cases: Vec<Case> = vec![
+            (
+                "no budget: nothing to do",
+                50,
+                vec![loaded("a", 4, 0, 9)],
+                None,
+                g(&[], None),
+            ),
+            (
+                "still within the budget",
+                5,
+                vec![loaded("a", 4, 0, 9)],
+                Some(10),
+                g(&[], None),
+            ),
+            (
+                "the least recently used idle one goes, only as many as needed",
+                4,
+                vec![
+                    loaded("new", 3, 0, 1),
+                    loaded("old", 3, 0, 50),
+                    loaded("older", 3, 0, 90),
+                ],
+                Some(10),
+                g(&["older"], None),
+            ),
+            (
+                "a busy one never, even when the budget stays over",
+                8,
+                vec![loaded("busy", 4, 2, 99), loaded("idle", 1, 0, 1)],
+                Some(10),
+                g(&["idle"], Some(2)),
+            ),
+            (
+                "pinned, starting and unadmitted ones are not victims",
+                8,
+                vec![
+                    pinned(loaded("p", 2, 0, 99)),
+                    phase(loaded("s", 2, 0, 99), Phase::Starting),
+                    Snapshot {
+                        admitted: false,
+                        ..loaded("gone", 9, 0, 99)
+                    },
+                ],
+                Some(10),
+                g(&[], Some(2)),
+            ),
+        ];
+        for (name, grown_gib, others, budget_gib, expected) in cases {
+            let limits = limits(None, budget_gib, &[]);
+            assert_eq!(
+                plan_growth("x", grown_gib * GIB, &others, &limits),
                 expected,
                 "{name}"
             );

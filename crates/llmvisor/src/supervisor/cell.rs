@@ -121,6 +121,8 @@ pub(super) struct CellState {
     pub(super) last_used: Instant,
     /// Counted against the limits: from admission until the process has exited.
     pub(super) admitted: bool,
+    /// The figure it was admitted on, or last re-counted at after growing.
+    pub(super) admitted_bytes: Option<u64>,
     /// Waiting in the admission queue for room.
     pub(super) queued: bool,
     /// Acquirers waiting for this model's start.
@@ -173,6 +175,9 @@ pub(crate) enum Command {
     Evict,
     /// From admission: the start that wanted the room gave up; keep serving if still running.
     CancelEvict,
+    /// From admission, for a running model that grew past its figure: stop now if idle; if a
+    /// lease came meanwhile, keep serving (a busy model is never stopped for growth).
+    EvictIdle,
 }
 
 impl ModelCell {
@@ -206,6 +211,7 @@ impl ModelCell {
                 error: None,
                 last_used: Instant::now(),
                 admitted: false,
+                admitted_bytes: None,
                 queued: false,
                 waiting: 0,
                 wait_reason: None,
@@ -377,7 +383,9 @@ impl ModelCell {
     }
 
     pub(crate) fn set_admitted(&self, admitted: bool) {
-        self.lock().admitted = admitted;
+        let mut st = self.lock();
+        st.admitted = admitted;
+        st.admitted_bytes = st.memory.bytes;
     }
 
     pub(crate) fn set_wait_reason(&self, reason: Option<String>) {

@@ -47,6 +47,19 @@ pub struct Memory {
     pub oom_floor: Option<u64>,
 }
 
+/// A running server whose figure grows past the one it was admitted on by more than this (in
+/// percent) is re-counted by admission.
+pub const GROWTH_PERCENT: u64 = 10;
+
+/// True if `now` is more than [`GROWTH_PERCENT`] above `counted` (an unknown figure, counted
+/// as 0, grows by any known one).
+pub fn grew_past(counted: Option<u64>, now: Option<u64>) -> bool {
+    let (counted, Some(now)) = (counted.unwrap_or(0), now) else {
+        return false;
+    };
+    now > counted.saturating_add(counted * GROWTH_PERCENT / 100)
+}
+
 /// After an OOM kill, the next start counts the largest figure known × this (in percent).
 pub const OOM_MARGIN_PERCENT: u64 = 110;
 
@@ -299,6 +312,16 @@ mod tests {
         // A model whose memory is unknown has nothing to grow.
         let unknown = Memory::for_config(&ModelConfig::new("u", vec!["x".into()])).after_oom();
         assert_eq!((unknown.bytes, unknown.oom_floor), (None, None));
+    }
+
+    #[test]
+    fn growth_beyond_a_tenth_is_re_counted() {
+        assert!(!grew_past(Some(1000), Some(1100)), "10 % is within");
+        assert!(grew_past(Some(1000), Some(1101)));
+        assert!(!grew_past(Some(1000), Some(900)));
+        assert!(!grew_past(Some(1000), None));
+        assert!(grew_past(None, Some(1)), "unknown counted as 0");
+        assert!(!grew_past(None, None));
     }
 
     #[test]

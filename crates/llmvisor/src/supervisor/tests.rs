@@ -663,3 +663,41 @@ async fn an_oom_kill_during_the_start_is_oom_too() {
     assert_eq!(cell.status().last_exit.as_deref(), Some("oom"));
     assert_eq!(cell.memory().bytes, Some(GIB * 11 / 10));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_model_that_grew_is_re_counted_and_only_idle_others_make_room() {
+    let limits = Limits {
+        memory_budget: Some(10 * GIB),
+        queue_timeout: MIN,
+        ..Limits::default()
+    };
+    let mut h = harness(limits.clone(), secs(1)).await;
+    let mut cells = Vec::new();
+    for id in ["a", "busy", "idle"] {
+        let mut cfg = model(id);
+        cfg.memory = Some(3 * GIB);
+        cells.push(h.add(cfg, limits.clone()));
+    }
+    let (a, busy, idle) = (&cells[0], &cells[1], &cells[2]);
+    drop(idle.acquire(false).await.unwrap());
+    pass(secs(5)).await;
+    let held = busy.acquire(false).await.unwrap();
+    drop(a.acquire(false).await.unwrap());
+    // `a` now measures 6 GiB: 6 + 3 + 3 is over the 10 GiB budget.
+    {
+        let mut st = a.lock();
+        st.memory = st.memory.clone().with_measured(Some(6 * GIB));
+    }
+    h.ctx.admission.send(AdmissionMsg::Grew { cell: a.clone() });
+    // At once, not by its 10 min ttl.
+    pass(secs(1)).await;
+    assert_eq!(idle.phase(), Phase::Stopped);
+    assert_eq!(
+        busy.phase(),
+        Phase::Ready,
+        "a busy model is never evicted for growth"
+    );
+    assert!(held.is_up());
+    assert_eq!(a.phase(), Phase::Ready);
+    assert_eq!(idle.stats.evictions.load(Ordering::SeqCst), 1);
+}

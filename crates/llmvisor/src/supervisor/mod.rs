@@ -59,7 +59,7 @@ use crate::sync::{LockExt, RwLockExt};
 use crate::upstream::{self, UpstreamClient};
 use admission::{Admission, Limits, Msg as AdmissionMsg};
 pub use machine::Machine;
-pub use memory::{measure_group, Memory, MemoryDetail};
+pub use memory::{measure_group, Measured, Memory, MemoryDetail};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {

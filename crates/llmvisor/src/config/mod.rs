@@ -337,6 +337,8 @@ pub struct ModelConfig {
     pub replicas: u32,
     /// Fleet mode: the nodes it may run on (empty: any).
     pub nodes: Vec<String>,
+    /// `gpus = [...]`: the GPUs it may use (`None`: placed where it fits; `Some([])`: none).
+    pub gpus: Option<Vec<u32>>,
     /// How the router presents and rewrites requests for this model (llama-swap's per-model
     /// API keys), and its stop command.
     pub api: ModelApi,
@@ -447,6 +449,7 @@ impl ModelConfig {
             health: HealthCheck::default(),
             replicas: 1,
             nodes: Vec::new(),
+            gpus: None,
             api: ModelApi::default(),
             found: None,
             kv_persist: false,

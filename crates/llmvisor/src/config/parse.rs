@@ -16,6 +16,7 @@ use super::{
 use crate::units::{self, DURATION_FORMS, SIZE_FORMS};
 
 mod cluster;
+mod gpu;
 
 /// Keys allowed at the top level of the file.
 pub const TOP_LEVEL_KEYS: &[&str] = &[
@@ -28,6 +29,8 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "max_loaded",
     "memory_budget",
     "memory_reserve",
+    "gpu_budget",
+    "gpu_reserve",
     "queue_timeout",
     "max_wait_for_swap",
     "preload",
@@ -73,6 +76,7 @@ pub const MODEL_KEYS: &[&str] = &[
     "max_connections",
     "replicas",
     "nodes",
+    "gpus",
     "name",
     "description",
     "metadata",
@@ -296,6 +300,7 @@ struct Settings {
     on_unhealthy: Option<OnUnhealthy>,
     replicas: Option<u32>,
     nodes: Option<Vec<String>>,
+    gpus: Option<Vec<u32>>,
     /// `health_path = "none"`.
     no_health_check: Option<bool>,
     name: Option<String>,
@@ -356,6 +361,9 @@ impl Settings {
         }
         if let Some(nodes) = &self.nodes {
             m.nodes.clone_from(nodes);
+        }
+        if let Some(gpus) = &self.gpus {
+            m.gpus = Some(gpus.clone());
         }
         if let Some(none) = self.no_health_check {
             m.api.no_health_check = none;
@@ -762,6 +770,12 @@ impl Parser<'_> {
                     top.memory_budget = self.size("memory_budget", n).map(|v| Sp { v, at: n.at() })
                 }
             },
+            "gpu_budget" => top.budgets.gpu = self.gpu_budget(n),
+            "gpu_reserve" => {
+                if let Some(r) = self.size("gpu_reserve", n) {
+                    top.budgets.gpu_reserve = r;
+                }
+            }
             "memory_reserve" => {
                 if let Some(r) = self.size("memory_reserve", n) {
                     top.budgets.memory_reserve = r;
@@ -1261,6 +1275,7 @@ impl Parser<'_> {
                 },
                 "replicas" => s.replicas = self.replicas(v),
                 "nodes" => s.nodes = self.nodes(v),
+                "gpus" => s.gpus = self.gpu_list(v),
                 _ => self.unknown_key(f, scope),
             }
         }

@@ -150,6 +150,40 @@ fn memory_budget_auto_and_its_reserve() {
 }
 
 #[test]
+fn gpu_budget_reserve_and_gpus() {
+    use crate::config::GpuBudget;
+    let c = ok(M);
+    assert_eq!((c.budgets.gpu, c.budgets.gpu_reserve), (None, 512 << 20));
+    assert_eq!(c.models[0].gpus, None);
+    let c = ok(&format!(
+        "gpu_budget = \"auto\"\ngpu_reserve = \"1GiB\"\n[defaults]\ngpus = [1]\n{M}gpus = [0, 1]\n[models.n]\ncmd = \"srv --port ${{PORT}}\"\n"
+    ));
+    assert_eq!(
+        (c.budgets.gpu, c.budgets.gpu_reserve),
+        (Some(GpuBudget::Auto), GIB)
+    );
+    assert_eq!(c.model("m").unwrap().gpus, Some(vec![0, 1]));
+    assert_eq!(c.model("n").unwrap().gpus, Some(vec![1]), "from [defaults]");
+    let c = ok(&format!("gpu_budget = \"20GiB\"\n{M}gpus = []\n"));
+    assert_eq!(c.budgets.gpu, Some(GpuBudget::Bytes(20 * GIB)));
+    assert_eq!(c.models[0].gpus, Some(vec![]));
+    let d = one(&format!("{M}gpus = [0, -1]\n"), 3, 12);
+    assert_eq!(d.message, "`gpus` holds GPU indices (0, 1, …), found -1");
+    let d = one(&format!("{M}gpus = [1, 1]\n"), 3, 12);
+    assert_eq!(d.message, "GPU 1 is listed twice in `gpus`");
+    let d = one(&format!("{M}gpus = 0\n"), 3, 8);
+    assert!(d.message.starts_with("`gpus` must be"), "{d}");
+    let d = one(&format!("gpu_budget = \"lots\"\n{M}"), 1, 14);
+    assert!(
+        d.message
+            .starts_with("invalid size \"lots\" for `gpu_budget`"),
+        "{d}"
+    );
+    let d = one(&format!("gpu_reserve = true\n{M}"), 1, 15);
+    assert_eq!(d.message, "`gpu_reserve` must be a size, found a boolean");
+}
+
+#[test]
 fn defaults_applied() {
     let c = ok(M);
     assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
@@ -1155,6 +1189,7 @@ fn every_listed_key_is_read_and_the_lists_agree() {
             "max_connections",
             "replicas",
             "nodes",
+            "gpus",
             "unlisted",
             "concurrency_limit",
             "send_loading_state",

@@ -46,6 +46,10 @@ pub(crate) fn spawn_model(
         .join(format!("{}.log", crate::ids::encode_segment(&cfg.id)));
     let kv = super::kv::KvCell::new(&cfg, ctx.kv_events.clone(), &ctx.state_dir);
     let cell = Arc::new(ModelCell::new(&cfg, log_path, commands, kv));
+    let gpus = ctx.machine.gpu_indices();
+    if !gpus.is_empty() {
+        cell.lock().memory = Memory::for_machine(&cfg, &gpus);
+    }
     let (events_tx, events) = mpsc::unbounded_channel();
     let actor = Actor {
         cell: cell.clone(),
@@ -65,6 +69,24 @@ pub(crate) fn spawn_model(
     actor.look_up_learned_memory();
     let task = tokio::spawn(actor.run());
     (cell, task)
+}
+
+/// The environment variable that tells CUDA (and llama-server's CUDA backend) which GPUs it sees.
+const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
+
+/// `CUDA_VISIBLE_DEVICES` for a server admitted on the GPUs `placed`: those GPUs only —
+/// unless its config chooses itself (the variable in `env`, or `--device`/`-dev` in `cmd`).
+fn gpu_env(cfg: &ModelConfig, placed: &std::collections::BTreeMap<u32, u64>) -> Option<String> {
+    let chooses = cfg.env.contains_key(CUDA_VISIBLE_DEVICES)
+        || cfg
+            .cmd
+            .iter()
+            .any(|a| a == "--device" || a == "-dev" || a.starts_with("--device="));
+    if placed.is_empty() || chooses {
+        return None;
+    }
+    let list: Vec<String> = placed.keys().map(u32::to_string).collect();
+    Some(list.join(","))
 }
 
 /// Results of the slow work the actor hands to tasks.
@@ -233,6 +255,14 @@ impl Actor {
         } else {
             self.cfg.clone()
         };
+        let cfg = match gpu_env(&cfg, &self.cell.placed()) {
+            Some(visible) => {
+                let mut c = (*cfg).clone();
+                c.env.insert(CUDA_VISIBLE_DEVICES.to_owned(), visible);
+                Arc::new(c)
+            }
+            None => cfg,
+        };
         let (ctx, events, cell) = (self.ctx.clone(), self.events_tx.clone(), self.cell.clone());
         tokio::spawn(async move {
             let result = start::launch(cfg, ctx, cell, cancel_rx).await;
@@ -305,6 +335,7 @@ impl Actor {
             st.run += 1;
             // The next start is admitted on what this run took (`memory_source = "learned"`).
             st.memory = st.memory.clone().ended_run();
+            st.placed.clear();
             std::mem::replace(&mut st.admitted, false)
         };
         self.state = next;
@@ -607,7 +638,8 @@ impl Actor {
             st.source = cfg.source();
             st.file = super::cell::found_file(&cfg);
             let measured = if restart { None } else { st.memory.measured };
-            st.memory = Memory::for_config(&cfg).with_measured(measured);
+            st.memory =
+                Memory::for_machine(&cfg, &self.ctx.machine.gpu_indices()).with_measured(measured);
         }
         self.look_up_learned_memory();
         self.cell.connections.resize(cfg.connection_limit());

@@ -8,7 +8,7 @@
 //! their last lease ends (nothing is cut off) — and the start waits, up to `queue_timeout`.
 //! A model counts against the limits from admission until its process has exited.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use super::cell::{Command, ModelCell};
 use super::machine::Machine;
 use super::Phase;
 use crate::config::Config;
+use crate::gpu::place::{self, GpuNeed, GpuRoom, NoFit};
 use crate::units::format_size;
 
 /// Why a start was not admitted.
@@ -42,6 +43,8 @@ pub struct Limits {
     pub memory_budget: Option<u64>,
     /// Where `memory_budget` comes from when the machine gave it (`memory_budget = "auto"`).
     pub memory_budget_origin: Option<String>,
+    /// What each GPU may hold (`gpu_budget`); empty: GPUs are not counted.
+    pub gpu_budgets: BTreeMap<u32, u64>,
     pub queue_timeout: Duration,
     /// How long a start waits for a busy model to finish its work before draining it to make
     /// room (swap-aware admission; zero = drain at once).
@@ -98,6 +101,7 @@ impl Limits {
             max_loaded: cfg.max_loaded,
             memory_budget: budget.bytes,
             memory_budget_origin: budget.origin,
+            gpu_budgets: machine.gpu_budgets(cfg),
             queue_timeout: cfg.queue_timeout,
             max_wait_for_swap: cfg.max_wait_for_swap,
             groups: cfg
@@ -210,6 +214,8 @@ pub(crate) struct Snapshot {
     pub last_used: Instant,
     /// Another llmvisor instance uses its server: never a victim.
     pub remote_held: bool,
+    /// Bytes per GPU it was admitted on.
+    pub gpu: BTreeMap<u32, u64>,
 }
 
 impl Snapshot {
@@ -224,6 +230,7 @@ impl Snapshot {
             leases: st.leases,
             last_used: cell.last_used(),
             remote_held: cell.remote_held(),
+            gpu: cell.placed(),
         }
     }
 }
@@ -243,7 +250,59 @@ pub(crate) enum Plan {
 /// configured model) under `limits` — and if not, which models must stop first: its exclusive
 /// group's partners, then models already on their way out, then idle ones least recently used
 /// first, then busy ones likewise. Never a pinned model, nor one another instance uses.
+#[cfg(test)]
 pub(crate) fn plan(id: &str, need: u64, others: &[Snapshot], limits: &Limits) -> Plan {
+    plan_with_gpus(id, need, &GpuNeed::Nothing, others, limits)
+}
+
+/// The GPUs as admission sees them once the models `gone` have stopped.
+fn gpu_rooms(limits: &Limits, loaded: &[&Snapshot], gone: &[&Snapshot]) -> Vec<GpuRoom> {
+    limits
+        .gpu_budgets
+        .iter()
+        .map(|(&index, &budget)| GpuRoom {
+            index,
+            budget,
+            held: loaded
+                .iter()
+                .filter(|o| !gone.iter().any(|g| g.id == o.id))
+                .filter_map(|o| o.gpu.get(&index))
+                .sum(),
+        })
+        .collect()
+}
+
+/// Where model `id` goes on the GPUs now, next to `others` (the bytes per GPU it is admitted
+/// on); empty when GPUs are not counted or it needs none.
+pub(crate) fn placement(
+    id: &str,
+    gpu_need: &GpuNeed,
+    others: &[Snapshot],
+    limits: &Limits,
+) -> BTreeMap<u32, u64> {
+    if limits.gpu_budgets.is_empty() {
+        return BTreeMap::new();
+    }
+    let loaded: Vec<&Snapshot> = others.iter().filter(|o| o.admitted).collect();
+    place::place(id, gpu_need, &gpu_rooms(limits, &loaded, &[])).unwrap_or_default()
+}
+
+/// [`plan`] for a model that also needs `gpu_need` on the GPUs: it fits only if its part on
+/// each GPU fits that GPU's budget next to what the others hold there (`gpu::place`); idle
+/// models holding GPU memory are the victims when a GPU is short.
+pub(crate) fn plan_with_gpus(
+    id: &str,
+    need: u64,
+    gpu_need: &GpuNeed,
+    others: &[Snapshot],
+    limits: &Limits,
+) -> Plan {
+    let gpus_counted = !limits.gpu_budgets.is_empty() && *gpu_need != GpuNeed::Nothing;
+    if gpus_counted {
+        if let Err(NoFit::Never(why)) = place::place(id, gpu_need, &gpu_rooms(limits, &[], &[])) {
+            return Plan::Never(why);
+        }
+    }
     let loaded: Vec<&Snapshot> = others.iter().filter(|o| o.admitted).collect();
     let pinned: Vec<&Snapshot> = loaded.iter().copied().filter(|o| o.pinned).collect();
     let pinned_mem: u64 = pinned.iter().map(|o| o.memory).sum();
@@ -293,12 +352,16 @@ pub(crate) fn plan(id: &str, need: u64, others: &[Snapshot], limits: &Limits) ->
             p.id
         ));
     }
-    let fits = |gone: &[&Snapshot]| {
+    let ram_fits = |gone: &[&Snapshot]| {
         let remaining = loaded.iter().filter(|o| !gone.iter().any(|g| g.id == o.id));
         let (count, mem) = remaining.fold((0usize, 0u64), |(n, m), o| (n + 1, m + o.memory));
         limits.max_loaded.is_none_or(|max| count < max)
             && limits.memory_budget.is_none_or(|b| mem + need <= b)
     };
+    let gpu_fits = |gone: &[&Snapshot]| {
+        !gpus_counted || place::place(id, gpu_need, &gpu_rooms(limits, &loaded, gone)).is_ok()
+    };
+    let fits = |gone: &[&Snapshot]| ram_fits(gone) && gpu_fits(gone);
     if partners.is_empty() && fits(&[]) {
         return Plan::Admit;
     }
@@ -311,11 +374,28 @@ pub(crate) fn plan(id: &str, need: u64, others: &[Snapshot], limits: &Limits) ->
         .collect();
     candidates.sort_by_key(|o| (o.phase != Phase::Stopping, o.leases > 0, o.last_used));
     let mut victims = partners;
+    let partners_len = victims.len();
     let mut candidates = candidates.into_iter();
     while !fits(&victims) {
         match candidates.next() {
+            // Short of GPU memory only: a model holding none would not help.
+            Some(c) if ram_fits(&victims) && c.gpu.is_empty() => {}
             Some(c) => victims.push(c),
             None => break,
+        }
+    }
+    if gpus_counted && fits(&victims) {
+        // A GPU is one piece: an idle model taken first on the wrong GPU may not be needed once
+        // a later victim freed the right one. Keep only the victims the start needs.
+        let mut i = partners_len;
+        while i < victims.len() {
+            let mut without = victims.clone();
+            without.remove(i);
+            if fits(&without) {
+                victims = without;
+            } else {
+                i += 1;
+            }
         }
     }
     if !fits(&victims) {
@@ -463,6 +543,10 @@ impl Scheduler {
             match self.plan(&cell) {
                 Plan::Admit => {
                     let p = self.queue.pop_front().expect("front exists");
+                    let gpu_need = p.cell.memory().gpu_need;
+                    let placed =
+                        placement(&p.cell.id, &gpu_need, &self.others(&p.cell), &self.limits);
+                    p.cell.set_placed(placed);
                     p.cell.set_queued(false);
                     p.cell.set_wait_reason(None);
                     if !p.victims.is_empty() {
@@ -548,14 +632,24 @@ impl Scheduler {
     }
 
     fn plan(&self, cell: &Arc<ModelCell>) -> Plan {
-        let need = cell.memory().bytes.unwrap_or(0);
-        let others: Vec<Snapshot> = self
-            .cells
+        let memory = cell.memory();
+        let need = memory.bytes.unwrap_or(0);
+        plan_with_gpus(
+            &cell.id,
+            need,
+            &memory.gpu_need,
+            &self.others(cell),
+            &self.limits,
+        )
+    }
+
+    /// Every model but `cell`, as planning sees them.
+    fn others(&self, cell: &Arc<ModelCell>) -> Vec<Snapshot> {
+        self.cells
             .iter()
             .filter(|c| !Arc::ptr_eq(c, cell))
             .map(|c| Snapshot::of(c))
-            .collect();
-        plan(&cell.id, need, &others, &self.limits)
+            .collect()
     }
 }
 
@@ -583,6 +677,7 @@ mod tests {
             leases,
             last_used: Instant::now() - Duration::from_secs(age),
             remote_held: false,
+            gpu: BTreeMap::new(),
         }
     }
 
@@ -603,6 +698,7 @@ mod tests {
             max_loaded,
             memory_budget: budget_gib.map(|g| g * GIB),
             memory_budget_origin: None,
+            gpu_budgets: BTreeMap::new(),
             queue_timeout: Duration::from_secs(60),
             max_wait_for_swap: Duration::ZERO,
             groups: groups

@@ -5,6 +5,7 @@
 //! [`ModelCell::acquire`] takes the mutex, sees `Ready`, counts a lease and returns, so a ready
 //! model never waits on anyone. Everything else is a [`Command`] to the actor.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -123,6 +124,8 @@ pub(super) struct CellState {
     pub(super) admitted: bool,
     /// The figure it was admitted on, or last re-counted at after growing.
     pub(super) admitted_bytes: Option<u64>,
+    /// Bytes per GPU it was admitted on (`gpu::place`); empty on CPU.
+    pub(super) placed: BTreeMap<u32, u64>,
     /// Waiting in the admission queue for room.
     pub(super) queued: bool,
     /// Acquirers waiting for this model's start.
@@ -212,6 +215,7 @@ impl ModelCell {
                 last_used: Instant::now(),
                 admitted: false,
                 admitted_bytes: None,
+                placed: BTreeMap::new(),
                 queued: false,
                 waiting: 0,
                 wait_reason: None,
@@ -313,7 +317,7 @@ impl ModelCell {
             memory: st.memory.bytes,
             memory_source: st.memory.source,
             memory_detail: st.memory.detail(),
-            gpus: Vec::new(),
+            gpus: st.placed.keys().copied().collect(),
             queued: if st.queued { st.waiting } else { 0 },
             wait_reason: if st.queued {
                 st.wait_reason.clone()
@@ -386,6 +390,19 @@ impl ModelCell {
         let mut st = self.lock();
         st.admitted = admitted;
         st.admitted_bytes = st.memory.bytes;
+        if !admitted {
+            st.placed.clear();
+        }
+    }
+
+    /// Admitted with these bytes per GPU.
+    pub(crate) fn set_placed(&self, placed: BTreeMap<u32, u64>) {
+        self.lock().placed = placed;
+    }
+
+    /// Bytes per GPU it was admitted on.
+    pub(crate) fn placed(&self) -> BTreeMap<u32, u64> {
+        self.lock().placed.clone()
     }
 
     pub(crate) fn set_wait_reason(&self, reason: Option<String>) {

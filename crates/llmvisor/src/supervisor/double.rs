@@ -43,6 +43,8 @@ pub struct Launches {
     pub servers: Mutex<Vec<Arc<ServerDouble>>>,
     /// The `cmd` of every start, in order.
     pub cmds: Mutex<Vec<Vec<String>>>,
+    /// The `env` of every start, in order.
+    pub envs: Mutex<Vec<std::collections::BTreeMap<String, String>>>,
     next_pid: AtomicU32,
 }
 
@@ -79,6 +81,7 @@ impl Launches {
     ) -> Result<Running, StartFailure> {
         self.begun.fetch_add(1, Ordering::SeqCst);
         self.cmds.lock().unwrap().push(cfg.cmd.clone());
+        self.envs.lock().unwrap().push(cfg.env.clone());
         let outcome = self
             .script
             .lock()

@@ -1,10 +1,13 @@
 //! What the machine offers, read once when the supervisor starts: the RAM available, for
-//! `memory_budget = "auto"`.
+//! `memory_budget = "auto"`, and its GPUs, for `gpu_budget`.
 //!
 //! Read once, not at each reload: later, the running models' own memory is no longer
 //! "available", and an auto budget read then would shrink by what they take.
 
-use crate::config::Config;
+use std::collections::BTreeMap;
+
+use crate::config::{Config, GpuBudget};
+use crate::gpu::GpuInfo;
 use crate::procfs;
 use crate::units::format_size;
 
@@ -13,6 +16,8 @@ use crate::units::format_size;
 pub struct Machine {
     /// `MemAvailable` of `/proc/meminfo` when the supervisor started; `None`: unreadable.
     pub mem_available: Option<u64>,
+    /// The GPUs found (NVML), in index order.
+    pub gpus: Vec<GpuInfo>,
 }
 
 /// A budget in bytes and, for one read off the machine, where its figure comes from.
@@ -28,7 +33,30 @@ impl Machine {
     pub fn read() -> Self {
         Self {
             mem_available: procfs::mem_available(),
+            gpus: crate::gpu::probe().gpus(),
         }
+    }
+
+    pub fn gpu_indices(&self) -> Vec<u32> {
+        self.gpus.iter().map(|g| g.index).collect()
+    }
+
+    /// What each GPU may hold under `gpu_budget`: its memory less `gpu_reserve` ("auto"), or
+    /// the bytes given (at most its memory); empty without `gpu_budget` (GPUs not counted).
+    pub fn gpu_budgets(&self, cfg: &Config) -> BTreeMap<u32, u64> {
+        let Some(budget) = cfg.budgets.gpu else {
+            return BTreeMap::new();
+        };
+        self.gpus
+            .iter()
+            .map(|g| {
+                let b = match budget {
+                    GpuBudget::Auto => g.total.saturating_sub(cfg.budgets.gpu_reserve),
+                    GpuBudget::Bytes(b) => b.min(g.total),
+                };
+                (g.index, b)
+            })
+            .collect()
     }
 
     /// The memory budget `cfg` asks for here: its bytes, or with `memory_budget = "auto"` the
@@ -76,6 +104,7 @@ mod tests {
     fn auto_is_the_available_ram_less_the_reserve() {
         let m = Machine {
             mem_available: Some(10 * GIB),
+            ..Machine::default()
         };
         let auto = m.memory_budget(&config("memory_budget = \"auto\"\n"));
         assert_eq!(auto.bytes, Some(9 * GIB));
@@ -88,6 +117,7 @@ mod tests {
         // A reserve above what is available leaves nothing, not an underflow.
         let tight = Machine {
             mem_available: Some(GIB / 2),
+            ..Machine::default()
         };
         assert_eq!(
             tight
@@ -105,5 +135,33 @@ mod tests {
         let fixed = m.memory_budget(&config("memory_budget = \"3GiB\"\n"));
         assert_eq!((fixed.bytes, fixed.origin), (Some(3 * GIB), None));
         assert_eq!(m.memory_budget(&config("")).bytes, None);
+    }
+
+    #[test]
+    fn gpu_budgets_per_gpu() {
+        let double = crate::gpu::double::GpuDouble::with_sizes(&[24 * GIB, 8 * GIB]);
+        let m = Machine {
+            mem_available: None,
+            gpus: crate::gpu::GpuProbe::gpus(&double),
+        };
+        assert!(
+            m.gpu_budgets(&config("")).is_empty(),
+            "no gpu_budget: not counted"
+        );
+        assert_eq!(
+            m.gpu_budgets(&config("gpu_budget = \"auto\"\n")),
+            BTreeMap::from([(0, 24 * GIB - (512 << 20)), (1, 8 * GIB - (512 << 20))])
+        );
+        assert_eq!(
+            m.gpu_budgets(&config("gpu_budget = \"auto\"\ngpu_reserve = \"2GiB\"\n")),
+            BTreeMap::from([(0, 22 * GIB), (1, 6 * GIB)])
+        );
+        assert_eq!(
+            m.gpu_budgets(&config("gpu_budget = \"10GiB\"\n")),
+            BTreeMap::from([(0, 10 * GIB), (1, 8 * GIB)])
+        );
+        assert!(Machine::default()
+            .gpu_budgets(&config("gpu_budget = \"auto\"\n"))
+            .is_empty());
     }
 }

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::config::ModelConfig;
 use crate::estimate::buffers::{self, DeviceBuffers};
 use crate::estimate::{self, Estimate};
+use crate::gpu::place::GpuNeed;
 use crate::procfs;
 
 /// For commands that name a model file but no GGUF (not a llama-server): the file's size plus
@@ -45,6 +46,8 @@ pub struct Memory {
     /// Set when a server of this model was killed for lack of memory: the next starts count at
     /// least this (`after_oom`).
     pub oom_floor: Option<u64>,
+    /// What it needs on the GPUs, from the estimate (`gpu::place`).
+    pub gpu_need: GpuNeed,
 }
 
 /// A running server whose figure grows past the one it was admitted on by more than this (in
@@ -81,16 +84,33 @@ pub struct Measured {
 }
 
 impl Memory {
+    /// The figure of a model on a machine without GPUs.
     pub fn for_config(cfg: &ModelConfig) -> Self {
+        Self::for_machine(cfg, &[])
+    }
+
+    /// The figure of a model on a machine with GPUs `gpus` (their indices): estimated for the
+    /// GPUs of its `gpus` key, else for one GPU (it is placed on one: `gpu::place`).
+    pub fn for_machine(cfg: &ModelConfig, gpus: &[u32]) -> Self {
         let mut m = Self {
             declared: cfg.memory,
             ..Self::default()
         };
+        let visible: Vec<u32> = match (&cfg.gpus, gpus.first()) {
+            (_, None) => Vec::new(),
+            (Some(pinned), Some(_)) => pinned.clone(),
+            (None, Some(&first)) => vec![first],
+        };
         if cfg.memory.is_none() {
             let cwd = cfg.cwd.as_deref().map(std::path::Path::new);
-            match estimate::for_command(&cfg.cmd, cwd, &[]) {
+            match estimate::for_command(&cfg.cmd, cwd, &visible) {
                 Ok(Some(e)) => {
                     m.estimated = Some(e.total);
+                    m.gpu_need = match &cfg.gpus {
+                        _ if e.gpu.is_empty() => GpuNeed::Nothing,
+                        Some(_) => GpuNeed::Pinned(e.gpu.clone()),
+                        None => GpuNeed::Anywhere(e.gpu.values().sum()),
+                    };
                     m.estimate = Some(Arc::new(e));
                 }
                 Ok(None) => m.estimated = file_size_rule(cfg),
@@ -395,6 +415,48 @@ mod tests {
         ));
         assert_eq!(hf.source, "unknown");
         assert!(hf.unknown_reason.unwrap().contains("-hf"));
+    }
+
+    #[test]
+    fn on_a_machine_with_gpus_the_gpu_part_is_placed_or_pinned() {
+        use crate::gguf::write::{GgufWriter, Meta};
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("g.gguf");
+        let w = GgufWriter::default()
+            .meta("general.architecture", Meta::Str("llama".into()))
+            .meta("llama.block_count", Meta::U32(2))
+            .meta("llama.context_length", Meta::U32(256))
+            .meta("llama.embedding_length", Meta::U32(32))
+            .meta("llama.attention.head_count", Meta::U32(2))
+            .tensor("blk.0.w", &[32, 32], 0)
+            .tensor("blk.1.w", &[32, 32], 0);
+        std::fs::write(&gguf, w.bytes()).unwrap();
+        let cmd: Vec<String> = format!("llama-server -m {} -c 256 -ngl 99", gguf.display())
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        let mut cfg = ModelConfig::new("g", cmd);
+        // No GPU: nothing on one.
+        assert_eq!(Memory::for_machine(&cfg, &[]).gpu_need, GpuNeed::Nothing);
+        // Two GPUs, not pinned: estimated for one GPU, placed on either.
+        let any = Memory::for_machine(&cfg, &[0, 1]);
+        let e = any.estimate.clone().unwrap();
+        assert_eq!(e.gpu.keys().copied().collect::<Vec<_>>(), [0]);
+        assert_eq!(any.gpu_need, GpuNeed::Anywhere(e.gpu[&0]));
+        assert!(
+            e.gpu[&0] >= 2 * 32 * 32 * 4,
+            "both layers' weights on the GPU"
+        );
+        // Pinned to GPU 1: its part there.
+        cfg.gpus = Some(vec![1]);
+        let pinned = Memory::for_machine(&cfg, &[0, 1]);
+        assert_eq!(pinned.gpu_need, GpuNeed::Pinned([(1, e.gpu[&0])].into()));
+        // A declared figure has no GPU part to count.
+        cfg.memory = Some(1000);
+        assert_eq!(
+            Memory::for_machine(&cfg, &[0, 1]).gpu_need,
+            GpuNeed::Nothing
+        );
     }
 
     #[test]

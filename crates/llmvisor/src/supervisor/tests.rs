@@ -701,3 +701,81 @@ async fn a_model_that_grew_is_re_counted_and_only_idle_others_make_room() {
     assert_eq!(a.phase(), Phase::Ready);
     assert_eq!(idle.stats.evictions.load(Ordering::SeqCst), 1);
 }
+
+/// A model needing `gib` GiB on the GPUs (`pinned`: on these, else on any one).
+fn gpu_model(
+    h: &mut Harness,
+    id: &str,
+    gib: u64,
+    pinned: Option<u32>,
+    limits: &Limits,
+) -> Arc<ModelCell> {
+    let cell = h.add(model(id), limits.clone());
+    cell.lock().memory.gpu_need = match pinned {
+        Some(g) => crate::gpu::place::GpuNeed::Pinned([(g, gib * GIB)].into()),
+        None => crate::gpu::place::GpuNeed::Anywhere(gib * GIB),
+    };
+    cell
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_24_gib_gpus_place_14_8_and_20_gib_models_pinned_ones_and_refuse_what_fits_neither() {
+    let limits = Limits {
+        gpu_budgets: [(0, 24 * GIB), (1, 24 * GIB)].into(),
+        queue_timeout: MIN,
+        ..Limits::default()
+    };
+    let mut h = harness(limits.clone(), secs(1)).await;
+    let a = gpu_model(&mut h, "a", 14, None, &limits);
+    let b = gpu_model(&mut h, "b", 8, None, &limits);
+    let c = gpu_model(&mut h, "c", 20, None, &limits);
+    let p = gpu_model(&mut h, "p", 8, Some(1), &limits);
+    let huge = gpu_model(&mut h, "huge", 30, None, &limits);
+    let lease_a = a.acquire(false).await.unwrap();
+    pass(secs(1)).await;
+    let lease_b = b.acquire(false).await.unwrap();
+    assert_eq!(a.status().gpus, [0], "14 GiB: the tie goes to GPU 0");
+    assert_eq!(b.status().gpus, [1], "8 GiB: GPU 1 keeps the most left");
+    let envs = h.launches.envs.lock().unwrap().clone();
+    assert_eq!(
+        envs[0].get("CUDA_VISIBLE_DEVICES").map(String::as_str),
+        Some("0")
+    );
+    assert_eq!(
+        envs[1].get("CUDA_VISIBLE_DEVICES").map(String::as_str),
+        Some("1")
+    );
+    // Pinned to GPU 1: 16 GiB free there.
+    drop(p.acquire(false).await.unwrap());
+    assert_eq!(p.status().gpus, [1]);
+    // 20 GiB: 10 and 8 GiB free, it fits neither now. a (busy) drains to make room on GPU 0;
+    // idle p stays: without it GPU 1 would still have only 16 GiB, so stopping it helps no one.
+    let wants_c = spawn_acquire(&c);
+    pass(secs(1)).await;
+    assert_eq!(c.phase(), Phase::Starting);
+    assert!(c.status().wait_reason.is_some());
+    assert_eq!(a.phase(), Phase::Stopping, "a drains for c");
+    assert_eq!(p.phase(), Phase::Ready);
+    drop(lease_a);
+    let lease_c = wants_c.await.unwrap().unwrap();
+    assert_eq!(c.status().gpus, [0]);
+    assert_eq!(p.phase(), Phase::Ready, "p was not needed");
+    assert_eq!(b.phase(), Phase::Ready);
+    // More than any GPU's budget: never, with the fix.
+    let err = huge.acquire(false).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            AcquireError::NoRoom {
+                retry_after: None,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("more than the gpu_budget of any"),
+        "{err}"
+    );
+    drop((lease_b, lease_c));
+}

@@ -577,8 +577,23 @@ impl Actor {
             return;
         }
         self.measured_at = Some(Instant::now());
-        let measured = running.server.local().and_then(|p| measure_group(p.pid()));
+        let measured = self.measure(running);
         self.record_measured(measured);
+    }
+
+    /// The PSS of a local server's process group; besides, what the group holds on each GPU
+    /// (NVML, only on a machine where GPUs were found) goes into its measured GPU figures.
+    fn measure(&self, running: &Running) -> Option<u64> {
+        let pgid = running.server.local()?.pid();
+        if !self.ctx.machine.gpus.is_empty() {
+            let per_gpu = self
+                .ctx
+                .gpu
+                .used_by(&crate::procfs::live_group_members(pgid));
+            let mut st = self.cell.lock();
+            st.memory = st.memory.clone().with_measured_gpu(&per_gpu);
+        }
+        measure_group(pgid)
     }
 
     /// A new measurement of the running server: counted at once, and remembered in the state
@@ -799,13 +814,17 @@ impl Actor {
     fn on_ready(&mut self, running: Running, then: Option<Why>) {
         self.cell.stats.start_time.observe(running.ready_after);
         self.policy.started();
-        let measured = running.server.local().and_then(|p| measure_group(p.pid()));
+        let measured = self.measure(&running);
         self.measured_at = Some(Instant::now());
         self.record_measured(measured);
         {
             let lines = self.cell.logs.tail(crate::logs::RING_LINES);
             let mut st = self.cell.lock();
-            st.memory = st.memory.clone().with_buffers(&lines);
+            let visible: Vec<u32> = match gpu_env(&self.cfg, &st.placed) {
+                Some(_) => st.placed.keys().copied().collect(),
+                None => Vec::new(),
+            };
+            st.memory = st.memory.clone().with_buffers(&lines, &visible);
             st.waiting = 0;
             st.run += 1;
             st.endpoint = Some(running.endpoint.clone());

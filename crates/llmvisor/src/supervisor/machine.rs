@@ -29,11 +29,11 @@ pub struct Budget {
 }
 
 impl Machine {
-    /// This machine, now.
-    pub fn read() -> Self {
+    /// This machine, now, its GPUs as `probe` lists them.
+    pub fn read(probe: &dyn crate::gpu::GpuProbe) -> Self {
         Self {
             mem_available: procfs::mem_available(),
-            gpus: crate::gpu::probe().gpus(),
+            gpus: probe.gpus(),
         }
     }
 

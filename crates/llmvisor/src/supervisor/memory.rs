@@ -145,10 +145,16 @@ impl Memory {
 
     /// The buffers the server reported as it loaded (its output since this start): kept, and
     /// each GPU's share counted as measured on that GPU.
-    pub fn with_buffers(mut self, lines: &[String]) -> Self {
+    /// `visible`: the GPUs the server was shown (`CUDA_VISIBLE_DEVICES`), in order: its
+    /// `CUDA0` is the first of them; empty = it saw them all, `CUDAi` is GPU i.
+    pub fn with_buffers(mut self, lines: &[String], visible: &[u32]) -> Self {
         self.buffers = buffers::reported(lines);
         for (device, b) in &self.buffers {
             if let Some(gpu) = buffers::gpu_index(device) {
+                let gpu = usize::try_from(gpu)
+                    .ok()
+                    .and_then(|i| visible.get(i).copied())
+                    .unwrap_or(gpu);
                 let v = self.measured_gpu.entry(gpu).or_default();
                 *v = (*v).max(b.total());
             }
@@ -174,6 +180,15 @@ impl Memory {
             self.oom_floor = Some(k.saturating_mul(OOM_MARGIN_PERCENT) / 100);
         }
         self.settle();
+        self
+    }
+
+    /// What the server holds on each GPU now (NVML): the most of each run is kept.
+    pub fn with_measured_gpu(mut self, per_gpu: &BTreeMap<u32, u64>) -> Self {
+        for (gpu, b) in per_gpu {
+            let v = self.measured_gpu.entry(*gpu).or_default();
+            *v = (*v).max(*b);
+        }
         self
     }
 
@@ -457,6 +472,24 @@ mod tests {
             Memory::for_machine(&cfg, &[0, 1]).gpu_need,
             GpuNeed::Nothing
         );
+    }
+
+    #[test]
+    fn gpu_figures_from_nvml_and_buffer_lines_name_the_real_gpu() {
+        let m = Memory::default()
+            .with_measured_gpu(&[(1, 500)].into())
+            .with_measured_gpu(&[(1, 300), (0, 7)].into());
+        assert_eq!(
+            m.measured_gpu,
+            BTreeMap::from([(0, 7), (1, 500)]),
+            "the most of the run"
+        );
+        let lines = vec!["llama_kv_cache:      CUDA0 KV buffer size =    1.00 MiB".to_owned()];
+        // Shown GPU 1 only (CUDA_VISIBLE_DEVICES=1), the server calls it CUDA0.
+        let shown = Memory::default().with_buffers(&lines, &[1]);
+        assert_eq!(shown.measured_gpu, BTreeMap::from([(1, 1 << 20)]));
+        let all = Memory::default().with_buffers(&lines, &[]);
+        assert_eq!(all.measured_gpu, BTreeMap::from([(0, 1 << 20)]));
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub use lease::{KvCheck, Lease};
 pub use status::{ModelStatus, Phase};
 
 use crate::config::{Config, ModelConfig};
+use crate::gpu::GpuProbe;
 use crate::logs::LogSink;
 use crate::owner::{OwnerError, OwnerLock};
 use crate::ports::PortAllocator;
@@ -104,6 +105,8 @@ pub(crate) struct Context {
     pub memory_budget: Mutex<Option<u64>>,
     /// The OOM-kill count of llmvisor's cgroup (`last_exit = "oom"`).
     pub oom: oom::OomCounter,
+    /// What each server holds on the GPUs (NVML), measured with its RAM.
+    pub gpu: Arc<dyn GpuProbe>,
 }
 
 impl Context {
@@ -189,11 +192,17 @@ impl Supervisor {
     /// opens the state store, and sweeps what dead instances left behind (logged). Starts no
     /// server (preloading is the caller's choice). Must run inside a tokio runtime.
     pub async fn new(config: &Config) -> Result<Self, SupervisorError> {
-        Self::with_machine(config, Machine::read()).await
+        let probe: Arc<dyn GpuProbe> = Arc::from(crate::gpu::probe());
+        Self::with_machine(config, Machine::read(&*probe), probe).await
     }
 
-    /// [`Self::new`] against the given machine figures instead of this machine's (tests).
-    pub async fn with_machine(config: &Config, machine: Machine) -> Result<Self, SupervisorError> {
+    /// [`Self::new`] against the given machine figures and GPU probe instead of this
+    /// machine's (tests).
+    pub async fn with_machine(
+        config: &Config,
+        machine: Machine,
+        gpu: Arc<dyn GpuProbe>,
+    ) -> Result<Self, SupervisorError> {
         let state_dir = config.state_dir.clone();
         for dir in [
             state_dir.clone(),
@@ -238,6 +247,7 @@ impl Supervisor {
             memory_budget: Mutex::new(machine.memory_budget(config).bytes),
             machine,
             oom: oom::OomCounter::own_cgroup(),
+            gpu,
         });
         clean_kv(&ctx.state_dir, config);
         let mut models = Models::default();

@@ -64,6 +64,7 @@ async fn harness(limits: Limits, load: Duration) -> Harness {
         kv_budget: crate::config::DEFAULT_KV_DISK_BUDGET.into(),
         machine: super::Machine::default(),
         memory_budget: std::sync::Mutex::new(None),
+        gpu: Arc::new(crate::gpu::NoGpus),
         oom: super::oom::OomCounter::from_fn(move || {
             u64::try_from(count.load(Ordering::SeqCst)).ok()
         }),

@@ -6,8 +6,10 @@
 //! `memory.events` of llmvisor's own cgroup (`/proc/self/cgroup` → `/sys/fs/cgroup/<path>/`)
 //! counts the processes of that cgroup and below killed by any OOM killer, the system-wide one
 //! included. The count is read when a server starts and again when it dies: a rise means OOM.
-//! Where it cannot be read (cgroup v1, no memory controller, a container without the file), a
-//! SIGKILL we did not send keeps its usual `last_exit` with a hint.
+//! Under cgroup v1 the memory controller's `memory.oom_control` has the same `oom_kill` line
+//! (Linux 4.13+), read when there is no v2 file. Where neither can be read (no memory
+//! controller, a container without the files), a SIGKILL we did not send keeps its usual
+//! `last_exit` with a hint.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -35,19 +37,16 @@ impl std::fmt::Debug for OomCounter {
 }
 
 impl OomCounter {
-    /// `oom_kill` of this process's cgroup v2 `memory.events`; unreadable → `None` each time.
+    /// `oom_kill` of this process's cgroup (v2 `memory.events`, else v1 `memory.oom_control`);
+    /// unreadable → `None` each time.
     pub fn own_cgroup() -> Self {
-        let file = std::fs::read_to_string("/proc/self/cgroup")
-            .ok()
-            .and_then(|t| cgroup_v2_path(&t))
-            .map(|p| {
-                PathBuf::from("/sys/fs/cgroup")
-                    .join(p.trim_start_matches('/'))
-                    .join("memory.events")
-            });
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let file = counter_files(&own, std::path::Path::new("/sys/fs/cgroup"))
+            .into_iter()
+            .find(|f| std::fs::read_to_string(f).is_ok_and(|t| oom_kills(&t).is_some()));
         if file.is_none() {
             tracing::debug!(
-                "no cgroup v2 path in /proc/self/cgroup: OOM kills are guessed, not counted"
+                "no readable oom_kill count of our cgroup: OOM kills are guessed, not counted"
             );
         }
         Self::from_fn(move || {
@@ -91,6 +90,32 @@ pub fn judge(status: ExitStatus, before: Option<u64>, after: Option<u64>) -> Ver
         (Some(_), Some(_)) => Verdict::NotOom,
         _ => Verdict::MaybeOom,
     }
+}
+
+/// The files that may count OOM kills of the cgroup a `/proc/PID/cgroup` text names, under
+/// the cgroup mount `root`, in order of preference: v2's `memory.events`, v1's
+/// `memory/…/memory.oom_control`.
+pub fn counter_files(own_cgroup: &str, root: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    if let Some(p) = cgroup_v2_path(own_cgroup) {
+        files.push(root.join(p.trim_start_matches('/')).join("memory.events"));
+    }
+    let v1 = own_cgroup.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "memory")
+            .then_some(path)
+    });
+    if let Some(p) = v1 {
+        files.push(
+            root.join("memory")
+                .join(p.trim_start_matches('/'))
+                .join("memory.oom_control"),
+        );
+    }
+    files
 }
 
 /// The cgroup v2 path of a `/proc/PID/cgroup` text (its `0::/path` line).
@@ -140,6 +165,22 @@ mod tests {
         );
         assert_eq!(cgroup_v2_path("4:memory:/docker/abc\n"), None);
         assert_eq!(cgroup_v2_path("0::/\n").as_deref(), Some("/"));
+        let v1 = "4:memory:/process_api/abc\n1:cpu:/\n0::/\n";
+        let root = std::path::Path::new("/sys/fs/cgroup");
+        assert_eq!(
+            counter_files(v1, root),
+            [
+                PathBuf::from("/sys/fs/cgroup/memory.events"),
+                PathBuf::from("/sys/fs/cgroup/memory/process_api/abc/memory.oom_control"),
+            ]
+        );
+        assert_eq!(
+            counter_files("0::/a.slice\n", root),
+            [PathBuf::from("/sys/fs/cgroup/a.slice/memory.events")]
+        );
+        assert!(counter_files("", root).is_empty());
+        let oom_control = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        assert_eq!(oom_kills(oom_control), Some(3));
         let events = "low 0\nhigh 0\nmax 4\noom 2\noom_kill 1\noom_group_kill 0\n";
         assert_eq!(oom_kills(events), Some(1));
         assert_eq!(oom_kills("low 0\noom 2\n"), None);

@@ -604,9 +604,22 @@ impl Actor {
         let mut st = self.cell.lock();
         let before = st.memory.measured;
         st.memory = st.memory.clone().with_measured(measured);
-        if st.admitted && memory::grew_past(st.admitted_bytes, st.memory.bytes) {
+        let mut gpu_grew = false;
+        if st.admitted {
+            for (gpu, now) in st.memory.measured_gpu.clone() {
+                if memory::grew_past(st.placed.get(&gpu).copied(), Some(now)) {
+                    tracing::info!(model = %self.cfg.id, "grew to {} on GPU {gpu}: re-counted", units::format_size(now));
+                    st.placed.insert(gpu, now);
+                    gpu_grew = true;
+                }
+            }
+        }
+        let ram_grew = st.admitted && memory::grew_past(st.admitted_bytes, st.memory.bytes);
+        if ram_grew {
             tracing::info!(model = %self.cfg.id, "grew from {} to {}: re-counted", st.admitted_bytes.map_or_else(|| "unknown".to_owned(), units::format_size), st.memory.bytes.map_or_else(String::new, units::format_size));
             st.admitted_bytes = st.memory.bytes;
+        }
+        if ram_grew || gpu_grew {
             self.ctx.admission.send(AdmissionMsg::Grew {
                 cell: self.cell.clone(),
             });

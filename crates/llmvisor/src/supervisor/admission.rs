@@ -414,17 +414,43 @@ pub(crate) struct Growth {
     /// Bytes the running models still take beyond the budget once they are gone (busy,
     /// pinned or starting models hold it).
     pub over_by: Option<u64>,
+    /// Likewise per GPU over its budget.
+    pub gpu_over_by: BTreeMap<u32, u64>,
 }
 
 /// Re-counts model `id`, which runs and now takes `grown` bytes, against `others` under the
 /// memory budget: the idle ones to stop, least recently used first, until the budget holds —
 /// never a busy, pinned, starting, persistent-group or remotely used one, and never `id` itself.
+#[cfg(test)]
 pub(crate) fn plan_growth(id: &str, grown: u64, others: &[Snapshot], limits: &Limits) -> Growth {
-    let Some(budget) = limits.memory_budget else {
-        return Growth::default();
-    };
+    plan_growth_with_gpus(id, grown, &BTreeMap::new(), others, limits)
+}
+
+/// [`plan_growth`] for a model that also holds `grown_gpu` on the GPUs: an idle model is
+/// taken while RAM is over budget, or while a GPU it holds memory on is.
+pub(crate) fn plan_growth_with_gpus(
+    id: &str,
+    grown: u64,
+    grown_gpu: &BTreeMap<u32, u64>,
+    others: &[Snapshot],
+    limits: &Limits,
+) -> Growth {
     let loaded: Vec<&Snapshot> = others.iter().filter(|o| o.admitted).collect();
+    let budget = limits.memory_budget.unwrap_or(u64::MAX);
     let mut total = grown + loaded.iter().map(|o| o.memory).sum::<u64>();
+    let mut gpu_held: BTreeMap<u32, u64> = limits
+        .gpu_budgets
+        .keys()
+        .map(|&g| {
+            let others: u64 = loaded.iter().filter_map(|o| o.gpu.get(&g)).sum();
+            (g, grown_gpu.get(&g).copied().unwrap_or(0) + others)
+        })
+        .collect();
+    let gpu_over = |held: &BTreeMap<u32, u64>, g: &u32| {
+        held.get(g)
+            .zip(limits.gpu_budgets.get(g))
+            .is_some_and(|(h, b)| h > b)
+    };
     let mut idle: Vec<&Snapshot> = loaded
         .iter()
         .copied()
@@ -434,13 +460,27 @@ pub(crate) fn plan_growth(id: &str, grown: u64, others: &[Snapshot], limits: &Li
     idle.sort_by_key(|o| o.last_used);
     let mut growth = Growth::default();
     for o in idle {
-        if total <= budget {
-            break;
+        let ram_over = total > budget;
+        let helps_gpu = o.gpu.keys().any(|g| gpu_over(&gpu_held, g));
+        if !(helps_gpu || ram_over && o.memory > 0) {
+            continue;
         }
         total -= o.memory;
+        for (g, b) in &o.gpu {
+            if let Some(h) = gpu_held.get_mut(g) {
+                *h = h.saturating_sub(*b);
+            }
+        }
         growth.victims.push(o.id.clone());
     }
     growth.over_by = (total > budget).then(|| total - budget);
+    growth.gpu_over_by = gpu_held
+        .iter()
+        .filter_map(|(g, h)| {
+            let b = limits.gpu_budgets.get(g)?;
+            (h > b).then(|| (*g, h - b))
+        })
+        .collect();
     growth
 }
 
@@ -607,13 +647,13 @@ impl Scheduler {
     /// `cell` runs and grew: evicts the idle models that must go for the budget to hold.
     fn recount(&self, cell: &Arc<ModelCell>) {
         let grown = cell.memory().bytes.unwrap_or(0);
-        let others: Vec<Snapshot> = self
-            .cells
-            .iter()
-            .filter(|c| !Arc::ptr_eq(c, cell))
-            .map(|c| Snapshot::of(c))
-            .collect();
-        let growth = plan_growth(&cell.id, grown, &others, &self.limits);
+        let growth = plan_growth_with_gpus(
+            &cell.id,
+            grown,
+            &cell.placed(),
+            &self.others(cell),
+            &self.limits,
+        );
         for id in &growth.victims {
             if let Some(v) = self.cells.iter().find(|c| c.id == *id) {
                 tracing::info!(model = %cell.id, "grew to {}: evicting idle model `{id}`", format_size(grown));
@@ -627,6 +667,13 @@ impl Scheduler {
                 format_size(grown),
                 format_size(over),
                 format_size(budget)
+            );
+        }
+        for (gpu, over) in &growth.gpu_over_by {
+            tracing::warn!(
+                model = %cell.id,
+                "grew: the running models take {} more than the gpu_budget of GPU {gpu}, and none of the others holding it is idle",
+                format_size(*over)
             );
         }
     }
@@ -843,6 +890,7 @@ mod tests {
         let g = |victims: &[&str], over_gib: Option<u64>| Growth {
             victims: victims.iter().map(|&v| Arc::from(v)).collect(),
             over_by: over_gib.map(|o| o * GIB),
+            gpu_over_by: BTreeMap::new(),
         };
         type Case = (&'static str, u64, Vec<Snapshot>, Option<u64>, Growth);
         let cases: Vec<Case> = vec![
@@ -901,6 +949,39 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn growth_on_a_gpu_evicts_idle_models_on_that_gpu() {
+        let on = |s: Snapshot, gpu: u32, gib: u64| Snapshot {
+            gpu: [(gpu, gib * GIB)].into(),
+            memory: 0,
+            ..s
+        };
+        let limits = Limits {
+            gpu_budgets: [(0, 24 * GIB), (1, 24 * GIB)].into(),
+            ..limits(None, None, &[])
+        };
+        let others = vec![
+            on(loaded("old-on-1", 0, 0, 99), 1, 8),
+            on(loaded("on-0", 0, 0, 50), 0, 8),
+            on(loaded("busy-on-0", 0, 1, 90), 0, 4),
+            on(loaded("newer-on-0", 0, 0, 10), 0, 4),
+        ];
+        // x grew to 14 GiB on GPU 0: 14 + 8 + 4 + 4 = 30 > 24. The idle ones on GPU 0 go, least
+        // recently used first, until it holds; the one on GPU 1 stays, the busy one too.
+        let grown: BTreeMap<u32, u64> = [(0, 14 * GIB)].into();
+        let growth = plan_growth_with_gpus("x", 0, &grown, &others, &limits);
+        assert_eq!(growth.victims, [Arc::<str>::from("on-0")]);
+        assert!(growth.gpu_over_by.is_empty() && growth.over_by.is_none());
+        // 22 GiB: even without every idle one, the busy 4 GiB leave it 2 GiB over.
+        let grown: BTreeMap<u32, u64> = [(0, 22 * GIB)].into();
+        let growth = plan_growth_with_gpus("x", 0, &grown, &others, &limits);
+        assert_eq!(
+            growth.victims,
+            [Arc::<str>::from("on-0"), Arc::<str>::from("newer-on-0")]
+        );
+        assert_eq!(growth.gpu_over_by, BTreeMap::from([(0, 2 * GIB)]));
     }
 
     /// llama-swap's group semantics: `unload_others` (its `exclusive`) and `persistent`.

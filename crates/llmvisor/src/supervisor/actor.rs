@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use super::admission::{AdmitError, Msg as AdmissionMsg};
 use super::cell::{Command, ModelCell};
 use super::error::AcquireError;
+use super::gpu_env::{gpu_env, CUDA_VISIBLE_DEVICES};
 use super::lease::Lease;
 use super::lifecycle::{State, Why};
 use super::memory::{self, measure_group, Memory};
@@ -69,24 +70,6 @@ pub(crate) fn spawn_model(
     actor.look_up_learned_memory();
     let task = tokio::spawn(actor.run());
     (cell, task)
-}
-
-/// The environment variable that tells CUDA (and llama-server's CUDA backend) which GPUs it sees.
-const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
-
-/// `CUDA_VISIBLE_DEVICES` for a server admitted on the GPUs `placed`: those GPUs only —
-/// unless its config chooses itself (the variable in `env`, or `--device`/`-dev` in `cmd`).
-fn gpu_env(cfg: &ModelConfig, placed: &std::collections::BTreeMap<u32, u64>) -> Option<String> {
-    let chooses = cfg.env.contains_key(CUDA_VISIBLE_DEVICES)
-        || cfg
-            .cmd
-            .iter()
-            .any(|a| a == "--device" || a == "-dev" || a.starts_with("--device="));
-    if placed.is_empty() || chooses {
-        return None;
-    }
-    let list: Vec<String> = placed.keys().map(u32::to_string).collect();
-    Some(list.join(","))
 }
 
 /// Results of the slow work the actor hands to tasks.

@@ -23,6 +23,7 @@ mod cmd_stop;
 #[cfg(test)]
 mod double;
 mod error;
+mod gpu_env;
 pub mod kv;
 mod lease;
 mod lifecycle;

@@ -49,7 +49,8 @@ pub(crate) fn spawn_model(
     let cell = Arc::new(ModelCell::new(&cfg, log_path, commands, kv));
     let gpus = ctx.machine.gpu_indices();
     if !gpus.is_empty() {
-        cell.lock().memory = Memory::for_machine(&cfg, &gpus);
+        let placed = ctx.gpus_placed.load(Ordering::Relaxed);
+        cell.lock().memory = Memory::for_machine(&cfg, &gpus, placed);
     }
     let (events_tx, events) = mpsc::unbounded_channel();
     let actor = Actor {
@@ -649,8 +650,12 @@ impl Actor {
             st.source = cfg.source();
             st.file = super::cell::found_file(&cfg);
             let measured = if restart { None } else { st.memory.measured };
-            st.memory =
-                Memory::for_machine(&cfg, &self.ctx.machine.gpu_indices()).with_measured(measured);
+            st.memory = Memory::for_machine(
+                &cfg,
+                &self.ctx.machine.gpu_indices(),
+                self.ctx.gpus_placed.load(Ordering::Relaxed),
+            )
+            .with_measured(measured);
         }
         self.look_up_learned_memory();
         self.cell.connections.resize(cfg.connection_limit());

@@ -86,12 +86,13 @@ pub struct Measured {
 impl Memory {
     /// The figure of a model on a machine without GPUs.
     pub fn for_config(cfg: &ModelConfig) -> Self {
-        Self::for_machine(cfg, &[])
+        Self::for_machine(cfg, &[], false)
     }
 
     /// The figure of a model on a machine with GPUs `gpus` (their indices): estimated for the
-    /// GPUs of its `gpus` key, else for one GPU (it is placed on one: `gpu::place`).
-    pub fn for_machine(cfg: &ModelConfig, gpus: &[u32]) -> Self {
+    /// GPUs of its `gpus` key; else, when `placed` (`gpu_budget` is set), for one GPU (it is
+    /// placed on one: `gpu::place`), or for all of them (llama.cpp splits its layers).
+    pub fn for_machine(cfg: &ModelConfig, gpus: &[u32], placed: bool) -> Self {
         let mut m = Self {
             declared: cfg.memory,
             ..Self::default()
@@ -99,7 +100,8 @@ impl Memory {
         let visible: Vec<u32> = match (&cfg.gpus, gpus.first()) {
             (_, None) => Vec::new(),
             (Some(pinned), Some(_)) => pinned.clone(),
-            (None, Some(&first)) => vec![first],
+            (None, Some(&first)) if placed => vec![first],
+            (None, Some(_)) => gpus.to_vec(),
         };
         if cfg.memory.is_none() {
             let cwd = cfg.cwd.as_deref().map(std::path::Path::new);
@@ -108,8 +110,8 @@ impl Memory {
                     m.estimated = Some(e.total);
                     m.gpu_need = match &cfg.gpus {
                         _ if e.gpu.is_empty() => GpuNeed::Nothing,
-                        Some(_) => GpuNeed::Pinned(e.gpu.clone()),
-                        None => GpuNeed::Anywhere(e.gpu.values().sum()),
+                        None if placed => GpuNeed::Anywhere(e.gpu.values().sum()),
+                        _ => GpuNeed::Pinned(e.gpu.clone()),
                     };
                     m.estimate = Some(Arc::new(e));
                 }
@@ -452,9 +454,12 @@ mod tests {
             .collect();
         let mut cfg = ModelConfig::new("g", cmd);
         // No GPU: nothing on one.
-        assert_eq!(Memory::for_machine(&cfg, &[]).gpu_need, GpuNeed::Nothing);
+        assert_eq!(
+            Memory::for_machine(&cfg, &[], true).gpu_need,
+            GpuNeed::Nothing
+        );
         // Two GPUs, not pinned: estimated for one GPU, placed on either.
-        let any = Memory::for_machine(&cfg, &[0, 1]);
+        let any = Memory::for_machine(&cfg, &[0, 1], true);
         let e = any.estimate.clone().unwrap();
         assert_eq!(e.gpu.keys().copied().collect::<Vec<_>>(), [0]);
         assert_eq!(any.gpu_need, GpuNeed::Anywhere(e.gpu[&0]));
@@ -462,14 +467,19 @@ mod tests {
             e.gpu[&0] >= 2 * 32 * 32 * 4,
             "both layers' weights on the GPU"
         );
+        // Not placed (no gpu_budget): split over both, as llama.cpp does.
+        let split = Memory::for_machine(&cfg, &[0, 1], false);
+        let parts = split.estimate.clone().unwrap().gpu.clone();
+        assert_eq!(parts.keys().copied().collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(split.gpu_need, GpuNeed::Pinned(parts));
         // Pinned to GPU 1: its part there.
         cfg.gpus = Some(vec![1]);
-        let pinned = Memory::for_machine(&cfg, &[0, 1]);
+        let pinned = Memory::for_machine(&cfg, &[0, 1], true);
         assert_eq!(pinned.gpu_need, GpuNeed::Pinned([(1, e.gpu[&0])].into()));
         // A declared figure has no GPU part to count.
         cfg.memory = Some(1000);
         assert_eq!(
-            Memory::for_machine(&cfg, &[0, 1]).gpu_need,
+            Memory::for_machine(&cfg, &[0, 1], true).gpu_need,
             GpuNeed::Nothing
         );
     }

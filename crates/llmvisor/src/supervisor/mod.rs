@@ -108,6 +108,8 @@ pub(crate) struct Context {
     pub oom: oom::OomCounter,
     /// What each server holds on the GPUs (NVML), measured with its RAM.
     pub gpu: Arc<dyn GpuProbe>,
+    /// `gpu_budget` is set (and GPUs were found): models are placed on GPUs by admission.
+    pub gpus_placed: std::sync::atomic::AtomicBool,
 }
 
 impl Context {
@@ -232,6 +234,7 @@ impl Supervisor {
         ports.set_reserved(config.models.iter().filter_map(|m| m.port));
         let registry = Registry::default();
         let reaper = reaper::start(registry.clone());
+        let gpus_placed = !machine.gpu_budgets(config).is_empty();
         let ctx = Arc::new(Context {
             instance_id: instance_id.as_str().into(),
             store,
@@ -249,6 +252,7 @@ impl Supervisor {
             machine,
             oom: oom::OomCounter::own_cgroup(),
             gpu,
+            gpus_placed: gpus_placed.into(),
         });
         clean_kv(&ctx.state_dir, config);
         let mut models = Models::default();
@@ -362,6 +366,11 @@ impl Supervisor {
     pub async fn reconfigure(&self, config: &Config) -> ReloadSummary {
         let mut summary = ReloadSummary::default();
         let mut retired = Vec::new();
+        let placed = !self.shared.ctx.machine.gpu_budgets(config).is_empty();
+        self.shared
+            .ctx
+            .gpus_placed
+            .store(placed, std::sync::atomic::Ordering::Relaxed);
         let mut applying = Vec::new();
         {
             let mut models = self.shared.models.write_locked();

@@ -65,6 +65,7 @@ async fn harness(limits: Limits, load: Duration) -> Harness {
         machine: super::Machine::default(),
         memory_budget: std::sync::Mutex::new(None),
         gpu: Arc::new(crate::gpu::NoGpus),
+        gpus_placed: false.into(),
         oom: super::oom::OomCounter::from_fn(move || {
             u64::try_from(count.load(Ordering::SeqCst)).ok()
         }),

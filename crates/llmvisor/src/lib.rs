@@ -17,6 +17,7 @@ pub mod estimate;
 pub mod events;
 mod fork_guard;
 pub mod gguf;
+pub mod gpu;
 pub mod ids;
 pub mod logs;
 pub(crate) mod metrics;

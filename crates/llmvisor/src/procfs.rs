@@ -136,9 +136,32 @@ pub fn boot_id() -> Option<String> {
     (!id.is_empty()).then(|| id.to_owned())
 }
 
+/// `MemAvailable:` of `/proc/meminfo` in bytes: the RAM the kernel can give without swapping.
+pub fn mem_available() -> Option<u64> {
+    parse_mem_available(&fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+/// `MemAvailable:` of a `/proc/meminfo` text, in bytes (the file counts kB, i.e. KiB).
+pub fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let mut words = line.split_whitespace().skip(1);
+    let kb: u64 = words.next()?.parse().ok()?;
+    (words.next() == Some("kB")).then(|| kb.saturating_mul(1024))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_mem_available_in_bytes() {
+        let text = "MemTotal:       16318480 kB\nMemFree:          512000 kB\nMemAvailable:    8159240 kB\nBuffers:  1 kB\n";
+        assert_eq!(parse_mem_available(text), Some(8_159_240 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: lots kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: 5 pages\n"), None);
+        assert!(mem_available().is_some_and(|b| b > 0));
+    }
 
     #[test]
     fn parses_a_name_with_spaces_and_parens() {

@@ -204,6 +204,44 @@ async fn budget_evicts_the_least_recently_used_idle_model_never_a_pinned_one() {
     s.assert_all_gone(WITHIN).await;
 }
 
+/// `memory_budget = "auto"` on a machine with 10 GiB available at start: 9 GiB with the
+/// default 1 GiB reserve, 7 GiB with a 3 GiB one; a reload keeps the first reading.
+#[tokio::test]
+async fn an_auto_budget_is_the_ram_available_at_start_less_the_reserve() {
+    let s = Scratch::new();
+    let mut small = s.model("small", &[]);
+    small.memory = Some(8 * GIB);
+    let mut big = s.model("big", &[]);
+    big.memory = Some(9 * GIB + 1);
+    let mut cfg = s.config(vec![small, big]);
+    cfg.budgets.memory_auto = true;
+    let machine = llmvisor::supervisor::Machine {
+        mem_available: Some(10 * GIB),
+        gpus: Vec::new(),
+    };
+    let sup = Supervisor::with_machine(&cfg, machine, Arc::new(llmvisor::gpu::NoGpus))
+        .await
+        .unwrap();
+    assert_eq!(sup.memory_budget(), Some(9 * GIB));
+    let err = sup.acquire("big").await.unwrap_err();
+    let reason = err.to_string();
+    assert!(
+        reason.contains(
+            "memory_budget is 9 GiB (auto: 10 GiB available at start less memory_reserve 1 GiB)"
+        ),
+        "{reason}"
+    );
+    drop(sup.acquire("small").await.unwrap());
+    // A larger reserve on reload: from the same first reading.
+    cfg.budgets.memory_reserve = 3 * GIB;
+    sup.reconfigure(&cfg).await;
+    assert_eq!(sup.memory_budget(), Some(7 * GIB));
+    sup.unload("small", false).await.unwrap();
+    let err = sup.acquire("small").await.unwrap_err();
+    assert!(err.to_string().contains("memory_budget is 7 GiB"), "{err}");
+    sup.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_model_bigger_than_the_budget_fails_at_once() {
     let s = Scratch::new();

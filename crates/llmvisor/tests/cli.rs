@@ -84,6 +84,33 @@ ttl = "5m"
 }
 
 #[test]
+fn check_prints_what_the_auto_budgets_make_of_this_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "auto.toml",
+        r#"memory_budget = "auto"
+memory_reserve = "256MiB"
+gpu_budget = "auto"
+
+[models.m]
+cmd = ["/bin/true", "--port", "${PORT}"]
+"#,
+    );
+    let out = llmvisor(&["check", "--config", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("  memory_budget: ")
+            && text.contains("on this machine now (auto: ")
+            && text.contains("available at start less memory_reserve 256 MiB)"),
+        "{text}"
+    );
+    // This machine may have GPUs or not; either way one line says what counts.
+    assert!(text.contains("  gpu_budget: "), "{text}");
+}
+
+#[test]
 fn check_reports_a_broken_config_with_its_position() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(

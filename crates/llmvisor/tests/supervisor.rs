@@ -162,6 +162,40 @@ async fn crashed_server_is_noticed_and_restarted_on_next_acquire() {
     finish(sup, &s).await;
 }
 
+/// A SIGKILL someone else sent (as the kernel's OOM killer would): the usual `last_exit`; where
+/// this machine's cgroup counts OOM kills, the count did not move, so no hint; where it does
+/// not, the hint.
+#[tokio::test]
+async fn a_sigkill_not_ours_is_told_apart_from_an_oom_kill() {
+    let s = Scratch::new();
+    let mut m = s.model("a", &[]);
+    m.health.on_unhealthy = llmvisor::config::OnUnhealthy::Stop;
+    let sup = Supervisor::new(&s.config(vec![m])).await.unwrap();
+    let lease = sup.acquire("a").await.unwrap();
+    let pid = sup.status()[0].pid.unwrap();
+    let target = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    rustix::process::kill_process(target, rustix::process::Signal::KILL).unwrap();
+    tokio::time::timeout(GONE_WITHIN, lease.server_gone())
+        .await
+        .unwrap();
+    let cell = sup.model("a").unwrap();
+    cell.wait_for_phase(|p| p == Phase::Stopped).await;
+    let st = cell.status();
+    assert_eq!(st.last_exit.as_deref(), Some("signal 9 (SIGKILL)"));
+    let error = st.error.unwrap_or_default();
+    let counted = llmvisor::supervisor::oom::OomCounter::own_cgroup()
+        .read()
+        .is_some();
+    assert_eq!(
+        error.contains(llmvisor::supervisor::oom::OOM_HINT),
+        !counted,
+        "counted: {counted}; {error}"
+    );
+    assert!(!error.contains("OOM killer"), "{error}");
+    drop(lease);
+    finish(sup, &s).await;
+}
+
 #[tokio::test]
 async fn startup_crash_loop_backs_off_with_a_clear_error() {
     let s = Scratch::new();

@@ -337,6 +337,45 @@ fn list_models(args: &ModelsArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `memory_budget = "auto"` and `gpu_budget` make of this machine now (the daemon reads
+/// it when it starts), one line each; empty when the config asks for neither.
+fn machine_budgets(config: &config::Config) -> String {
+    use crate::units::format_size;
+    let mut text = String::new();
+    if config.budgets.memory_auto {
+        let machine = crate::supervisor::Machine {
+            mem_available: crate::procfs::mem_available(),
+            gpus: Vec::new(),
+        };
+        let b = machine.memory_budget(config);
+        match (b.bytes, b.origin) {
+            (Some(bytes), Some(origin)) => text.push_str(&format!(
+                "  memory_budget: {} on this machine now ({origin})\n",
+                format_size(bytes)
+            )),
+            _ => text.push_str("  memory_budget: auto, but MemAvailable of /proc/meminfo is unreadable here: no budget\n"),
+        }
+    }
+    if config.budgets.gpu.is_some() {
+        let machine = crate::supervisor::Machine::read(&*crate::gpu::probe());
+        let budgets = machine.gpu_budgets(config);
+        if machine.gpus.is_empty() {
+            text.push_str("  gpu_budget: no GPU found (NVML): RAM only\n");
+        }
+        for g in &machine.gpus {
+            let b = budgets.get(&g.index).copied().unwrap_or(0);
+            text.push_str(&format!(
+                "  gpu_budget: GPU {} ({}): {} of {}\n",
+                g.index,
+                g.name,
+                format_size(b),
+                format_size(g.total)
+            ));
+        }
+    }
+    text
+}
+
 /// `llmvisor check`: prints `FILE: ok (N models: a, b)` and each model's memory (the estimate
 /// and its parts), or every diagnostic. For a llama-swap config, also how each model maps, and
 /// its warnings (on stderr).
@@ -344,6 +383,7 @@ pub fn check(path: &Path) -> ExitCode {
     match load_config_or_report(path) {
         Ok(mut config) => {
             let mut text = format!("{}: ok ({})\n", path.display(), models_summary(&config));
+            text.push_str(&machine_budgets(&config));
             for m in &config.models {
                 if let Some(line) = crate::supervisor::Memory::for_config(m).summary() {
                     text.push_str(&format!("  {}: {line}\n", m.id));

@@ -193,6 +193,7 @@ impl Fleet {
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(timeout)
             .with_keep_alive(Duration::from_secs(1), timeout);
+        let budget_total = sup.memory_budget();
         let fleet = Arc::new(Self {
             prefix: format!("/llmvisor/{}/", cluster.name),
             cfg: cluster.clone(),
@@ -202,7 +203,7 @@ impl Fleet {
             sup,
             models: config.models.clone(),
             preload: config.preload.clone(),
-            budget_total: config.memory_budget,
+            budget_total,
             max_loaded: config.max_loaded,
             lease: AtomicI64::new(0),
             fenced: AtomicBool::new(false),

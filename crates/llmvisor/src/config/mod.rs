@@ -79,8 +79,11 @@ pub struct Config {
     pub admin_keys: Vec<String>,
     pub allow_insecure: bool,
     pub max_loaded: Option<usize>,
-    /// Bytes.
+    /// Bytes (`memory_budget = "auto"`: `None` here, `budgets.memory_auto` set).
     pub memory_budget: Option<u64>,
+    /// The budgets read off the machine when the supervisor starts: `memory_budget = "auto"`,
+    /// `memory_reserve`, `gpu_budget`, `gpu_reserve`.
+    pub budgets: MachineBudgets,
     /// Bytes of saved KV state on disk, all models together; the oldest files go first.
     pub kv_disk_budget: u64,
     pub queue_timeout: Duration,
@@ -126,6 +129,47 @@ pub struct HttpSettings {
     /// `GET /v1/models` lists aliases as entries of their own (llama-swap's
     /// `includeAliasesInList`).
     pub include_aliases_in_list: bool,
+}
+
+/// `memory_reserve` when the config does not set it: RAM left out of `memory_budget = "auto"`.
+pub const DEFAULT_MEMORY_RESERVE: u64 = 1 << 30;
+/// `gpu_reserve` when the config does not set it: memory of each GPU left out of
+/// `gpu_budget = "auto"`.
+pub const DEFAULT_GPU_RESERVE: u64 = 512 << 20;
+
+/// Budgets whose figure comes from the machine, resolved once when the supervisor starts
+/// (`supervisor::machine`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineBudgets {
+    /// `memory_budget = "auto"`: the RAM available at start (`MemAvailable`) less
+    /// `memory_reserve`.
+    pub memory_auto: bool,
+    /// Bytes.
+    pub memory_reserve: u64,
+    /// `gpu_budget`: `None` = GPUs are not budgeted.
+    pub gpu: Option<GpuBudget>,
+    /// Bytes.
+    pub gpu_reserve: u64,
+}
+
+impl Default for MachineBudgets {
+    fn default() -> Self {
+        Self {
+            memory_auto: false,
+            memory_reserve: DEFAULT_MEMORY_RESERVE,
+            gpu: None,
+            gpu_reserve: DEFAULT_GPU_RESERVE,
+        }
+    }
+}
+
+/// `gpu_budget`: what each GPU may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuBudget {
+    /// Each GPU's total memory less `gpu_reserve`.
+    Auto,
+    /// The same number of bytes on every GPU.
+    Bytes(u64),
 }
 
 /// `send_timeout` when the config does not set it.
@@ -293,6 +337,8 @@ pub struct ModelConfig {
     pub replicas: u32,
     /// Fleet mode: the nodes it may run on (empty: any).
     pub nodes: Vec<String>,
+    /// `gpus = [...]`: the GPUs it may use (`None`: placed where it fits; `Some([])`: none).
+    pub gpus: Option<Vec<u32>>,
     /// How the router presents and rewrites requests for this model (llama-swap's per-model
     /// API keys), and its stop command.
     pub api: ModelApi,
@@ -403,6 +449,7 @@ impl ModelConfig {
             health: HealthCheck::default(),
             replicas: 1,
             nodes: Vec::new(),
+            gpus: None,
             api: ModelApi::default(),
             found: None,
             kv_persist: false,

@@ -16,6 +16,7 @@ use super::{
 use crate::units::{self, DURATION_FORMS, SIZE_FORMS};
 
 mod cluster;
+mod gpu;
 
 /// Keys allowed at the top level of the file.
 pub const TOP_LEVEL_KEYS: &[&str] = &[
@@ -27,6 +28,9 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "allow_insecure",
     "max_loaded",
     "memory_budget",
+    "memory_reserve",
+    "gpu_budget",
+    "gpu_reserve",
     "queue_timeout",
     "max_wait_for_swap",
     "preload",
@@ -72,6 +76,7 @@ pub const MODEL_KEYS: &[&str] = &[
     "max_connections",
     "replicas",
     "nodes",
+    "gpus",
     "name",
     "description",
     "metadata",
@@ -295,6 +300,7 @@ struct Settings {
     on_unhealthy: Option<OnUnhealthy>,
     replicas: Option<u32>,
     nodes: Option<Vec<String>>,
+    gpus: Option<Vec<u32>>,
     /// `health_path = "none"`.
     no_health_check: Option<bool>,
     name: Option<String>,
@@ -355,6 +361,9 @@ impl Settings {
         }
         if let Some(nodes) = &self.nodes {
             m.nodes.clone_from(nodes);
+        }
+        if let Some(gpus) = &self.gpus {
+            m.gpus = Some(gpus.clone());
         }
         if let Some(none) = self.no_health_check {
             m.api.no_health_check = none;
@@ -417,6 +426,7 @@ struct Top {
     allow_insecure: Option<bool>,
     max_loaded: Option<usize>,
     memory_budget: Option<Sp<u64>>,
+    budgets: crate::config::MachineBudgets,
     kv_disk_budget: Option<u64>,
     queue_timeout: Option<Duration>,
     max_wait_for_swap: Option<Duration>,
@@ -754,8 +764,22 @@ impl Parser<'_> {
                 ),
                 _ => self.type_err("`max_loaded`", n, "an integer"),
             },
-            "memory_budget" => {
-                top.memory_budget = self.size("memory_budget", n).map(|v| Sp { v, at: n.at() })
+            "memory_budget" => match &n.kind {
+                Kind::Str(a) if a == "auto" => top.budgets.memory_auto = true,
+                _ => {
+                    top.memory_budget = self.size("memory_budget", n).map(|v| Sp { v, at: n.at() })
+                }
+            },
+            "gpu_budget" => top.budgets.gpu = self.gpu_budget(n),
+            "gpu_reserve" => {
+                if let Some(r) = self.size("gpu_reserve", n) {
+                    top.budgets.gpu_reserve = r;
+                }
+            }
+            "memory_reserve" => {
+                if let Some(r) = self.size("memory_reserve", n) {
+                    top.budgets.memory_reserve = r;
+                }
             }
             "kv_disk_budget" => top.kv_disk_budget = self.size("kv_disk_budget", n),
             "queue_timeout" => top.queue_timeout = self.duration("queue_timeout", n),
@@ -1251,6 +1275,7 @@ impl Parser<'_> {
                 },
                 "replicas" => s.replicas = self.replicas(v),
                 "nodes" => s.nodes = self.nodes(v),
+                "gpus" => s.gpus = self.gpu_list(v),
                 _ => self.unknown_key(f, scope),
             }
         }
@@ -1652,6 +1677,7 @@ impl Parser<'_> {
             allow_insecure: top.allow_insecure.unwrap_or(false),
             max_loaded: top.max_loaded,
             memory_budget: top.memory_budget.map(|b| b.v),
+            budgets: top.budgets,
             kv_disk_budget: top.kv_disk_budget.unwrap_or(super::DEFAULT_KV_DISK_BUDGET),
             queue_timeout: top.queue_timeout.unwrap_or(DEFAULT_QUEUE_TIMEOUT),
             max_wait_for_swap: top.max_wait_for_swap.unwrap_or(DEFAULT_MAX_WAIT_FOR_SWAP),

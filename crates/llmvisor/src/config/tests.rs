@@ -132,6 +132,58 @@ fn spec_example_parses() {
 }
 
 #[test]
+fn memory_budget_auto_and_its_reserve() {
+    let c = ok(&format!(
+        "memory_budget = \"auto\"\nmemory_reserve = \"2GiB\"\n{M}"
+    ));
+    assert!(c.budgets.memory_auto);
+    assert_eq!(c.budgets.memory_reserve, 2 * GIB);
+    // No number yet: the supervisor reads the RAM available when it starts.
+    assert_eq!(c.memory_budget, None);
+    let c = ok(&format!(
+        "memory_budget = \"auto\"\n{M}memory = \"900GiB\"\n"
+    ));
+    assert_eq!(c.budgets.memory_reserve, GIB);
+    let c = ok(&format!("memory_budget = \"8GiB\"\n{M}"));
+    assert!(!c.budgets.memory_auto);
+    assert_eq!(c.memory_budget, Some(8 * GIB));
+}
+
+#[test]
+fn gpu_budget_reserve_and_gpus() {
+    use crate::config::GpuBudget;
+    let c = ok(M);
+    assert_eq!((c.budgets.gpu, c.budgets.gpu_reserve), (None, 512 << 20));
+    assert_eq!(c.models[0].gpus, None);
+    let c = ok(&format!(
+        "gpu_budget = \"auto\"\ngpu_reserve = \"1GiB\"\n[defaults]\ngpus = [1]\n{M}gpus = [0, 1]\n[models.n]\ncmd = \"srv --port ${{PORT}}\"\n"
+    ));
+    assert_eq!(
+        (c.budgets.gpu, c.budgets.gpu_reserve),
+        (Some(GpuBudget::Auto), GIB)
+    );
+    assert_eq!(c.model("m").unwrap().gpus, Some(vec![0, 1]));
+    assert_eq!(c.model("n").unwrap().gpus, Some(vec![1]), "from [defaults]");
+    let c = ok(&format!("gpu_budget = \"20GiB\"\n{M}gpus = []\n"));
+    assert_eq!(c.budgets.gpu, Some(GpuBudget::Bytes(20 * GIB)));
+    assert_eq!(c.models[0].gpus, Some(vec![]));
+    let d = one(&format!("{M}gpus = [0, -1]\n"), 3, 12);
+    assert_eq!(d.message, "`gpus` holds GPU indices (0, 1, …), found -1");
+    let d = one(&format!("{M}gpus = [1, 1]\n"), 3, 12);
+    assert_eq!(d.message, "GPU 1 is listed twice in `gpus`");
+    let d = one(&format!("{M}gpus = 0\n"), 3, 8);
+    assert!(d.message.starts_with("`gpus` must be"), "{d}");
+    let d = one(&format!("gpu_budget = \"lots\"\n{M}"), 1, 14);
+    assert!(
+        d.message
+            .starts_with("invalid size \"lots\" for `gpu_budget`"),
+        "{d}"
+    );
+    let d = one(&format!("gpu_reserve = true\n{M}"), 1, 15);
+    assert_eq!(d.message, "`gpu_reserve` must be a size, found a boolean");
+}
+
+#[test]
 fn defaults_applied() {
     let c = ok(M);
     assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
@@ -141,6 +193,9 @@ fn defaults_applied() {
     assert!(!c.allow_insecure);
     assert_eq!(c.max_loaded, None);
     assert_eq!(c.memory_budget, None);
+    assert_eq!(c.budgets, crate::config::MachineBudgets::default());
+    assert_eq!(c.budgets.memory_reserve, GIB);
+    assert!(!c.budgets.memory_auto);
     assert_eq!(c.queue_timeout, Duration::from_secs(300));
     assert!(c.preload.is_empty() && c.groups.is_empty());
     assert_eq!(c.body_limit, 32 * 1024 * 1024);
@@ -634,6 +689,20 @@ fn bad_values() {
     );
     let d = one(&format!("memory_budget = 1.5\n{M}"), 1, 17);
     assert_eq!(d.message, "`memory_budget` must be a size, found a float");
+    let d = one(&format!("memory_budget = \"automatic\"\n{M}"), 1, 17);
+    assert!(d.message.contains("`memory_budget`"), "{d}");
+    let d = one(
+        &format!("memory_budget = \"auto\"\nmemory_reserve = \"1 potato\"\n{M}"),
+        2,
+        18,
+    );
+    assert!(
+        d.message
+            .starts_with("invalid size \"1 potato\" for `memory_reserve`"),
+        "{d}"
+    );
+    let d = one(&format!("memory_reserve = -5\n{M}"), 1, 18);
+    assert!(d.message.contains("negative"), "{d}");
     let d = one(&format!("{M}port = 70000\n"), 3, 8);
     assert!(d.message.contains("between 1 and 65535"), "{d}");
     let d = one(&format!("{M}health_path = \"health\"\n"), 3, 15);
@@ -1120,6 +1189,7 @@ fn every_listed_key_is_read_and_the_lists_agree() {
             "max_connections",
             "replicas",
             "nodes",
+            "gpus",
             "unlisted",
             "concurrency_limit",
             "send_loading_state",

@@ -337,14 +337,13 @@ pub async fn metrics(State(st): St) -> Response {
         "Requests waiting for room to start the model.",
         statuses.iter().map(|m| (m.id.as_str(), m.queued as u64)),
     );
-    per_model(
+    super::memory_metrics::render(
         &mut out,
-        "llmvisor_model_memory_bytes",
-        "gauge",
-        "Memory the budget counts for the model.",
-        statuses
-            .iter()
-            .map(|m| (m.id.as_str(), m.memory.unwrap_or(0))),
+        statuses.iter().map(|m| super::memory_metrics::ModelMemory {
+            id: &m.id,
+            counted: m.memory,
+            detail: &m.memory_detail,
+        }),
     );
     out.push_str("# HELP llmvisor_model_start_seconds Time from start request to ready.\n# TYPE llmvisor_model_start_seconds histogram\n");
     for c in &cells {

@@ -248,7 +248,7 @@ impl Reader {
             "version": env!("CARGO_PKG_VERSION"),
             "started_ms": bus.started_ms(),
             "uptime_s": bus.uptime().as_secs(),
-            "memory_budget": cfg.memory_budget,
+            "memory_budget": self.st.sup.memory_budget(),
             "max_loaded": cfg.max_loaded,
             "keys": !cfg.admin_keys.is_empty() || !cfg.api_keys.is_empty(),
         });

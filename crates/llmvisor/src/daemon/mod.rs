@@ -22,6 +22,7 @@ mod extract;
 pub mod fleet;
 mod leases;
 mod llama_swap;
+mod memory_metrics;
 mod multipart;
 mod ollama;
 mod proxy;

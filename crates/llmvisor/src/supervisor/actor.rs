@@ -13,9 +13,11 @@ use tokio::time::Instant;
 use super::admission::{AdmitError, Msg as AdmissionMsg};
 use super::cell::{Command, ModelCell};
 use super::error::AcquireError;
+use super::gpu_env::{gpu_env, CUDA_VISIBLE_DEVICES};
 use super::lease::Lease;
 use super::lifecycle::{State, Why};
-use super::memory::{measure_group, Memory};
+use super::memory::{self, measure_group, Memory};
+use super::oom;
 use super::policy::{AfterCrash, RestartPolicy, CRASH_LOOP_COOLDOWN};
 use super::start::{self, Running, StartFailure};
 use super::Context;
@@ -45,6 +47,11 @@ pub(crate) fn spawn_model(
         .join(format!("{}.log", crate::ids::encode_segment(&cfg.id)));
     let kv = super::kv::KvCell::new(&cfg, ctx.kv_events.clone(), &ctx.state_dir);
     let cell = Arc::new(ModelCell::new(&cfg, log_path, commands, kv));
+    let gpus = ctx.machine.gpu_indices();
+    if !gpus.is_empty() {
+        let placed = ctx.gpus_placed.load(Ordering::Relaxed);
+        cell.lock().memory = Memory::for_machine(&cfg, &gpus, placed);
+    }
     let (events_tx, events) = mpsc::unbounded_channel();
     let actor = Actor {
         cell: cell.clone(),
@@ -58,6 +65,7 @@ pub(crate) fn spawn_model(
         stop_waiters: Vec::new(),
         policy: RestartPolicy::default(),
         measured_at: None,
+        oom_kills_at_launch: None,
         save_kv: true,
     };
     actor.look_up_learned_memory();
@@ -112,6 +120,8 @@ struct Actor {
     policy: RestartPolicy,
     /// When the server's memory was last measured.
     measured_at: Option<Instant>,
+    /// The OOM-kill count of llmvisor's cgroup when the current server was launched.
+    oom_kills_at_launch: Option<u64>,
     /// Whether the stop under way saves the server's KV state (`kv_persist`): not for a forced
     /// unload, an unhealthy server, or a model removed from the config.
     save_kv: bool,
@@ -219,6 +229,7 @@ impl Actor {
             then: None,
         });
         self.save_kv = true;
+        self.oom_kills_at_launch = self.ctx.oom.read();
         let cfg = if self.cfg.kv_persist && self.cell.kv.is_off() {
             // A restore was seen to reuse nothing: not worth the disk and the time.
             Arc::new(ModelConfig {
@@ -227,6 +238,14 @@ impl Actor {
             })
         } else {
             self.cfg.clone()
+        };
+        let cfg = match gpu_env(&cfg, &self.cell.placed()) {
+            Some(visible) => {
+                let mut c = (*cfg).clone();
+                c.env.insert(CUDA_VISIBLE_DEVICES.to_owned(), visible);
+                Arc::new(c)
+            }
+            None => cfg,
         };
         let (ctx, events, cell) = (self.ctx.clone(), self.events_tx.clone(), self.cell.clone());
         tokio::spawn(async move {
@@ -300,6 +319,7 @@ impl Actor {
             st.run += 1;
             // The next start is admitted on what this run took (`memory_source = "learned"`).
             st.memory = st.memory.clone().ended_run();
+            st.placed.clear();
             std::mem::replace(&mut st.admitted, false)
         };
         self.state = next;
@@ -417,6 +437,17 @@ impl Actor {
                     self.request_stop(Why::Evict, false);
                 }
             }
+            Command::EvictIdle => {
+                let idle = matches!(self.state, State::Ready { .. })
+                    && !self.cfg.pinned
+                    && !self.cell.remote_held()
+                    && self.cell.lock().leases == 0;
+                if idle {
+                    tracing::info!(model = %self.cfg.id, "evicting: a running model grew past its memory figure");
+                    self.cell.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                    self.request_stop(Why::Evict, false);
+                }
+            }
             Command::CancelEvict => match self.take() {
                 // The start that wanted the room gave up: keep serving.
                 State::Draining {
@@ -530,16 +561,53 @@ impl Actor {
             return;
         }
         self.measured_at = Some(Instant::now());
-        let measured = running.server.local().and_then(|p| measure_group(p.pid()));
+        let measured = self.measure(running);
         self.record_measured(measured);
+    }
+
+    /// The PSS of a local server's process group; besides, what the group holds on each GPU
+    /// (NVML, only on a machine where GPUs were found) goes into its measured GPU figures.
+    fn measure(&self, running: &Running) -> Option<u64> {
+        let pgid = running.server.local()?.pid();
+        if !self.ctx.machine.gpus.is_empty() {
+            let per_gpu = self
+                .ctx
+                .gpu
+                .used_by(&crate::procfs::live_group_members(pgid));
+            let mut st = self.cell.lock();
+            st.memory = st.memory.clone().with_measured_gpu(&per_gpu);
+        }
+        measure_group(pgid)
     }
 
     /// A new measurement of the running server: counted at once, and remembered in the state
     /// store under the model's file and flags when it is the largest so far.
+    /// A server that grew past the figure it was admitted on by more than 10 % is re-counted
+    /// (`Msg::Grew`): idle models may be evicted to keep the budget.
     fn record_measured(&self, measured: Option<u64>) {
         let mut st = self.cell.lock();
         let before = st.memory.measured;
         st.memory = st.memory.clone().with_measured(measured);
+        let mut gpu_grew = false;
+        if st.admitted {
+            for (gpu, now) in st.memory.measured_gpu.clone() {
+                if memory::grew_past(st.placed.get(&gpu).copied(), Some(now)) {
+                    tracing::info!(model = %self.cfg.id, "grew to {} on GPU {gpu}: re-counted", units::format_size(now));
+                    st.placed.insert(gpu, now);
+                    gpu_grew = true;
+                }
+            }
+        }
+        let ram_grew = st.admitted && memory::grew_past(st.admitted_bytes, st.memory.bytes);
+        if ram_grew {
+            tracing::info!(model = %self.cfg.id, "grew from {} to {}: re-counted", st.admitted_bytes.map_or_else(|| "unknown".to_owned(), units::format_size), st.memory.bytes.map_or_else(String::new, units::format_size));
+            st.admitted_bytes = st.memory.bytes;
+        }
+        if ram_grew || gpu_grew {
+            self.ctx.admission.send(AdmissionMsg::Grew {
+                cell: self.cell.clone(),
+            });
+        }
         let grew = st.memory.measured > before;
         let (Some(bytes), Some((file, shape)), true) =
             (st.memory.measured, st.memory.learn_key(), grew)
@@ -582,7 +650,12 @@ impl Actor {
             st.source = cfg.source();
             st.file = super::cell::found_file(&cfg);
             let measured = if restart { None } else { st.memory.measured };
-            st.memory = Memory::for_config(&cfg).with_measured(measured);
+            st.memory = Memory::for_machine(
+                &cfg,
+                &self.ctx.machine.gpu_indices(),
+                self.ctx.gpus_placed.load(Ordering::Relaxed),
+            )
+            .with_measured(measured);
         }
         self.look_up_learned_memory();
         self.cell.connections.resize(cfg.connection_limit());
@@ -697,12 +770,18 @@ impl Actor {
             Ok(running) => self.on_ready(running, then),
             Err(failure) => {
                 let status = failure.exit_status();
-                let error = failure.into_error(&self.cfg.id);
+                let mut error = failure.into_error(&self.cfg.id);
                 let cancelled = matches!(error, AcquireError::Unavailable { .. });
+                let exit = status.map(|s| self.judge_exit(s));
+                if let (Some((_, Some(note))), AcquireError::StartFailed { reason, .. }) =
+                    (&exit, &mut error)
+                {
+                    reason.push_str(&format!("; {note}"));
+                }
                 {
                     let mut st = self.cell.lock();
-                    if let Some(status) = status {
-                        st.last_exit = Some(describe_exit(status));
+                    if let Some((how, _)) = exit {
+                        st.last_exit = Some(how);
                     }
                     st.error = (!cancelled).then(|| error.to_string());
                 }
@@ -736,13 +815,17 @@ impl Actor {
     fn on_ready(&mut self, running: Running, then: Option<Why>) {
         self.cell.stats.start_time.observe(running.ready_after);
         self.policy.started();
-        let measured = running.server.local().and_then(|p| measure_group(p.pid()));
+        let measured = self.measure(&running);
         self.measured_at = Some(Instant::now());
         self.record_measured(measured);
         {
             let lines = self.cell.logs.tail(crate::logs::RING_LINES);
             let mut st = self.cell.lock();
-            st.memory = st.memory.clone().with_buffers(&lines);
+            let visible: Vec<u32> = match gpu_env(&self.cfg, &st.placed) {
+                Some(_) => st.placed.keys().copied().collect(),
+                None => Vec::new(),
+            };
+            st.memory = st.memory.clone().with_buffers(&lines, &visible);
             st.waiting = 0;
             st.run += 1;
             st.endpoint = Some(running.endpoint.clone());
@@ -839,9 +922,13 @@ impl Actor {
             };
             return self.server_gone(next, why == Some(Why::Reconfigure));
         };
-        let how = describe_exit(status);
+        let (last_exit, note) = self.judge_exit(status);
+        let how = match note {
+            Some(note) => format!("{}; {note}", describe_exit(status)),
+            None => describe_exit(status),
+        };
         tracing::warn!(model = %self.cfg.id, pid = running.server.pid(), "server exited unexpectedly ({how})");
-        self.cell.lock().last_exit = Some(how.clone());
+        self.cell.lock().last_exit = Some(last_exit);
         // Whatever it left in its group goes too; then its record and claims.
         let server = running.server.clone();
         let (ctx, port, pid) = (
@@ -871,6 +958,29 @@ impl Actor {
 
     /// After a crash or an unhealthy stop: the restart policy decides — restart (at once, or
     /// after a backoff) if `on_unhealthy = "restart"`, or fail for a cool-down in a crash loop.
+    /// `last_exit` of a server that ended by itself, and a note on an OOM kill: a SIGKILL
+    /// while the cgroup's OOM-kill count rose is `"oom"`, and the model counts more from now on
+    /// (`Memory::after_oom`); a SIGKILL with no count to ask gets a hint.
+    fn judge_exit(&self, status: std::process::ExitStatus) -> (String, Option<String>) {
+        let verdict = oom::judge(status, self.oom_kills_at_launch, self.ctx.oom.read());
+        match verdict {
+            oom::Verdict::NotOom => (describe_exit(status), None),
+            oom::Verdict::MaybeOom => (describe_exit(status), Some(oom::OOM_HINT.to_owned())),
+            oom::Verdict::Oom => {
+                let mut st = self.cell.lock();
+                st.memory = st.memory.clone().after_oom();
+                let note = match st.memory.oom_floor {
+                    Some(b) => format!(
+                        "killed by the kernel's OOM killer; its next start counts {}",
+                        units::format_size(b)
+                    ),
+                    None => "killed by the kernel's OOM killer".to_owned(),
+                };
+                (oom::OOM_EXIT.to_owned(), Some(note))
+            }
+        }
+    }
+
     fn after_failure(&mut self, ran_for: Duration, reason: String) {
         match self.policy.crashed(ran_for) {
             AfterCrash::CrashLoop { failures } => {

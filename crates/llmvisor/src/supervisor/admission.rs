@@ -8,7 +8,7 @@
 //! their last lease ends (nothing is cut off) — and the start waits, up to `queue_timeout`.
 //! A model counts against the limits from admission until its process has exited.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +16,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::cell::{Command, ModelCell};
+use super::machine::Machine;
 use super::Phase;
 use crate::config::Config;
+use crate::gpu::place::{self, GpuNeed, GpuRoom, NoFit};
 use crate::units::format_size;
 
 /// Why a start was not admitted.
@@ -39,6 +41,10 @@ pub enum AdmitError {
 pub struct Limits {
     pub max_loaded: Option<usize>,
     pub memory_budget: Option<u64>,
+    /// Where `memory_budget` comes from when the machine gave it (`memory_budget = "auto"`).
+    pub memory_budget_origin: Option<String>,
+    /// What each GPU may hold (`gpu_budget`); empty: GPUs are not counted.
+    pub gpu_budgets: BTreeMap<u32, u64>,
     pub queue_timeout: Duration,
     /// How long a start waits for a busy model to finish its work before draining it to make
     /// room (swap-aware admission; zero = drain at once).
@@ -89,10 +95,13 @@ impl Limits {
             .any(|g| g.persistent && g.has(other) && !g.has(starting))
     }
 
-    pub fn from_config(cfg: &Config) -> Self {
+    pub fn from_config(cfg: &Config, machine: &Machine) -> Self {
+        let budget = machine.memory_budget(cfg);
         Self {
             max_loaded: cfg.max_loaded,
-            memory_budget: cfg.memory_budget,
+            memory_budget: budget.bytes,
+            memory_budget_origin: budget.origin,
+            gpu_budgets: machine.gpu_budgets(cfg),
             queue_timeout: cfg.queue_timeout,
             max_wait_for_swap: cfg.max_wait_for_swap,
             groups: cfg
@@ -122,6 +131,9 @@ pub(crate) enum Msg {
     Withdraw { model: Arc<str> },
     /// A model became idle, stopped, or exited: room may have appeared.
     Changed,
+    /// A running model grew past the figure it was admitted on (by more than 10 %): re-counted,
+    /// idle others are evicted if the budget no longer holds (never a busy one).
+    Grew { cell: Arc<ModelCell> },
     /// Config reload: the models and limits now in force.
     Reset {
         cells: Vec<Arc<ModelCell>>,
@@ -202,6 +214,8 @@ pub(crate) struct Snapshot {
     pub last_used: Instant,
     /// Another llmvisor instance uses its server: never a victim.
     pub remote_held: bool,
+    /// Bytes per GPU it was admitted on.
+    pub gpu: BTreeMap<u32, u64>,
 }
 
 impl Snapshot {
@@ -216,6 +230,7 @@ impl Snapshot {
             leases: st.leases,
             last_used: cell.last_used(),
             remote_held: cell.remote_held(),
+            gpu: cell.placed(),
         }
     }
 }
@@ -235,14 +250,71 @@ pub(crate) enum Plan {
 /// configured model) under `limits` — and if not, which models must stop first: its exclusive
 /// group's partners, then models already on their way out, then idle ones least recently used
 /// first, then busy ones likewise. Never a pinned model, nor one another instance uses.
+#[cfg(test)]
 pub(crate) fn plan(id: &str, need: u64, others: &[Snapshot], limits: &Limits) -> Plan {
+    plan_with_gpus(id, need, &GpuNeed::Nothing, others, limits)
+}
+
+/// The GPUs as admission sees them once the models `gone` have stopped.
+fn gpu_rooms(limits: &Limits, loaded: &[&Snapshot], gone: &[&Snapshot]) -> Vec<GpuRoom> {
+    limits
+        .gpu_budgets
+        .iter()
+        .map(|(&index, &budget)| GpuRoom {
+            index,
+            budget,
+            held: loaded
+                .iter()
+                .filter(|o| !gone.iter().any(|g| g.id == o.id))
+                .filter_map(|o| o.gpu.get(&index))
+                .sum(),
+        })
+        .collect()
+}
+
+/// Where model `id` goes on the GPUs now, next to `others` (the bytes per GPU it is admitted
+/// on); empty when GPUs are not counted or it needs none.
+pub(crate) fn placement(
+    id: &str,
+    gpu_need: &GpuNeed,
+    others: &[Snapshot],
+    limits: &Limits,
+) -> BTreeMap<u32, u64> {
+    if limits.gpu_budgets.is_empty() {
+        return BTreeMap::new();
+    }
+    let loaded: Vec<&Snapshot> = others.iter().filter(|o| o.admitted).collect();
+    place::place(id, gpu_need, &gpu_rooms(limits, &loaded, &[])).unwrap_or_default()
+}
+
+/// [`plan`] for a model that also needs `gpu_need` on the GPUs: it fits only if its part on
+/// each GPU fits that GPU's budget next to what the others hold there (`gpu::place`); idle
+/// models holding GPU memory are the victims when a GPU is short.
+pub(crate) fn plan_with_gpus(
+    id: &str,
+    need: u64,
+    gpu_need: &GpuNeed,
+    others: &[Snapshot],
+    limits: &Limits,
+) -> Plan {
+    let gpus_counted = !limits.gpu_budgets.is_empty() && *gpu_need != GpuNeed::Nothing;
+    if gpus_counted {
+        if let Err(NoFit::Never(why)) = place::place(id, gpu_need, &gpu_rooms(limits, &[], &[])) {
+            return Plan::Never(why);
+        }
+    }
     let loaded: Vec<&Snapshot> = others.iter().filter(|o| o.admitted).collect();
     let pinned: Vec<&Snapshot> = loaded.iter().copied().filter(|o| o.pinned).collect();
     let pinned_mem: u64 = pinned.iter().map(|o| o.memory).sum();
     if let Some(budget) = limits.memory_budget {
         if need > budget {
+            let origin = limits
+                .memory_budget_origin
+                .as_ref()
+                .map(|o| format!(" ({o})"))
+                .unwrap_or_default();
             return Plan::Never(format!(
-                "model `{id}` needs {} but memory_budget is {}: it can never fit (fix: raise memory_budget, or lower the model's `memory`)",
+                "model `{id}` needs {} but memory_budget is {}{origin}: it can never fit (fix: raise memory_budget, or lower the model's `memory`)",
                 format_size(need),
                 format_size(budget)
             ));
@@ -280,12 +352,16 @@ pub(crate) fn plan(id: &str, need: u64, others: &[Snapshot], limits: &Limits) ->
             p.id
         ));
     }
-    let fits = |gone: &[&Snapshot]| {
+    let ram_fits = |gone: &[&Snapshot]| {
         let remaining = loaded.iter().filter(|o| !gone.iter().any(|g| g.id == o.id));
         let (count, mem) = remaining.fold((0usize, 0u64), |(n, m), o| (n + 1, m + o.memory));
         limits.max_loaded.is_none_or(|max| count < max)
             && limits.memory_budget.is_none_or(|b| mem + need <= b)
     };
+    let gpu_fits = |gone: &[&Snapshot]| {
+        !gpus_counted || place::place(id, gpu_need, &gpu_rooms(limits, &loaded, gone)).is_ok()
+    };
+    let fits = |gone: &[&Snapshot]| ram_fits(gone) && gpu_fits(gone);
     if partners.is_empty() && fits(&[]) {
         return Plan::Admit;
     }
@@ -298,11 +374,28 @@ pub(crate) fn plan(id: &str, need: u64, others: &[Snapshot], limits: &Limits) ->
         .collect();
     candidates.sort_by_key(|o| (o.phase != Phase::Stopping, o.leases > 0, o.last_used));
     let mut victims = partners;
+    let partners_len = victims.len();
     let mut candidates = candidates.into_iter();
     while !fits(&victims) {
         match candidates.next() {
+            // Short of GPU memory only: a model holding none would not help.
+            Some(c) if ram_fits(&victims) && c.gpu.is_empty() => {}
             Some(c) => victims.push(c),
             None => break,
+        }
+    }
+    if gpus_counted && fits(&victims) {
+        // A GPU is one piece: an idle model taken first on the wrong GPU may not be needed once
+        // a later victim freed the right one. Keep only the victims the start needs.
+        let mut i = partners_len;
+        while i < victims.len() {
+            let mut without = victims.clone();
+            without.remove(i);
+            if fits(&without) {
+                victims = without;
+            } else {
+                i += 1;
+            }
         }
     }
     if !fits(&victims) {
@@ -311,6 +404,84 @@ pub(crate) fn plan(id: &str, need: u64, others: &[Snapshot], limits: &Limits) ->
         return Plan::Wait(Vec::new());
     }
     Plan::Wait(victims.into_iter().map(|v| v.id.clone()).collect())
+}
+
+/// What a running model's growth asks of the others.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Growth {
+    /// Idle models to stop, least recently used first.
+    pub victims: Vec<Arc<str>>,
+    /// Bytes the running models still take beyond the budget once they are gone (busy,
+    /// pinned or starting models hold it).
+    pub over_by: Option<u64>,
+    /// Likewise per GPU over its budget.
+    pub gpu_over_by: BTreeMap<u32, u64>,
+}
+
+/// Re-counts model `id`, which runs and now takes `grown` bytes, against `others` under the
+/// memory budget: the idle ones to stop, least recently used first, until the budget holds —
+/// never a busy, pinned, starting, persistent-group or remotely used one, and never `id` itself.
+#[cfg(test)]
+pub(crate) fn plan_growth(id: &str, grown: u64, others: &[Snapshot], limits: &Limits) -> Growth {
+    plan_growth_with_gpus(id, grown, &BTreeMap::new(), others, limits)
+}
+
+/// [`plan_growth`] for a model that also holds `grown_gpu` on the GPUs: an idle model is
+/// taken while RAM is over budget, or while a GPU it holds memory on is.
+pub(crate) fn plan_growth_with_gpus(
+    id: &str,
+    grown: u64,
+    grown_gpu: &BTreeMap<u32, u64>,
+    others: &[Snapshot],
+    limits: &Limits,
+) -> Growth {
+    let loaded: Vec<&Snapshot> = others.iter().filter(|o| o.admitted).collect();
+    let budget = limits.memory_budget.unwrap_or(u64::MAX);
+    let mut total = grown + loaded.iter().map(|o| o.memory).sum::<u64>();
+    let mut gpu_held: BTreeMap<u32, u64> = limits
+        .gpu_budgets
+        .keys()
+        .map(|&g| {
+            let others: u64 = loaded.iter().filter_map(|o| o.gpu.get(&g)).sum();
+            (g, grown_gpu.get(&g).copied().unwrap_or(0) + others)
+        })
+        .collect();
+    let gpu_over = |held: &BTreeMap<u32, u64>, g: &u32| {
+        held.get(g)
+            .zip(limits.gpu_budgets.get(g))
+            .is_some_and(|(h, b)| h > b)
+    };
+    let mut idle: Vec<&Snapshot> = loaded
+        .iter()
+        .copied()
+        .filter(|o| o.phase == Phase::Ready && o.leases == 0)
+        .filter(|o| !o.pinned && !o.remote_held && !limits.protects(id, &o.id))
+        .collect();
+    idle.sort_by_key(|o| o.last_used);
+    let mut growth = Growth::default();
+    for o in idle {
+        let ram_over = total > budget;
+        let helps_gpu = o.gpu.keys().any(|g| gpu_over(&gpu_held, g));
+        if !(helps_gpu || ram_over && o.memory > 0) {
+            continue;
+        }
+        total -= o.memory;
+        for (g, b) in &o.gpu {
+            if let Some(h) = gpu_held.get_mut(g) {
+                *h = h.saturating_sub(*b);
+            }
+        }
+        growth.victims.push(o.id.clone());
+    }
+    growth.over_by = (total > budget).then(|| total - budget);
+    growth.gpu_over_by = gpu_held
+        .iter()
+        .filter_map(|(g, h)| {
+            let b = limits.gpu_budgets.get(g)?;
+            (h > b).then(|| (*g, h - b))
+        })
+        .collect();
+    growth
 }
 
 impl Scheduler {
@@ -356,6 +527,7 @@ impl Scheduler {
                     }
                 }
                 Some(Msg::Changed) => {}
+                Some(Msg::Grew { cell }) => self.recount(&cell),
                 Some(Msg::Reset { cells, limits }) => {
                     self.cells = cells;
                     self.limits = limits;
@@ -411,6 +583,10 @@ impl Scheduler {
             match self.plan(&cell) {
                 Plan::Admit => {
                     let p = self.queue.pop_front().expect("front exists");
+                    let gpu_need = p.cell.memory().gpu_need;
+                    let placed =
+                        placement(&p.cell.id, &gpu_need, &self.others(&p.cell), &self.limits);
+                    p.cell.set_placed(placed);
                     p.cell.set_queued(false);
                     p.cell.set_wait_reason(None);
                     if !p.victims.is_empty() {
@@ -468,15 +644,59 @@ impl Scheduler {
         }
     }
 
+    /// `cell` runs and grew: evicts the idle models that must go for the budget to hold.
+    fn recount(&self, cell: &Arc<ModelCell>) {
+        let grown = cell.memory().bytes.unwrap_or(0);
+        let growth = plan_growth_with_gpus(
+            &cell.id,
+            grown,
+            &cell.placed(),
+            &self.others(cell),
+            &self.limits,
+        );
+        for id in &growth.victims {
+            if let Some(v) = self.cells.iter().find(|c| c.id == *id) {
+                tracing::info!(model = %cell.id, "grew to {}: evicting idle model `{id}`", format_size(grown));
+                let _ = v.send(Command::EvictIdle);
+            }
+        }
+        if let (Some(over), Some(budget)) = (growth.over_by, self.limits.memory_budget) {
+            tracing::warn!(
+                model = %cell.id,
+                "grew to {}: the running models take {} more than memory_budget ({}), and none of the others is idle",
+                format_size(grown),
+                format_size(over),
+                format_size(budget)
+            );
+        }
+        for (gpu, over) in &growth.gpu_over_by {
+            tracing::warn!(
+                model = %cell.id,
+                "grew: the running models take {} more than the gpu_budget of GPU {gpu}, and none of the others holding it is idle",
+                format_size(*over)
+            );
+        }
+    }
+
     fn plan(&self, cell: &Arc<ModelCell>) -> Plan {
-        let need = cell.memory().bytes.unwrap_or(0);
-        let others: Vec<Snapshot> = self
-            .cells
+        let memory = cell.memory();
+        let need = memory.bytes.unwrap_or(0);
+        plan_with_gpus(
+            &cell.id,
+            need,
+            &memory.gpu_need,
+            &self.others(cell),
+            &self.limits,
+        )
+    }
+
+    /// Every model but `cell`, as planning sees them.
+    fn others(&self, cell: &Arc<ModelCell>) -> Vec<Snapshot> {
+        self.cells
             .iter()
             .filter(|c| !Arc::ptr_eq(c, cell))
             .map(|c| Snapshot::of(c))
-            .collect();
-        plan(&cell.id, need, &others, &self.limits)
+            .collect()
     }
 }
 
@@ -504,6 +724,7 @@ mod tests {
             leases,
             last_used: Instant::now() - Duration::from_secs(age),
             remote_held: false,
+            gpu: BTreeMap::new(),
         }
     }
 
@@ -523,6 +744,8 @@ mod tests {
         Limits {
             max_loaded,
             memory_budget: budget_gib.map(|g| g * GIB),
+            memory_budget_origin: None,
+            gpu_budgets: BTreeMap::new(),
             queue_timeout: Duration::from_secs(60),
             max_wait_for_swap: Duration::ZERO,
             groups: groups
@@ -660,6 +883,105 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn growth_evicts_idle_models_only() {
+        let g = |victims: &[&str], over_gib: Option<u64>| Growth {
+            victims: victims.iter().map(|&v| Arc::from(v)).collect(),
+            over_by: over_gib.map(|o| o * GIB),
+            gpu_over_by: BTreeMap::new(),
+        };
+        type Case = (&'static str, u64, Vec<Snapshot>, Option<u64>, Growth);
+        let cases: Vec<Case> = vec![
+            (
+                "no budget: nothing to do",
+                50,
+                vec![loaded("a", 4, 0, 9)],
+                None,
+                g(&[], None),
+            ),
+            (
+                "still within the budget",
+                5,
+                vec![loaded("a", 4, 0, 9)],
+                Some(10),
+                g(&[], None),
+            ),
+            (
+                "the least recently used idle one goes, only as many as needed",
+                4,
+                vec![
+                    loaded("new", 3, 0, 1),
+                    loaded("old", 3, 0, 50),
+                    loaded("older", 3, 0, 90),
+                ],
+                Some(10),
+                g(&["older"], None),
+            ),
+            (
+                "a busy one never, even when the budget stays over",
+                8,
+                vec![loaded("busy", 4, 2, 99), loaded("idle", 1, 0, 1)],
+                Some(10),
+                g(&["idle"], Some(2)),
+            ),
+            (
+                "pinned, starting and unadmitted ones are not victims",
+                8,
+                vec![
+                    pinned(loaded("p", 2, 0, 99)),
+                    phase(loaded("s", 2, 0, 99), Phase::Starting),
+                    Snapshot {
+                        admitted: false,
+                        ..loaded("gone", 9, 0, 99)
+                    },
+                ],
+                Some(10),
+                g(&[], Some(2)),
+            ),
+        ];
+        for (name, grown_gib, others, budget_gib, expected) in cases {
+            let limits = limits(None, budget_gib, &[]);
+            assert_eq!(
+                plan_growth("x", grown_gib * GIB, &others, &limits),
+                expected,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn growth_on_a_gpu_evicts_idle_models_on_that_gpu() {
+        let on = |s: Snapshot, gpu: u32, gib: u64| Snapshot {
+            gpu: [(gpu, gib * GIB)].into(),
+            memory: 0,
+            ..s
+        };
+        let limits = Limits {
+            gpu_budgets: [(0, 24 * GIB), (1, 24 * GIB)].into(),
+            ..limits(None, None, &[])
+        };
+        let others = vec![
+            on(loaded("old-on-1", 0, 0, 99), 1, 8),
+            on(loaded("on-0", 0, 0, 50), 0, 8),
+            on(loaded("busy-on-0", 0, 1, 90), 0, 4),
+            on(loaded("newer-on-0", 0, 0, 10), 0, 4),
+        ];
+        // x grew to 14 GiB on GPU 0: 14 + 8 + 4 + 4 = 30 > 24. The idle ones on GPU 0 go, least
+        // recently used first, until it holds; the one on GPU 1 stays, the busy one too.
+        let grown: BTreeMap<u32, u64> = [(0, 14 * GIB)].into();
+        let growth = plan_growth_with_gpus("x", 0, &grown, &others, &limits);
+        assert_eq!(growth.victims, [Arc::<str>::from("on-0")]);
+        assert!(growth.gpu_over_by.is_empty() && growth.over_by.is_none());
+        // 22 GiB: even without every idle one, the busy 4 GiB leave it 2 GiB over.
+        let grown: BTreeMap<u32, u64> = [(0, 22 * GIB)].into();
+        let growth = plan_growth_with_gpus("x", 0, &grown, &others, &limits);
+        assert_eq!(
+            growth.victims,
+            [Arc::<str>::from("on-0"), Arc::<str>::from("newer-on-0")]
+        );
+        assert_eq!(growth.gpu_over_by, BTreeMap::from([(0, 2 * GIB)]));
     }
 
     /// llama-swap's group semantics: `unload_others` (its `exclusive`) and `persistent`.

@@ -5,6 +5,7 @@
 //! [`ModelCell::acquire`] takes the mutex, sees `Ready`, counts a lease and returns, so a ready
 //! model never waits on anyone. Everything else is a [`Command`] to the actor.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -121,6 +122,10 @@ pub(super) struct CellState {
     pub(super) last_used: Instant,
     /// Counted against the limits: from admission until the process has exited.
     pub(super) admitted: bool,
+    /// The figure it was admitted on, or last re-counted at after growing.
+    pub(super) admitted_bytes: Option<u64>,
+    /// Bytes per GPU it was admitted on (`gpu::place`); empty on CPU.
+    pub(super) placed: BTreeMap<u32, u64>,
     /// Waiting in the admission queue for room.
     pub(super) queued: bool,
     /// Acquirers waiting for this model's start.
@@ -173,6 +178,9 @@ pub(crate) enum Command {
     Evict,
     /// From admission: the start that wanted the room gave up; keep serving if still running.
     CancelEvict,
+    /// From admission, for a running model that grew past its figure: stop now if idle; if a
+    /// lease came meanwhile, keep serving (a busy model is never stopped for growth).
+    EvictIdle,
 }
 
 impl ModelCell {
@@ -206,6 +214,8 @@ impl ModelCell {
                 error: None,
                 last_used: Instant::now(),
                 admitted: false,
+                admitted_bytes: None,
+                placed: BTreeMap::new(),
                 queued: false,
                 waiting: 0,
                 wait_reason: None,
@@ -307,7 +317,7 @@ impl ModelCell {
             memory: st.memory.bytes,
             memory_source: st.memory.source,
             memory_detail: st.memory.detail(),
-            gpus: Vec::new(),
+            gpus: st.placed.keys().copied().collect(),
             queued: if st.queued { st.waiting } else { 0 },
             wait_reason: if st.queued {
                 st.wait_reason.clone()
@@ -377,7 +387,22 @@ impl ModelCell {
     }
 
     pub(crate) fn set_admitted(&self, admitted: bool) {
-        self.lock().admitted = admitted;
+        let mut st = self.lock();
+        st.admitted = admitted;
+        st.admitted_bytes = st.memory.bytes;
+        if !admitted {
+            st.placed.clear();
+        }
+    }
+
+    /// Admitted with these bytes per GPU.
+    pub(crate) fn set_placed(&self, placed: BTreeMap<u32, u64>) {
+        self.lock().placed = placed;
+    }
+
+    /// Bytes per GPU it was admitted on.
+    pub(crate) fn placed(&self) -> BTreeMap<u32, u64> {
+        self.lock().placed.clone()
     }
 
     pub(crate) fn set_wait_reason(&self, reason: Option<String>) {

@@ -24,6 +24,8 @@ pub enum Outcome {
     Ready,
     /// The server exits with this code before it is ready.
     Exits(i32),
+    /// The server is killed by this signal before it is ready.
+    Killed(i32),
 }
 
 /// The launcher double: every start it was asked for, and the servers it made.
@@ -41,6 +43,8 @@ pub struct Launches {
     pub servers: Mutex<Vec<Arc<ServerDouble>>>,
     /// The `cmd` of every start, in order.
     pub cmds: Mutex<Vec<Vec<String>>>,
+    /// The `env` of every start, in order.
+    pub envs: Mutex<Vec<std::collections::BTreeMap<String, String>>>,
     next_pid: AtomicU32,
 }
 
@@ -77,6 +81,7 @@ impl Launches {
     ) -> Result<Running, StartFailure> {
         self.begun.fetch_add(1, Ordering::SeqCst);
         self.cmds.lock().unwrap().push(cfg.cmd.clone());
+        self.envs.lock().unwrap().push(cfg.env.clone());
         let outcome = self
             .script
             .lock()
@@ -97,6 +102,10 @@ impl Launches {
             Outcome::Exits(code) => Err(StartFailure::Exited {
                 status: ExitStatus::from_raw(code << 8),
                 tail: vec![format!("double: exit {code}")],
+            }),
+            Outcome::Killed(signal) => Err(StartFailure::Exited {
+                status: ExitStatus::from_raw(signal),
+                tail: vec![format!("double: signal {signal}")],
             }),
             Outcome::Ready => {
                 let pid = self.next_pid.fetch_add(1, Ordering::SeqCst);
@@ -141,6 +150,12 @@ impl ServerDouble {
     pub fn crash(&self, code: i32) {
         self.exit_tx
             .send_replace(Some(ExitStatus::from_raw(code << 8)));
+    }
+
+    /// Someone else (the kernel's OOM killer, say) kills it with `signal`.
+    pub fn killed(&self, signal: i32) {
+        self.exit_tx
+            .send_replace(Some(ExitStatus::from_raw(signal)));
     }
 
     pub fn is_running(&self) -> bool {

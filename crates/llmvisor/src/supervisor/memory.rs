@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::config::ModelConfig;
 use crate::estimate::buffers::{self, DeviceBuffers};
 use crate::estimate::{self, Estimate};
+use crate::gpu::place::GpuNeed;
 use crate::procfs;
 
 /// For commands that name a model file but no GGUF (not a llama-server): the file's size plus
@@ -42,7 +43,28 @@ pub struct Memory {
     pub measured_gpu: BTreeMap<u32, u64>,
     /// The buffers this run's server reported as it loaded, per device (`estimate::buffers`).
     pub buffers: BTreeMap<String, DeviceBuffers>,
+    /// Set when a server of this model was killed for lack of memory: the next starts count at
+    /// least this (`after_oom`).
+    pub oom_floor: Option<u64>,
+    /// What it needs on the GPUs, from the estimate (`gpu::place`).
+    pub gpu_need: GpuNeed,
 }
+
+/// A running server whose figure grows past the one it was admitted on by more than this (in
+/// percent) is re-counted by admission.
+pub const GROWTH_PERCENT: u64 = 10;
+
+/// True if `now` is more than [`GROWTH_PERCENT`] above `counted` (an unknown figure, counted
+/// as 0, grows by any known one).
+pub fn grew_past(counted: Option<u64>, now: Option<u64>) -> bool {
+    let (counted, Some(now)) = (counted.unwrap_or(0), now) else {
+        return false;
+    };
+    now > counted.saturating_add(counted * GROWTH_PERCENT / 100)
+}
+
+/// After an OOM kill, the next start counts the largest figure known × this (in percent).
+pub const OOM_MARGIN_PERCENT: u64 = 110;
 
 /// `memory_detail` of `GET /api/models` (SPEC.md).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -62,16 +84,35 @@ pub struct Measured {
 }
 
 impl Memory {
+    /// The figure of a model on a machine without GPUs.
     pub fn for_config(cfg: &ModelConfig) -> Self {
+        Self::for_machine(cfg, &[], false)
+    }
+
+    /// The figure of a model on a machine with GPUs `gpus` (their indices): estimated for the
+    /// GPUs of its `gpus` key; else, when `placed` (`gpu_budget` is set), for one GPU (it is
+    /// placed on one: `gpu::place`), or for all of them (llama.cpp splits its layers).
+    pub fn for_machine(cfg: &ModelConfig, gpus: &[u32], placed: bool) -> Self {
         let mut m = Self {
             declared: cfg.memory,
             ..Self::default()
         };
+        let visible: Vec<u32> = match (&cfg.gpus, gpus.first()) {
+            (_, None) => Vec::new(),
+            (Some(pinned), Some(_)) => pinned.clone(),
+            (None, Some(&first)) if placed => vec![first],
+            (None, Some(_)) => gpus.to_vec(),
+        };
         if cfg.memory.is_none() {
             let cwd = cfg.cwd.as_deref().map(std::path::Path::new);
-            match estimate::for_command(&cfg.cmd, cwd, &[]) {
+            match estimate::for_command(&cfg.cmd, cwd, &visible) {
                 Ok(Some(e)) => {
                     m.estimated = Some(e.total);
+                    m.gpu_need = match &cfg.gpus {
+                        _ if e.gpu.is_empty() => GpuNeed::Nothing,
+                        None if placed => GpuNeed::Anywhere(e.gpu.values().sum()),
+                        _ => GpuNeed::Pinned(e.gpu.clone()),
+                    };
                     m.estimate = Some(Arc::new(e));
                 }
                 Ok(None) => m.estimated = file_size_rule(cfg),
@@ -106,13 +147,49 @@ impl Memory {
 
     /// The buffers the server reported as it loaded (its output since this start): kept, and
     /// each GPU's share counted as measured on that GPU.
-    pub fn with_buffers(mut self, lines: &[String]) -> Self {
+    /// `visible`: the GPUs the server was shown (`CUDA_VISIBLE_DEVICES`), in order: its
+    /// `CUDA0` is the first of them; empty = it saw them all, `CUDAi` is GPU i.
+    pub fn with_buffers(mut self, lines: &[String], visible: &[u32]) -> Self {
         self.buffers = buffers::reported(lines);
         for (device, b) in &self.buffers {
             if let Some(gpu) = buffers::gpu_index(device) {
+                let gpu = usize::try_from(gpu)
+                    .ok()
+                    .and_then(|i| visible.get(i).copied())
+                    .unwrap_or(gpu);
                 let v = self.measured_gpu.entry(gpu).or_default();
                 *v = (*v).max(b.total());
             }
+        }
+        self
+    }
+
+    /// The server was killed for lack of memory: from now on this model counts at least the
+    /// largest figure known of it (declared, estimated, learned, measured, an earlier floor)
+    /// × 1.1, so its next start makes more room, or waits for it.
+    pub fn after_oom(mut self) -> Self {
+        let known = [
+            self.declared,
+            self.estimated,
+            self.learned,
+            self.measured,
+            self.oom_floor,
+        ]
+        .into_iter()
+        .flatten()
+        .max();
+        if let Some(k) = known {
+            self.oom_floor = Some(k.saturating_mul(OOM_MARGIN_PERCENT) / 100);
+        }
+        self.settle();
+        self
+    }
+
+    /// What the server holds on each GPU now (NVML): the most of each run is kept.
+    pub fn with_measured_gpu(mut self, per_gpu: &BTreeMap<u32, u64>) -> Self {
+        for (gpu, b) in per_gpu {
+            let v = self.measured_gpu.entry(*gpu).or_default();
+            *v = (*v).max(*b);
         }
         self
     }
@@ -178,6 +255,11 @@ impl Memory {
                 (None, None) => (None, "unknown"),
             },
         };
+        if let Some(floor) = self.oom_floor {
+            if self.bytes.is_none_or(|b| b < floor) {
+                self.bytes = Some(floor);
+            }
+        }
     }
 }
 
@@ -246,6 +328,37 @@ mod tests {
         // A later, smaller measurement does not shrink it.
         let m = m.with_measured(Some(10));
         assert_eq!(m.bytes, Some(3000));
+    }
+
+    #[test]
+    fn after_an_oom_kill_the_largest_figure_plus_a_tenth() {
+        let mut cfg = ModelConfig::new("m", vec!["x".into()]);
+        cfg.memory = Some(1000);
+        let m = Memory::for_config(&cfg)
+            .with_measured(Some(2000))
+            .after_oom();
+        assert_eq!(m.oom_floor, Some(2200));
+        // The run ends: the floor outlives it, above the learned figure.
+        let m = m.ended_run();
+        assert_eq!(m.bytes, Some(2200));
+        // A later, smaller measurement does not undo it; a second kill raises it again.
+        let m = m.with_measured(Some(1500));
+        assert_eq!(m.bytes, Some(2200));
+        let m = m.after_oom();
+        assert_eq!(m.bytes, Some(2420));
+        // A model whose memory is unknown has nothing to grow.
+        let unknown = Memory::for_config(&ModelConfig::new("u", vec!["x".into()])).after_oom();
+        assert_eq!((unknown.bytes, unknown.oom_floor), (None, None));
+    }
+
+    #[test]
+    fn growth_beyond_a_tenth_is_re_counted() {
+        assert!(!grew_past(Some(1000), Some(1100)), "10 % is within");
+        assert!(grew_past(Some(1000), Some(1101)));
+        assert!(!grew_past(Some(1000), Some(900)));
+        assert!(!grew_past(Some(1000), None));
+        assert!(grew_past(None, Some(1)), "unknown counted as 0");
+        assert!(!grew_past(None, None));
     }
 
     #[test]
@@ -319,6 +432,74 @@ mod tests {
         ));
         assert_eq!(hf.source, "unknown");
         assert!(hf.unknown_reason.unwrap().contains("-hf"));
+    }
+
+    #[test]
+    fn on_a_machine_with_gpus_the_gpu_part_is_placed_or_pinned() {
+        use crate::gguf::write::{GgufWriter, Meta};
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("g.gguf");
+        let w = GgufWriter::default()
+            .meta("general.architecture", Meta::Str("llama".into()))
+            .meta("llama.block_count", Meta::U32(2))
+            .meta("llama.context_length", Meta::U32(256))
+            .meta("llama.embedding_length", Meta::U32(32))
+            .meta("llama.attention.head_count", Meta::U32(2))
+            .tensor("blk.0.w", &[32, 32], 0)
+            .tensor("blk.1.w", &[32, 32], 0);
+        std::fs::write(&gguf, w.bytes()).unwrap();
+        let cmd: Vec<String> = format!("llama-server -m {} -c 256 -ngl 99", gguf.display())
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        let mut cfg = ModelConfig::new("g", cmd);
+        // No GPU: nothing on one.
+        assert_eq!(
+            Memory::for_machine(&cfg, &[], true).gpu_need,
+            GpuNeed::Nothing
+        );
+        // Two GPUs, not pinned: estimated for one GPU, placed on either.
+        let any = Memory::for_machine(&cfg, &[0, 1], true);
+        let e = any.estimate.clone().unwrap();
+        assert_eq!(e.gpu.keys().copied().collect::<Vec<_>>(), [0]);
+        assert_eq!(any.gpu_need, GpuNeed::Anywhere(e.gpu[&0]));
+        assert!(
+            e.gpu[&0] >= 2 * 32 * 32 * 4,
+            "both layers' weights on the GPU"
+        );
+        // Not placed (no gpu_budget): split over both, as llama.cpp does.
+        let split = Memory::for_machine(&cfg, &[0, 1], false);
+        let parts = split.estimate.clone().unwrap().gpu.clone();
+        assert_eq!(parts.keys().copied().collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(split.gpu_need, GpuNeed::Pinned(parts));
+        // Pinned to GPU 1: its part there.
+        cfg.gpus = Some(vec![1]);
+        let pinned = Memory::for_machine(&cfg, &[0, 1], true);
+        assert_eq!(pinned.gpu_need, GpuNeed::Pinned([(1, e.gpu[&0])].into()));
+        // A declared figure has no GPU part to count.
+        cfg.memory = Some(1000);
+        assert_eq!(
+            Memory::for_machine(&cfg, &[0, 1], true).gpu_need,
+            GpuNeed::Nothing
+        );
+    }
+
+    #[test]
+    fn gpu_figures_from_nvml_and_buffer_lines_name_the_real_gpu() {
+        let m = Memory::default()
+            .with_measured_gpu(&[(1, 500)].into())
+            .with_measured_gpu(&[(1, 300), (0, 7)].into());
+        assert_eq!(
+            m.measured_gpu,
+            BTreeMap::from([(0, 7), (1, 500)]),
+            "the most of the run"
+        );
+        let lines = vec!["llama_kv_cache:      CUDA0 KV buffer size =    1.00 MiB".to_owned()];
+        // Shown GPU 1 only (CUDA_VISIBLE_DEVICES=1), the server calls it CUDA0.
+        let shown = Memory::default().with_buffers(&lines, &[1]);
+        assert_eq!(shown.measured_gpu, BTreeMap::from([(1, 1 << 20)]));
+        let all = Memory::default().with_buffers(&lines, &[]);
+        assert_eq!(all.measured_gpu, BTreeMap::from([(0, 1 << 20)]));
     }
 
     #[test]

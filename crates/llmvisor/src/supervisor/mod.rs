@@ -23,10 +23,13 @@ mod cmd_stop;
 #[cfg(test)]
 mod double;
 mod error;
+mod gpu_env;
 pub mod kv;
 mod lease;
 mod lifecycle;
+pub mod machine;
 mod memory;
+pub mod oom;
 mod policy;
 mod server;
 mod start;
@@ -46,6 +49,7 @@ pub use lease::{KvCheck, Lease};
 pub use status::{ModelStatus, Phase};
 
 use crate::config::{Config, ModelConfig};
+use crate::gpu::GpuProbe;
 use crate::logs::LogSink;
 use crate::owner::{OwnerError, OwnerLock};
 use crate::ports::PortAllocator;
@@ -56,7 +60,8 @@ use crate::sweep;
 use crate::sync::{LockExt, RwLockExt};
 use crate::upstream::{self, UpstreamClient};
 use admission::{Admission, Limits, Msg as AdmissionMsg};
-pub use memory::{measure_group, Memory, MemoryDetail};
+pub use machine::Machine;
+pub use memory::{measure_group, Measured, Memory, MemoryDetail};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
@@ -95,6 +100,16 @@ pub(crate) struct Context {
     pub kv_events: tokio::sync::broadcast::Sender<kv::KvEvent>,
     /// `kv_disk_budget`: bytes of saved KV state under `<state_dir>/kv`, all models together.
     pub kv_budget: std::sync::atomic::AtomicU64,
+    /// The machine as it was when this supervisor started (`memory_budget = "auto"`).
+    pub machine: Machine,
+    /// The memory budget in force (bytes; resolved against `machine`).
+    pub memory_budget: Mutex<Option<u64>>,
+    /// The OOM-kill count of llmvisor's cgroup (`last_exit = "oom"`).
+    pub oom: oom::OomCounter,
+    /// What each server holds on the GPUs (NVML), measured with its RAM.
+    pub gpu: Arc<dyn GpuProbe>,
+    /// `gpu_budget` is set (and GPUs were found): models are placed on GPUs by admission.
+    pub gpus_placed: std::sync::atomic::AtomicBool,
 }
 
 impl Context {
@@ -180,6 +195,17 @@ impl Supervisor {
     /// opens the state store, and sweeps what dead instances left behind (logged). Starts no
     /// server (preloading is the caller's choice). Must run inside a tokio runtime.
     pub async fn new(config: &Config) -> Result<Self, SupervisorError> {
+        let probe: Arc<dyn GpuProbe> = Arc::from(crate::gpu::probe());
+        Self::with_machine(config, Machine::read(&*probe), probe).await
+    }
+
+    /// [`Self::new`] against the given machine figures and GPU probe instead of this
+    /// machine's (tests).
+    pub async fn with_machine(
+        config: &Config,
+        machine: Machine,
+        gpu: Arc<dyn GpuProbe>,
+    ) -> Result<Self, SupervisorError> {
         let state_dir = config.state_dir.clone();
         for dir in [
             state_dir.clone(),
@@ -208,10 +234,11 @@ impl Supervisor {
         ports.set_reserved(config.models.iter().filter_map(|m| m.port));
         let registry = Registry::default();
         let reaper = reaper::start(registry.clone());
+        let gpus_placed = !machine.gpu_budgets(config).is_empty();
         let ctx = Arc::new(Context {
             instance_id: instance_id.as_str().into(),
             store,
-            admission: Admission::start(Limits::from_config(config)),
+            admission: Admission::start(Limits::from_config(config, &machine)),
             spawner,
             ports,
             client: upstream::client(),
@@ -221,6 +248,11 @@ impl Supervisor {
             changes: tokio::sync::broadcast::channel(CHANGES_CAPACITY).0,
             kv_events: tokio::sync::broadcast::channel(kv::EVENTS_CAPACITY).0,
             kv_budget: config.kv_disk_budget.into(),
+            memory_budget: Mutex::new(machine.memory_budget(config).bytes),
+            machine,
+            oom: oom::OomCounter::own_cgroup(),
+            gpu,
+            gpus_placed: gpus_placed.into(),
         });
         clean_kv(&ctx.state_dir, config);
         let mut models = Models::default();
@@ -233,7 +265,7 @@ impl Supervisor {
         }
         ctx.admission.send(AdmissionMsg::Reset {
             cells: models.ordered.iter().map(|(_, c)| c.clone()).collect(),
-            limits: Limits::from_config(config),
+            limits: Limits::from_config(config, &ctx.machine),
         });
         Ok(Self {
             shared: Arc::new(Shared {
@@ -265,6 +297,12 @@ impl Supervisor {
 
     pub fn state_dir(&self) -> &Path {
         &self.shared.ctx.state_dir
+    }
+
+    /// The memory budget in force, in bytes: `memory_budget`, or what `"auto"` made of the RAM
+    /// available when this supervisor started.
+    pub fn memory_budget(&self) -> Option<u64> {
+        *self.shared.ctx.memory_budget.locked()
     }
 
     /// The cell of a model by id or alias.
@@ -328,6 +366,11 @@ impl Supervisor {
     pub async fn reconfigure(&self, config: &Config) -> ReloadSummary {
         let mut summary = ReloadSummary::default();
         let mut retired = Vec::new();
+        let placed = !self.shared.ctx.machine.gpu_budgets(config).is_empty();
+        self.shared
+            .ctx
+            .gpus_placed
+            .store(placed, std::sync::atomic::Ordering::Relaxed);
         let mut applying = Vec::new();
         {
             let mut models = self.shared.models.write_locked();
@@ -372,9 +415,11 @@ impl Supervisor {
                 .ctx
                 .ports
                 .set_reserved(config.models.iter().filter_map(|m| m.port));
+            let limits = Limits::from_config(config, &self.shared.ctx.machine);
+            *self.shared.ctx.memory_budget.locked() = limits.memory_budget;
             self.shared.ctx.admission.send(AdmissionMsg::Reset {
                 cells: next.ordered.iter().map(|(_, c)| c.clone()).collect(),
-                limits: Limits::from_config(config),
+                limits,
             });
             *models = next;
         }

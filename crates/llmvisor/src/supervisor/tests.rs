@@ -34,6 +34,8 @@ async fn pass(d: Duration) {
 
 struct Harness {
     ctx: Arc<Context>,
+    /// The cgroup's OOM-kill count the actors read; negative: unreadable.
+    oom_kills: Arc<std::sync::atomic::AtomicI64>,
     launches: Arc<Launches>,
     cells: Vec<Arc<ModelCell>>,
     _dir: tempfile::TempDir,
@@ -45,6 +47,8 @@ async fn harness(limits: Limits, load: Duration) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).await.unwrap();
     let launches = Launches::new(load);
+    let oom_kills = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let count = oom_kills.clone();
     let ctx = Arc::new(Context {
         instance_id: "lv-actor-test".into(),
         store,
@@ -58,9 +62,17 @@ async fn harness(limits: Limits, load: Duration) -> Harness {
         changes: tokio::sync::broadcast::channel(super::CHANGES_CAPACITY).0,
         kv_events: tokio::sync::broadcast::channel(super::kv::EVENTS_CAPACITY).0,
         kv_budget: crate::config::DEFAULT_KV_DISK_BUDGET.into(),
+        machine: super::Machine::default(),
+        memory_budget: std::sync::Mutex::new(None),
+        gpu: Arc::new(crate::gpu::NoGpus),
+        gpus_placed: false.into(),
+        oom: super::oom::OomCounter::from_fn(move || {
+            u64::try_from(count.load(Ordering::SeqCst)).ok()
+        }),
     });
     Harness {
         ctx,
+        oom_kills,
         launches,
         cells: Vec::new(),
         _dir: dir,
@@ -558,4 +570,214 @@ async fn a_drain_that_outlasts_drain_timeout_is_cut() {
     assert_eq!(cell.phase(), Phase::Stopped);
     assert!(!stuck.is_up(), "the stuck request's server is gone");
     assert!(!h.launches.server(0).is_running());
+}
+
+/// The first status with an error the model's changes carry (what `/api/events` sends).
+async fn first_error(
+    changes: &mut tokio::sync::broadcast::Receiver<super::ModelStatus>,
+) -> super::ModelStatus {
+    loop {
+        let st = changes.recv().await.unwrap();
+        if st.error.is_some() {
+            return st;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_oom_kill_is_last_exit_oom_and_the_restart_makes_more_room() {
+    let limits = Limits {
+        memory_budget: Some(10 * GIB),
+        queue_timeout: MIN,
+        ..Limits::default()
+    };
+    let mut h = harness(limits.clone(), secs(1)).await;
+    let mut a = model("a");
+    a.memory = Some(4 * GIB);
+    let mut b = model("b");
+    b.memory = Some(6 * GIB);
+    let a = h.add(a, limits.clone());
+    let b = h.add(b, limits);
+    drop(a.acquire(false).await.unwrap());
+    drop(b.acquire(false).await.unwrap());
+    assert_eq!(b.phase(), Phase::Ready, "4 + 6 GiB fit the 10 GiB budget");
+    // The kernel's OOM killer: SIGKILL, and the cgroup's count rises.
+    let mut changes = h.ctx.changes.subscribe();
+    h.oom_kills.store(1, Ordering::SeqCst);
+    h.launches.server(0).killed(9);
+    let st = first_error(&mut changes).await;
+    assert_eq!(st.last_exit.as_deref(), Some("oom"));
+    let error = st.error.unwrap_or_default();
+    assert!(
+        error.contains("killed by the kernel's OOM killer"),
+        "{error}"
+    );
+    assert!(error.contains("4.4 GiB"), "{error}");
+    // Its restart counts 4.4 GiB: idle b goes to make room.
+    assert_eq!(a.memory().bytes, Some(4 * GIB * 11 / 10));
+    wait_phase(&a, Phase::Ready).await;
+    assert_eq!(b.phase(), Phase::Stopped);
+    assert_eq!(h.launches.begun(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sigkill_not_ours_without_an_oom_count_gets_the_hint() {
+    let mut h = harness(Limits::default(), secs(1)).await;
+    let cell = h.single(model("m"));
+    drop(cell.acquire(false).await.unwrap());
+    // No count to ask: the usual last_exit, with the hint.
+    let mut changes = h.ctx.changes.subscribe();
+    h.oom_kills.store(-1, Ordering::SeqCst);
+    h.launches.server(0).killed(9);
+    let st = first_error(&mut changes).await;
+    assert_eq!(st.last_exit.as_deref(), Some("signal 9 (SIGKILL)"));
+    let error = st.error.unwrap_or_default();
+    assert!(error.contains(super::oom::OOM_HINT), "{error}");
+    wait_phase(&cell, Phase::Ready).await;
+    // Counted, and unchanged: someone else's SIGKILL, no hint.
+    h.oom_kills.store(3, Ordering::SeqCst);
+    drop(cell.acquire(false).await.unwrap());
+    pass(secs(5)).await;
+    h.launches.server(1).killed(9);
+    wait_phase(&cell, Phase::Stopped).await;
+    let st = cell.status();
+    assert_eq!(st.last_exit.as_deref(), Some("signal 9 (SIGKILL)"));
+    assert!(!st.error.unwrap_or_default().contains("OOM"));
+    assert_eq!(cell.memory().oom_floor, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_oom_kill_during_the_start_is_oom_too() {
+    let mut h = harness(Limits::default(), secs(1)).await;
+    let mut cfg = model("m");
+    cfg.memory = Some(GIB);
+    h.launches.then(&[Outcome::Killed(9)]);
+    let cell = h.single(cfg);
+    h.oom_kills.store(0, Ordering::SeqCst);
+    let count = h.oom_kills.clone();
+    // The count rises while it loads (the double "dies" at the end of its load time).
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        count.store(1, Ordering::SeqCst);
+    });
+    let err = cell.acquire(false).await.unwrap_err();
+    assert!(err.to_string().contains("OOM killer"), "{err}");
+    assert_eq!(cell.status().last_exit.as_deref(), Some("oom"));
+    assert_eq!(cell.memory().bytes, Some(GIB * 11 / 10));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_that_grew_is_re_counted_and_only_idle_others_make_room() {
+    let limits = Limits {
+        memory_budget: Some(10 * GIB),
+        queue_timeout: MIN,
+        ..Limits::default()
+    };
+    let mut h = harness(limits.clone(), secs(1)).await;
+    let mut cells = Vec::new();
+    for id in ["a", "busy", "idle"] {
+        let mut cfg = model(id);
+        cfg.memory = Some(3 * GIB);
+        cells.push(h.add(cfg, limits.clone()));
+    }
+    let (a, busy, idle) = (&cells[0], &cells[1], &cells[2]);
+    drop(idle.acquire(false).await.unwrap());
+    pass(secs(5)).await;
+    let held = busy.acquire(false).await.unwrap();
+    drop(a.acquire(false).await.unwrap());
+    // `a` now measures 6 GiB: 6 + 3 + 3 is over the 10 GiB budget.
+    {
+        let mut st = a.lock();
+        st.memory = st.memory.clone().with_measured(Some(6 * GIB));
+    }
+    h.ctx.admission.send(AdmissionMsg::Grew { cell: a.clone() });
+    // At once, not by its 10 min ttl.
+    pass(secs(1)).await;
+    assert_eq!(idle.phase(), Phase::Stopped);
+    assert_eq!(
+        busy.phase(),
+        Phase::Ready,
+        "a busy model is never evicted for growth"
+    );
+    assert!(held.is_up());
+    assert_eq!(a.phase(), Phase::Ready);
+    assert_eq!(idle.stats.evictions.load(Ordering::SeqCst), 1);
+}
+
+/// A model needing `gib` GiB on the GPUs (`pinned`: on these, else on any one).
+fn gpu_model(
+    h: &mut Harness,
+    id: &str,
+    gib: u64,
+    pinned: Option<u32>,
+    limits: &Limits,
+) -> Arc<ModelCell> {
+    let cell = h.add(model(id), limits.clone());
+    cell.lock().memory.gpu_need = match pinned {
+        Some(g) => crate::gpu::place::GpuNeed::Pinned([(g, gib * GIB)].into()),
+        None => crate::gpu::place::GpuNeed::Anywhere(gib * GIB),
+    };
+    cell
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_24_gib_gpus_place_14_8_and_20_gib_models_pinned_ones_and_refuse_what_fits_neither() {
+    let limits = Limits {
+        gpu_budgets: [(0, 24 * GIB), (1, 24 * GIB)].into(),
+        queue_timeout: MIN,
+        ..Limits::default()
+    };
+    let mut h = harness(limits.clone(), secs(1)).await;
+    let a = gpu_model(&mut h, "a", 14, None, &limits);
+    let b = gpu_model(&mut h, "b", 8, None, &limits);
+    let c = gpu_model(&mut h, "c", 20, None, &limits);
+    let p = gpu_model(&mut h, "p", 8, Some(1), &limits);
+    let huge = gpu_model(&mut h, "huge", 30, None, &limits);
+    let lease_a = a.acquire(false).await.unwrap();
+    pass(secs(1)).await;
+    let lease_b = b.acquire(false).await.unwrap();
+    assert_eq!(a.status().gpus, [0], "14 GiB: the tie goes to GPU 0");
+    assert_eq!(b.status().gpus, [1], "8 GiB: GPU 1 keeps the most left");
+    let envs = h.launches.envs.lock().unwrap().clone();
+    assert_eq!(
+        envs[0].get("CUDA_VISIBLE_DEVICES").map(String::as_str),
+        Some("0")
+    );
+    assert_eq!(
+        envs[1].get("CUDA_VISIBLE_DEVICES").map(String::as_str),
+        Some("1")
+    );
+    // Pinned to GPU 1: 16 GiB free there.
+    drop(p.acquire(false).await.unwrap());
+    assert_eq!(p.status().gpus, [1]);
+    // 20 GiB: 10 and 8 GiB free, it fits neither now. a (busy) drains to make room on GPU 0;
+    // idle p stays: without it GPU 1 would still have only 16 GiB, so stopping it helps no one.
+    let wants_c = spawn_acquire(&c);
+    pass(secs(1)).await;
+    assert_eq!(c.phase(), Phase::Starting);
+    assert!(c.status().wait_reason.is_some());
+    assert_eq!(a.phase(), Phase::Stopping, "a drains for c");
+    assert_eq!(p.phase(), Phase::Ready);
+    drop(lease_a);
+    let lease_c = wants_c.await.unwrap().unwrap();
+    assert_eq!(c.status().gpus, [0]);
+    assert_eq!(p.phase(), Phase::Ready, "p was not needed");
+    assert_eq!(b.phase(), Phase::Ready);
+    // More than any GPU's budget: never, with the fix.
+    let err = huge.acquire(false).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            AcquireError::NoRoom {
+                retry_after: None,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("more than the gpu_budget of any"),
+        "{err}"
+    );
+    drop((lease_b, lease_c));
 }

@@ -128,6 +128,7 @@ impl Scratch {
             allow_insecure: false,
             max_loaded: None,
             memory_budget: None,
+            budgets: Default::default(),
             kv_disk_budget: llmvisor::config::DEFAULT_KV_DISK_BUDGET,
             queue_timeout: Duration::from_secs(300),
             max_wait_for_swap: llmvisor::config::DEFAULT_MAX_WAIT_FOR_SWAP,

@@ -5,15 +5,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
-use support::http::{request, TestDaemon};
+use support::http::{request, TestDaemon, CHAT};
 use support::{assert_gone, Scratch};
 
 const WITHIN: Duration = Duration::from_secs(5);
-
-async fn finish(d: TestDaemon, s: &Scratch) {
-    d.stop().await;
-    s.assert_all_gone(WITHIN).await;
-}
 
 /// Waits until `pred` holds for the model's status JSON.
 async fn wait_model(
@@ -32,7 +27,6 @@ async fn wait_model(
     }
 }
 
-const CHAT: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
 const CHAT_STREAM: &str =
     r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
 
@@ -86,7 +80,7 @@ async fn streams_chunk_for_chunk() {
     let expected: Vec<String> = (0..10).map(|i| format!("tok{i} ")).collect();
     assert_eq!(tokens, expected);
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +103,7 @@ async fn fifty_concurrent_requests_for_a_cold_model_spawn_once() {
     }
     assert_eq!(s.pids("m.pids").len(), 1);
     assert_eq!(d.model("m").await["leases"], 0);
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +122,7 @@ async fn a_client_that_disconnects_mid_stream_releases_its_lease_at_once() {
     wait_model(&d, "m", |m| m["leases"] == 0).await;
     // 50 chunks × 200 ms = 10 s of stream left: "at once" means long before that.
     assert!(gone_at.elapsed() < Duration::from_secs(2));
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,7 +219,7 @@ async fn every_error_row_of_the_spec_then_a_normal_request() {
     assert_eq!(r.json()["choices"][0]["message"]["role"], "assistant");
     let r = d.get("/healthz").await;
     assert_eq!(r.status, 200);
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,7 +248,7 @@ async fn a_server_dying_mid_stream_ends_the_stream_with_an_error_event() {
     let event: serde_json::Value =
         serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
     assert_eq!(event["error"]["code"], "upstream_failed", "{rest}");
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,7 +302,7 @@ async fn http_lease_keeps_the_model_until_it_expires_then_the_ttl_runs() {
     assert_eq!(d.model("m").await["leases"], 0);
     let r = d.post("/api/leases", r#"{"model":"m","ttl_s":-1}"#).await;
     assert_eq!(r.status, 400);
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,7 +367,7 @@ async fn api_keys_and_admin_scope() {
     );
     // Open.
     assert_eq!(d.get("/healthz").await.status, 200);
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,7 +451,7 @@ async fn models_list_status_logs_upstream_and_metrics() {
     ] {
         assert!(metrics.contains(needle), "missing {needle}:\n{metrics}");
     }
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -544,5 +538,5 @@ async fn reload_keeps_unchanged_restarts_changed_stops_removed_and_rejects_bad_f
         d.post("/v1/completions", r#"{"model":"a"}"#).await.status,
         200
     );
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }

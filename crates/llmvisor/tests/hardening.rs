@@ -7,17 +7,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use llmvisor::daemon::{self, AppState};
 use llmvisor::Supervisor;
-use support::http::{request, TestDaemon};
+use support::http::{request, TestDaemon, CHAT, JSON};
 use support::Scratch;
 
 const WITHIN: Duration = Duration::from_secs(5);
-const CHAT: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
-const JSON: (&str, &str) = ("content-type", "application/json");
-
-async fn finish(d: TestDaemon, s: &Scratch) {
-    d.stop().await;
-    s.assert_all_gone(WITHIN).await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_rules_host_origin_content_type() {
@@ -109,7 +102,7 @@ async fn browser_rules_host_origin_content_type() {
     )
     .await;
     assert_eq!(r.status, 415, "{}", r.text());
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,7 +120,7 @@ async fn upstream_forwards_the_raw_path_tail_and_query() {
     let echo = r.json();
     assert_eq!(echo["path"], "/echo/a%3Fb%23c%252Fd");
     assert_eq!(echo["query"], "x=%26y");
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,7 +140,7 @@ async fn extractor_rejections_are_openai_errors() {
     let r = d.post("/api/leases", &big).await;
     assert_eq!(r.status, 413, "{}", r.text());
     r.error();
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,7 +161,7 @@ async fn renew_without_a_body_extends_by_the_leases_own_ttl() {
         left > 590.0,
         "renewed for {left} s instead of the lease's 600 s"
     );
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 /// A daemon on `0.0.0.0` with keys: a reload whose file drops the keys and names a loopback
@@ -266,7 +259,7 @@ async fn a_client_that_never_reads_is_cut_after_send_timeout() {
     // lease ends.
     wait_leases(&d, "m", 0, Duration::from_secs(20)).await;
     drop(stuck);
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,7 +291,7 @@ async fn client_sockets_have_tcp_keepalive() {
     }
     assert_eq!(found, Some(true), "the daemon's side of the connection");
     drop(c);
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,7 +313,7 @@ async fn open_client_connections_are_capped() {
     drop(idle1);
     let r = tokio::time::timeout(WITHIN, third).await.unwrap().unwrap();
     assert_eq!(r.status, 200);
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,7 +343,7 @@ async fn buffered_request_bodies_share_one_budget() {
     wait_metric(&d, "llmvisor_http_body_bytes 0\n").await;
     let r = d.post("/v1/chat/completions", &big).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,7 +371,7 @@ async fn http_leases_are_capped_per_caller() {
     assert_eq!(r.status, 200);
     let r = d.post("/api/leases", r#"{"model":"m"}"#).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,5 +415,5 @@ async fn argv_secrets_are_not_shown_to_non_admin_callers() {
     .await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("SEKRET-123456"), "{}", r.text());
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }

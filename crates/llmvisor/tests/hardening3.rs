@@ -5,17 +5,10 @@ mod support;
 
 use std::time::Duration;
 
-use support::http::{request, TestDaemon};
+use support::http::{request, TestDaemon, CHAT, JSON};
 use support::Scratch;
 
 const WITHIN: Duration = Duration::from_secs(5);
-const CHAT: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
-const JSON: (&str, &str) = ("content-type", "application/json");
-
-async fn finish(d: TestDaemon, s: &Scratch) {
-    d.stop().await;
-    s.assert_all_gone(WITHIN).await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_multipart_boundary_longer_than_rfc_2046_allows_is_refused() {
@@ -52,7 +45,7 @@ async fn a_multipart_boundary_longer_than_rfc_2046_allows_is_refused() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,7 +129,7 @@ async fn pages_on_other_sites_cannot_drive_a_keyless_daemon() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,7 +170,7 @@ async fn with_keys_the_site_rules_guard_only_credentials_a_browser_sends_by_itse
         .await;
         assert_eq!(r.status, 200, "{path}: {}", r.text());
     }
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +196,7 @@ async fn the_loading_stream_hides_the_commands_secrets_from_api_key_callers() {
     let text = r.text();
     assert!(text.contains("--api-key [redacted]"), "{text}");
     assert!(!text.contains("SEKRET"), "{text}");
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,7 +242,7 @@ async fn no_client_key_and_no_llmvisor_header_reach_a_model_server() {
             assert_eq!(h["authorization"].as_str(), expected, "{model}: {h}");
         }
     }
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,7 +259,7 @@ async fn a_model_servers_pages_run_sandboxed_not_as_the_dashboards_origin() {
     let r = d.get("/upstream/m/small").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.headers.get("content-security-policy").is_none());
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 /// A server that drops a kept-alive connection just as it is reused (`--close-reused` closes
@@ -289,5 +282,5 @@ async fn a_request_on_a_connection_closed_under_it_is_sent_again_once() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no retry counter: {metrics}"));
     assert!(retries >= 1, "the pool reused no connection? {metrics}");
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }

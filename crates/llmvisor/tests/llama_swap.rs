@@ -61,11 +61,6 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-async fn finish(d: TestDaemon, s: &Scratch) {
-    d.stop().await;
-    s.assert_all_gone(WITHIN).await;
-}
-
 /// Samples /proc for the pids of `ids` until stopped; the most alive at once.
 fn sampler(s: &Scratch, ids: &[&str]) -> (Arc<AtomicBool>, tokio::task::JoinHandle<usize>) {
     let files: Vec<PathBuf> = ids.iter().map(|i| s.path(&format!("{i}.pids"))).collect();
@@ -109,7 +104,7 @@ async fn default_swap_never_runs_two_models_together() {
     assert!(!alive(&s, "a"), "a was swapped out for b");
     stop.store(true, Ordering::Relaxed);
     assert_eq!(most.await.unwrap(), 1, "two models ran at the same time");
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,7 +158,7 @@ models:
         alive(&s, "p"),
         "persistent survives an exclusive group's start"
     );
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,7 +181,7 @@ async fn preload_ttl_and_global_ttl() {
     })
     .await;
     assert!(alive(&s, "pre"), "ttl: 0 = never unloaded");
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,7 +273,7 @@ models:
     assert_eq!(chat(&d, "a").await, 200);
     assert_eq!(d.post("/api/models/unload", "").await.json()["msg"], "ok");
     assert!(!alive(&s, "a"));
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,7 +329,7 @@ models:
     let r = d.get("/props").await;
     assert_eq!(r.status, 400);
     r.error();
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,7 +359,7 @@ async fn concurrency_limit_answers_429_with_retry_after() {
         200,
         "the slot is free once the answer ended"
     );
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -400,7 +395,7 @@ models:
     // `true` stops nothing and the server ignores SIGTERM: the group is still killed and reaped.
     assert_eq!(d.post("/api/models/stubborn/unload", "").await.status, 200);
     assert!(!alive(&s, "stubborn"));
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -421,7 +416,7 @@ async fn proxy_with_a_fixed_port_and_check_endpoint_none() {
         running["running"][0]["proxy"],
         format!("http://127.0.0.1:{port}")
     );
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,7 +450,7 @@ async fn api_keys_in_all_three_header_forms_and_never_forwarded() {
         }
     }
     assert_eq!(request("POST", &url, &[json], body).await.status, 401);
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -583,7 +578,7 @@ async fn multipart_upload_is_routed_by_its_model_field_and_streamed_past_body_li
     .await;
     assert_eq!(r.status, 400);
     assert_eq!(r.error()["code"], "missing_model");
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -627,7 +622,7 @@ async fn send_loading_state_streams_progress_while_the_model_loads() {
     assert_eq!(status, 200);
     let text = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert!(text.contains("\"error\""), "{text}");
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 /// The official openai client's `models.retrieve` (GET /v1/models/{id}), by id and by alias,
@@ -673,7 +668,7 @@ except openai.NotFoundError:
         stdout.lines().collect::<Vec<_>>(),
         ["a", "gpt-x", "not found"]
     );
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 /// SIGHUP's reload reads the YAML again: a new model appears, an unchanged running one keeps
@@ -722,7 +717,7 @@ async fn reload_reads_the_yaml_again() {
             .len(),
         2
     );
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 /// A 200 MiB form upload through a `llmvisor serve` process: streamed, so the daemon's peak

@@ -144,6 +144,15 @@ fn measure(server: &str, model: &str, shape: &'static str) -> Row {
     }
 }
 
+/// The real llama-server and both test models (scripts/setup-llama.sh), or `None`: skipped.
+fn real_llama() -> Option<(String, String, String)> {
+    Some((
+        env("LLAMA_SERVER")?,
+        env("LLAMA_MODEL")?,
+        env("LLAMA_MODEL_SMOL")?,
+    ))
+}
+
 fn error(estimate: u64, measured: u64) -> f64 {
     (estimate as f64 - measured as f64) / measured as f64 * 100.0
 }
@@ -151,11 +160,7 @@ fn error(estimate: u64, measured: u64) -> f64 {
 #[test]
 fn estimate_within_20_percent_of_measured_pss() {
     let _one = one_at_a_time();
-    let (Some(server), Some(gemma), Some(smol)) = (
-        env("LLAMA_SERVER"),
-        env("LLAMA_MODEL"),
-        env("LLAMA_MODEL_SMOL"),
-    ) else {
+    let Some((server, gemma, smol)) = real_llama() else {
         return;
     };
     let mut rows = Vec::new();
@@ -219,11 +224,7 @@ fn llama_model(id: &str, server: &str, model: &str, ctx: &str) -> ModelConfig {
 #[allow(clippy::await_holding_lock)] // the guard serialises whole tests, on purpose
 async fn a_budget_without_memory_keys_evicts_the_lru_idle_server_never_a_busy_one() {
     let _one = one_at_a_time();
-    let (Some(server), Some(gemma), Some(smol)) = (
-        env("LLAMA_SERVER"),
-        env("LLAMA_MODEL"),
-        env("LLAMA_MODEL_SMOL"),
-    ) else {
+    let Some((server, gemma, smol)) = real_llama() else {
         return;
     };
     let s = Scratch::new();

@@ -65,11 +65,6 @@ async fn wait_leases(d: &TestDaemon, id: &str, n: u64, within: Duration) {
     }
 }
 
-async fn finish(d: TestDaemon, s: &Scratch) {
-    d.stop().await;
-    s.assert_all_gone(WITHIN).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_body_that_goes_quiet_is_cut_and_its_lease_ends_at_once() {
     let s = Scratch::new();
@@ -96,7 +91,7 @@ async fn a_streamed_body_that_goes_quiet_is_cut_and_its_lease_ends_at_once() {
         "{:?}",
         began.elapsed()
     );
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,7 +118,7 @@ async fn a_streamed_body_over_stream_body_limit_is_refused() {
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
     wait_leases(&d, "m", 0, WITHIN).await;
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,7 +152,7 @@ async fn one_address_cannot_take_every_client_slot() {
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
     drop(held);
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,7 +172,7 @@ async fn headers_that_never_finish_hold_a_slot_at_most_10_s() {
         took >= Duration::from_secs(9) && took < Duration::from_secs(20),
         "{took:?}"
     );
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 async fn sse_reader(d: &TestDaemon, from: [u8; 4]) -> TcpStream {
@@ -220,7 +215,7 @@ async fn event_readers_are_capped_and_the_oldest_is_cut_with_a_lagged_event() {
     let (rest, closed) = read_until_closed(&mut second, Duration::from_millis(300)).await;
     assert!(!closed && !rest.contains("cut"), "{rest}");
     assert_eq!(d.state.subscribers.count(), 2);
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }
 
 /// Many slow clients at once — trickled bodies, headers that never finish, event readers that
@@ -276,5 +271,5 @@ async fn chaos_of_slow_clients_never_stalls_the_daemon() {
     // Every trickled body has been cut (1 s idle): no lease is left, though all are connected.
     wait_leases(&d, "m", 0, Duration::from_secs(10)).await;
     drop(clients);
-    finish(d, &s).await;
+    d.finish(&s, WITHIN).await;
 }

@@ -11,6 +11,11 @@ use llmvisor::Supervisor;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// The smallest chat request for model `m`.
+pub const CHAT: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+/// The content-type header of a JSON body.
+pub const JSON: (&str, &str) = ("content-type", "application/json");
+
 pub struct TestDaemon {
     pub url: String,
     pub state: Arc<AppState>,
@@ -40,6 +45,12 @@ impl TestDaemon {
     pub async fn stop(mut self) {
         let _ = self.shutdown.take().unwrap().send(());
         self.task.take().unwrap().await.unwrap();
+    }
+
+    /// Stops the daemon, then fails unless every process `s` started is gone within `within`.
+    pub async fn finish(self, s: &super::Scratch, within: std::time::Duration) {
+        self.stop().await;
+        s.assert_all_gone(within).await;
     }
 
     pub async fn get(&self, path: &str) -> Resp {

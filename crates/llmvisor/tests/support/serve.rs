@@ -33,15 +33,7 @@ impl ServeProcess {
 
     /// `llmvisor serve` listening at `url` (`http://127.0.0.1:PORT`).
     pub fn start_at(config: &Path, url: String) -> ServeProcess {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config", config.to_str().unwrap()])
-            .args(["--listen", url.trim_start_matches("http://")])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start llmvisor serve");
+        let mut child = spawn_serve(config, url.trim_start_matches("http://"));
         // Keep draining stderr so the daemon never blocks on a full pipe.
         let (tx, rx) = mpsc::channel();
         let pipe = child.stderr.take().unwrap();
@@ -65,20 +57,7 @@ impl ServeProcess {
     /// (killed by pid, failing, if it still runs after `within`).
     pub fn run_to_exit(config: &Path, within: Duration) -> (std::process::ExitStatus, String) {
         let url = format!("127.0.0.1:{}", closed_port());
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--config",
-                config.to_str().unwrap(),
-                "--listen",
-                &url,
-            ])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start llmvisor serve");
+        let mut child = spawn_serve(config, &url);
         let mut pipe = child.stderr.take().unwrap();
         let reader = std::thread::spawn(move || {
             let mut text = String::new();
@@ -181,4 +160,22 @@ impl ServeProcess {
             }
         }
     }
+}
+
+/// `llmvisor serve --config CONFIG --listen ADDR`, its stderr piped for the caller to drain.
+fn spawn_serve(config: &Path, listen: &str) -> std::process::Child {
+    Command::new(BIN)
+        .args([
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            listen,
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start llmvisor serve")
 }

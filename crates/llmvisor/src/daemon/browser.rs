@@ -194,14 +194,25 @@ pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
         return Ok(());
     };
     let ct = String::from_utf8_lossy(ct.as_bytes());
-    let essence = ct.split(';').next().unwrap_or("").trim();
-    let essence = essence.to_ascii_lowercase();
-    let json = essence == "application/json" || essence.ends_with("+json");
-    if json {
+    if is_json(&essence(&ct)) {
         Ok(())
     } else {
         Err(ApiError::unsupported_media_type(&ct))
     }
+}
+
+/// A `Content-Type`'s media type, lowercased, without its parameters.
+fn essence(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+fn is_json(essence: &str) -> bool {
+    essence == "application/json" || essence.ends_with("+json")
 }
 
 /// A model server's page (HTML, SVG, anything a browser may render) runs sandboxed, in an origin
@@ -213,19 +224,8 @@ pub fn sandbox_model_page(headers: &mut HeaderMap) {
     let data_only = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|ct| {
-            ct.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .is_some_and(|t| {
-            t == "application/json"
-                || t.ends_with("+json")
-                || t == "text/event-stream"
-                || t == "application/x-ndjson"
-        });
+        .map(essence)
+        .is_some_and(|t| is_json(&t) || t == "text/event-stream" || t == "application/x-ndjson");
     if data_only {
         return;
     }
